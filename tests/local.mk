@@ -1,0 +1,52 @@
+# One Check suite per component. Suites that need hardware that is absent exit 77 (SKIP).
+if HAVE_CHECK
+TEST_LDADD = libcmoe.la $(CHECK_LIBS)
+TEST_CFLAGS = $(AM_CFLAGS) $(CHECK_CFLAGS)
+check_suites = \
+	tests/test_rng \
+	tests/test_arena \
+	tests/test_router \
+	tests/test_select \
+	tests/test_aux \
+	tests/test_ffn \
+	tests/test_dispatch \
+	tests/test_layer \
+	tests/test_config \
+	tests/test_safetensors
+check_PROGRAMS += $(check_suites)
+TESTS += $(check_suites)
+tests_test_rng_SOURCES = tests/test_rng.c tests/testutil.h
+tests_test_arena_SOURCES = tests/test_arena.c tests/testutil.h
+tests_test_router_SOURCES = tests/test_router.c tests/testutil.h
+tests_test_select_SOURCES = tests/test_select.c tests/testutil.h
+tests_test_aux_SOURCES = tests/test_aux.c tests/testutil.h
+tests_test_ffn_SOURCES = tests/test_ffn.c tests/testutil.h
+tests_test_dispatch_SOURCES = tests/test_dispatch.c tests/testutil.h
+tests_test_layer_SOURCES = tests/test_layer.c tests/testutil.h
+tests_test_config_SOURCES = tests/test_config.c tests/testutil.h
+tests_test_safetensors_SOURCES = tests/test_safetensors.c tests/testutil.h
+tests_test_rng_CFLAGS = $(TEST_CFLAGS)
+tests_test_rng_LDADD = $(TEST_LDADD)
+tests_test_arena_CFLAGS = $(TEST_CFLAGS)
+tests_test_arena_LDADD = $(TEST_LDADD)
+tests_test_router_CFLAGS = $(TEST_CFLAGS)
+tests_test_router_LDADD = $(TEST_LDADD)
+tests_test_select_CFLAGS = $(TEST_CFLAGS)
+tests_test_select_LDADD = $(TEST_LDADD)
+tests_test_aux_CFLAGS = $(TEST_CFLAGS)
+tests_test_aux_LDADD = $(TEST_LDADD)
+tests_test_ffn_CFLAGS = $(TEST_CFLAGS)
+tests_test_ffn_LDADD = $(TEST_LDADD)
+tests_test_dispatch_CFLAGS = $(TEST_CFLAGS)
+tests_test_dispatch_LDADD = $(TEST_LDADD)
+tests_test_layer_CFLAGS = $(TEST_CFLAGS)
+tests_test_layer_LDADD = $(TEST_LDADD)
+tests_test_config_CFLAGS = $(TEST_CFLAGS)
+tests_test_config_LDADD = $(TEST_LDADD)
+tests_test_safetensors_CFLAGS = $(TEST_CFLAGS)
+tests_test_safetensors_LDADD = $(TEST_LDADD)
+endif
+# CLI tests are shell scripts run against the built ./cmoe.
+TESTS += tests/cli.sh tests/oracle.sh
+EXTRA_DIST += tests/cli.sh tests/oracle.sh tests/fixtures
+AM_TESTS_ENVIRONMENT = top_srcdir='$(top_srcdir)' top_builddir='$(top_builddir)'; export top_srcdir top_builddir;
