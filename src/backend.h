@@ -1,1 +1,96 @@
-/* (being written) */
+/*
+ * backend.h — the table of operations that model and layer code are written against.
+ *
+ * A backend owns its buffers: model code holds moe_tensor handles (a buffer and an
+ * element offset) and never dereferences them; values cross to the host only through
+ * upload/download. Three backends share this table: ref (double, the oracle in ref/),
+ * cpu (fp32, OpenBLAS), cuda (device memory). ggml's backend split and llm.c's
+ * forward/backward pairs are the models.
+ *
+ * Ops follow ref/ref.h's conventions: outputs, saved buffers, inputs, parameters, sizes;
+ * backward ops accumulate into gradients. A routing plan lives on the backend too
+ * (moe_bplan) and is read back on the host with plan_download for statistics and tests.
+ */
+#ifndef CMOE_BACKEND_H
+#define CMOE_BACKEND_H
+
+#include "cmoe.h"
+
+typedef struct moe_buf moe_buf;     /* backend memory, opaque */
+typedef struct moe_bplan moe_bplan; /* a routing plan in backend memory, opaque */
+
+/* A view into a buffer: elements [off, off + n) of buf. Passed by value. */
+typedef struct {
+    moe_buf *buf;
+    int64_t off;
+} moe_tensor;
+
+typedef struct moe_backend moe_backend;
+
+struct moe_backend {
+    const char *name;
+    size_t elem_size; /* bytes per element in backend memory */
+
+    /* memory */
+    moe_status (*alloc)(moe_backend *b, int64_t n, moe_buf **out); /* zero-filled */
+    void (*free)(moe_backend *b, moe_buf *buf);
+    moe_status (*upload)(moe_backend *b, moe_tensor dst, const double *src, int64_t n);
+    moe_status (*download)(moe_backend *b, double *dst, moe_tensor src, int64_t n);
+    void (*fill)(moe_backend *b, moe_tensor t, double v, int64_t n);
+
+    /* dense */
+    void (*matmul_forward)(moe_backend *b, moe_tensor out /* [T, N] */, moe_tensor x /* [T, K] */,
+                           moe_tensor w /* [K, N] */, int64_t T, int64_t K, int64_t N);
+    void (*matmul_backward)(moe_backend *b, moe_tensor *dx /* [T, K] or NULL */, moe_tensor *dw /* [K, N] or NULL */,
+                            moe_tensor dout, moe_tensor x, moe_tensor w, int64_t T, int64_t K, int64_t N);
+
+    /* router scores: s = softmax(h) or sigmoid(h), and back */
+    void (*scores_forward)(moe_backend *b, moe_tensor s /* [T, E] */, moe_tensor h /* [T, E] */,
+                           moe_score_fn fn, int64_t T, int64_t E);
+    void (*scores_backward)(moe_backend *b, moe_tensor dh, moe_tensor ds, moe_tensor s, moe_score_fn fn,
+                            int64_t T, int64_t E);
+
+    /* routing plans */
+    moe_status (*plan_create)(moe_backend *b, const moe_layer_config *c, int64_t max_tokens, moe_bplan **out);
+    void (*plan_free)(moe_backend *b, moe_bplan *p);
+    moe_status (*plan_download)(moe_backend *b, moe_plan *host, const moe_bplan *p);
+    moe_status (*route)(moe_backend *b, moe_bplan *p, moe_tensor s /* [T, E] */, moe_tensor h /* [T, E] */,
+                        moe_tensor *bias /* [E] or NULL */, const int32_t *token_ids /* host [T] or NULL */,
+                        const moe_layer_config *c, uint64_t step, int64_t T);
+    void (*route_backward)(moe_backend *b, moe_tensor ds /* [T, E] */, moe_tensor dweight /* [n] */,
+                           const moe_bplan *p, moe_tensor s, const moe_layer_config *c);
+
+    /* dispatch / combine over a plan: the pair that expert parallelism replaces */
+    void (*dispatch_forward)(moe_backend *b, moe_tensor xe /* [n, d] */, moe_tensor x /* [T, d] */,
+                             const moe_bplan *p, int64_t d);
+    void (*dispatch_backward)(moe_backend *b, moe_tensor dx, moe_tensor dxe, const moe_bplan *p, int64_t d);
+    void (*combine_forward)(moe_backend *b, moe_tensor y /* [T, d] */, moe_tensor ye /* [n, d] */,
+                            const moe_bplan *p, int64_t d);
+    void (*combine_backward)(moe_backend *b, moe_tensor dye, moe_tensor dweight /* [n] */, moe_tensor dy,
+                             moe_tensor ye, const moe_bplan *p, int64_t d);
+
+    /* grouped expert FFN over the plan's expert-contiguous rows; h1, h3, a saved [n, f] */
+    void (*experts_forward)(moe_backend *b, moe_tensor ye, moe_tensor h1, moe_tensor h3, moe_tensor a,
+                            moe_tensor xe, moe_tensor w1 /* [E, d, f] */, moe_tensor *w3 /* or NULL */,
+                            moe_tensor w2 /* [E, f, d] */, const moe_bplan *p, moe_activation act,
+                            int64_t d, int64_t f);
+    void (*experts_backward)(moe_backend *b, moe_tensor dxe, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
+                             moe_tensor dye, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor xe,
+                             moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *p,
+                             moe_activation act, int64_t d, int64_t f);
+
+    /* load-balance and z losses: value returned to the host, gradient scaled by coef */
+    double (*lb_loss_forward)(moe_backend *b, moe_tensor s, const moe_bplan *p, int64_t T, int64_t E);
+    void (*lb_loss_backward)(moe_backend *b, moe_tensor ds, double coef, const moe_bplan *p, int64_t T, int64_t E);
+    double (*z_loss_forward)(moe_backend *b, moe_tensor z, int64_t T, int64_t E);
+    void (*z_loss_backward)(moe_backend *b, moe_tensor dz, double coef, moe_tensor z, int64_t T, int64_t E);
+
+    void (*destroy)(moe_backend *b);
+    void *impl; /* the backend's own state */
+};
+
+/* The oracle as a backend: buffers hold double, every op is the one in ref/. */
+moe_status moe_backend_ref_create(moe_backend **out);
+void moe_backend_free(moe_backend *b);
+
+#endif

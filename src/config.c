@@ -125,6 +125,9 @@ moe_status moe_layer_config_validate(const moe_layer_config *c, int64_t T)
         (s = check_coef("importance_loss_coef", c->importance_coef)) || (s = check_coef("load_loss_coef", c->load_coef)) ||
         (s = check_coef("router_z_loss_coef", c->z_coef)) || (s = check_coef("mi_loss_coef", c->mi_coef)))
         return s;
+    if (c->router == MOE_ROUTER_HASH &&
+        (c->lb_coef > 0 || c->importance_coef > 0 || c->load_coef > 0 || c->z_coef > 0 || c->mi_coef > 0))
+        BAD("config: hash routing has no router to balance; set every aux loss coefficient to 0");
     if (c->n_tasks < 0) BAD("config: num_tasks must be >= 0 (got %lld)", (long long)c->n_tasks);
     if (c->mi_coef > 0 && c->n_tasks < 1) BAD("config: mi_loss_coef > 0 needs num_tasks >= 1");
     if (c->n_shared < 0) BAD("config: n_shared_experts must be >= 0 (got %lld)", (long long)c->n_shared);

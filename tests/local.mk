@@ -12,7 +12,8 @@ check_suites = \
 	tests/test_dispatch \
 	tests/test_layer \
 	tests/test_config \
-	tests/test_safetensors
+	tests/test_safetensors \
+	tests/test_backend
 check_PROGRAMS += $(check_suites)
 TESTS += $(check_suites)
 tests_test_rng_SOURCES = tests/test_rng.c tests/testutil.h
@@ -25,6 +26,9 @@ tests_test_dispatch_SOURCES = tests/test_dispatch.c tests/testutil.h
 tests_test_layer_SOURCES = tests/test_layer.c tests/testutil.h
 tests_test_config_SOURCES = tests/test_config.c tests/testutil.h
 tests_test_safetensors_SOURCES = tests/test_safetensors.c tests/testutil.h
+tests_test_backend_SOURCES = tests/test_backend.c tests/testutil.h
+tests_test_backend_CFLAGS = $(TEST_CFLAGS)
+tests_test_backend_LDADD = $(TEST_LDADD)
 tests_test_rng_CFLAGS = $(TEST_CFLAGS)
 tests_test_rng_LDADD = $(TEST_LDADD)
 tests_test_arena_CFLAGS = $(TEST_CFLAGS)

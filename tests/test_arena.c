@@ -1,0 +1,161 @@
+/* Arenas with named views, the plan's invariant checker, and error reporting. */
+#include "testutil.h"
+
+START_TEST(test_arena_views)
+{
+    moe_arena a;
+    moe_arena_init(&a, sizeof(double));
+    int64_t s1[2] = {3, 4}, s2[3] = {2, 5, 7}, s3[1] = {1};
+    ck_assert_int_eq(moe_arena_add(&a, "w", 2, s1), MOE_OK);
+    ck_assert_int_eq(moe_arena_add(&a, "experts.w1", 3, s2), MOE_OK);
+    ck_assert_int_eq(moe_arena_add(&a, "b", 1, s3), MOE_OK);
+    ck_assert_int_eq(a.numel, 12 + 70 + 1);
+    ck_assert_int_eq(moe_arena_alloc(&a), MOE_OK);
+    const moe_view *v = moe_arena_find(&a, "experts.w1");
+    ck_assert_ptr_nonnull(v);
+    ck_assert_int_eq(v->offset, 12);
+    ck_assert_int_eq(v->numel, 70);
+    double *p = moe_arena_ptr(&a, v);
+    ck_assert_ptr_eq(p, (double *)a.data + 12);
+    for (int64_t i = 0; i < a.numel; i++)
+        ck_assert(((double *)a.data)[i] == 0.0);
+    ck_assert_ptr_null(moe_arena_find(&a, "nope"));
+    /* no adding after allocation */
+    ck_assert_int_eq(moe_arena_add(&a, "late", 1, s3), MOE_ERR_ARG);
+    moe_arena_free(&a);
+    moe_arena_free(NULL);
+}
+END_TEST
+
+START_TEST(test_arena_bad)
+{
+    moe_arena a;
+    moe_arena_init(&a, sizeof(float));
+    int64_t zero[2] = {3, 0}, neg[1] = {-1}, ok[1] = {2}, huge[2] = {INT64_MAX / 2, 8};
+    ck_assert_int_eq(moe_arena_add(&a, "z", 2, zero), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "'z'"));
+    ck_assert_int_eq(moe_arena_add(&a, "n", 1, neg), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_arena_add(&a, "h", 2, huge), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_arena_add(&a, "d", 0, ok), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_arena_add(&a, "d", 5, ok), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_arena_add(&a, "x", 1, ok), MOE_OK);
+    ck_assert_int_eq(moe_arena_add(&a, "x", 1, ok), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "twice"));
+    char longname[MOE_NAME_MAX + 8];
+    memset(longname, 'a', sizeof longname - 1);
+    longname[sizeof longname - 1] = 0;
+    ck_assert_int_eq(moe_arena_add(&a, longname, 1, ok), MOE_ERR_ARG);
+    moe_arena_free(&a);
+}
+END_TEST
+
+START_TEST(test_plan_check)
+{
+    moe_plan *p;
+    ck_assert_int_eq(moe_plan_create(4, 3, 2, 2, &p), MOE_OK);
+    /* tokens 0,2 -> expert 0; token 1 -> expert 1 */
+    int32_t tok[3] = {0, 2, 1}, ex[3] = {0, 0, 1};
+    for (int i = 0; i < 3; i++) {
+        p->token[i] = tok[i];
+        p->expert[i] = ex[i];
+        p->src[i] = (int64_t)tok[i] * 2 + ex[i];
+        p->weight[i] = 1;
+    }
+    p->n = 3;
+    p->offsets[0] = 0;
+    p->offsets[1] = 2;
+    p->offsets[2] = 3;
+    p->count[0] = 2;
+    p->count[1] = 1;
+    ck_assert_int_eq(moe_plan_check(p), MOE_OK);
+    p->capacity = 1;
+    ck_assert_int_eq(moe_plan_check(p), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "capacity"));
+    p->capacity = 0;
+    p->token[1] = 3;
+    p->src[1] = 6;
+    ck_assert_int_eq(moe_plan_check(p), MOE_ERR_ARG);
+    p->token[1] = 0;
+    p->src[1] = 0;
+    ck_assert_int_eq(moe_plan_check(p), MOE_ERR_ARG); /* not increasing within expert 0 */
+    p->token[1] = 2;
+    p->src[1] = 4;
+    p->offsets[2] = 2;
+    ck_assert_int_eq(moe_plan_check(p), MOE_ERR_ARG);
+    moe_plan_free(p);
+    moe_plan_free(NULL);
+    ck_assert_int_eq(moe_plan_create(4, 0, 2, 2, &p), MOE_ERR_ARG);
+    ck_assert_ptr_null(p);
+}
+END_TEST
+
+START_TEST(test_errors)
+{
+    ck_assert_str_eq(moe_strerror(MOE_OK), "success");
+    ck_assert_int_eq(moe_error(MOE_ERR_FORMAT, "file %s: %d", "x.st", 3), MOE_ERR_FORMAT);
+    ck_assert_str_eq(moe_last_error(), "file x.st: 3");
+    ck_assert_str_ne(moe_strerror(MOE_ERR_IO), moe_strerror(MOE_ERR_FORMAT));
+    ck_assert_str_eq(moe_strerror((moe_status)-99), "unknown error");
+}
+END_TEST
+
+START_TEST(test_config_validate)
+{
+    moe_layer_config c;
+    moe_layer_config_default(&c);
+    ck_assert_int_eq(moe_layer_config_validate(&c, 16), MOE_OK);
+    c.top_k = 9;
+    ck_assert_int_eq(moe_layer_config_validate(&c, 16), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "num_experts_per_tok"));
+    moe_layer_config_default(&c);
+    c.capacity_factor = NAN;
+    ck_assert_int_eq(moe_layer_config_validate(&c, 16), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "capacity_factor"));
+    moe_layer_config_default(&c);
+    c.d_model = 0;
+    ck_assert_int_eq(moe_layer_config_validate(&c, 16), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "hidden_size"));
+    moe_layer_config_default(&c);
+    c.top_k = 8;
+    ck_assert_int_eq(moe_layer_config_validate(&c, INT32_MAX / 4), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "overflows int32"));
+    moe_layer_config_default(&c);
+    ck_assert_int_eq(moe_layer_config_validate(&c, 0), MOE_ERR_ARG);
+    c.router = (moe_router_kind)17;
+    ck_assert_int_eq(moe_layer_config_validate(&c, 4), MOE_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "router"));
+}
+END_TEST
+
+START_TEST(test_capacity_formula)
+{
+    moe_layer_config c;
+    moe_layer_config_default(&c); /* E = 8, k = 2 */
+    ck_assert_int_eq(moe_capacity(&c, 100), 0); /* dropless */
+    c.capacity_factor = 1.25;
+    ck_assert_int_eq(moe_capacity(&c, 100), 32); /* ceil(1.25·100·2/8) = ceil(31.25) */
+    c.min_capacity = 40;
+    ck_assert_int_eq(moe_capacity(&c, 100), 40);
+    c.router = MOE_ROUTER_EXPERT_CHOICE;
+    c.min_capacity = 0;
+    c.capacity_factor = 2;
+    ck_assert_int_eq(moe_capacity(&c, 100), 25); /* ceil(2·100/8) */
+    ck_assert_int_eq(moe_capacity(&c, 3), 1);
+    c.capacity_factor = 100;
+    ck_assert_int_eq(moe_capacity(&c, 10), 10); /* never more than T */
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("arena");
+    TCase *tc = tcase_create("core");
+    tcase_add_test(tc, test_arena_views);
+    tcase_add_test(tc, test_arena_bad);
+    tcase_add_test(tc, test_plan_check);
+    tcase_add_test(tc, test_errors);
+    tcase_add_test(tc, test_config_validate);
+    tcase_add_test(tc, test_capacity_formula);
+    suite_add_tcase(s, tc);
+    return tu_run(s);
+}
