@@ -8,3 +8,6 @@ libcmoe_la_SOURCES += \
 	ref/ffn.c \
 	ref/dispatch.c \
 	ref/moe_layer.c
+# the language model's non-MoE ops (ref/model_ops.h)
+libcmoe_la_SOURCES += ref/model_ops.h ref/embedding.c ref/residual.c ref/rmsnorm.c ref/rope.c \
+	ref/attention.c ref/crossentropy.c ref/adamw.c

@@ -72,10 +72,13 @@ moe_status moe_ref_route(moe_plan *p, const double *s /* [T, E] */, const double
                          const moe_layer_config *c, uint64_t step, int64_t T);
 /* ds += ∂(Σ_i dweight_i·weight_i + Σ_tj dchoice_tj·choice_weight_tj)/∂s, through the
  * renormalisation when used. dweight [n] comes from combine, dchoice_weight [T, k] from
- * the importance loss; either may be NULL (dchoice_weight is ignored without choice arrays). */
+ * the importance loss; either may be NULL (dchoice_weight is ignored without choice arrays).
+ * bias must be the one given to moe_ref_route: under GShard's RANDOM policy a skipped
+ * second expert still renormalises the first weight, and backward re-finds it from s + bias. */
 void moe_ref_route_backward(double *ds /* [T, E] */, const double *dweight /* [n] */,
                             const double *dchoice_weight /* [T, k] */, const moe_plan *p,
-                            const double *s /* [T, E] */, const moe_layer_config *c);
+                            const double *s /* [T, E] */, const double *bias /* [E] or NULL */,
+                            const moe_layer_config *c);
 /* The fixed hash of hash routing (splitmix64 finaliser). */
 uint64_t moe_hash_token(uint32_t token_id);
 
@@ -143,5 +146,15 @@ void moe_ref_combine_forward(double *y /* [T, d] */, const double *ye /* [n, d] 
 /* dye[i] += weight[i]·dy[token[i]]; dweight[i] += dy[token[i]]·ye[i] */
 void moe_ref_combine_backward(double *dye /* [n, d] */, double *dweight /* [n] */, const double *dy /* [T, d] */,
                               const double *ye /* [n, d] */, const moe_plan *p, int64_t d);
+
+/* ---- the composed layer (ref/moe_layer.c) --------------------------------- */
+
+/* A tensor the reference layer saved in its last forward, for tests and the oracle tool
+ * (NULL when absent): "x", "router.xr", "router.z", "router.zn", "router.eps", "router.h",
+ * "router.s" [T, E], "aux.importance", "aux.load" [E], "experts.x", "experts.h1",
+ * "experts.h3", "experts.a", "experts.y" [n, ·], "moe.y" (MoE branch incl. shared),
+ * "shared.h1", "shared.y", "shared.g", "residual.h1", "residual.y", "residual.c" [T, 2].
+ * Views are sized for max_tokens; the first T rows (n for experts.*) are the last forward's. */
+const double *moe_ref_layer_saved(const moe_ref_layer *l, const char *name, const moe_view **view);
 
 #endif

@@ -16,9 +16,10 @@ struct moe_buf {
 
 struct moe_bplan {
     moe_plan *p;
+    int64_t T, k; /* as allocated: moe_ref_route sizes its [T, k] arrays from the plan's T·k on entry */
 };
 
-#define D(t) ((t).buf->d + (t).off)
+#define D(t) ((t).buf ? (t).buf->d + (t).off : NULL)
 
 static moe_status ref_alloc(moe_backend *b, int64_t n, moe_buf **out)
 {
@@ -58,7 +59,7 @@ static moe_status ref_upload(moe_backend *b, moe_tensor dst, const double *src, 
 {
     moe_status s = check_range(dst, n, "upload");
     if (s == MOE_OK)
-        memcpy(D(dst), src, (size_t)n * sizeof *src);
+        memcpy(dst.buf->d + dst.off, src, (size_t)n * sizeof *src);
     return s;
 }
 
@@ -66,7 +67,7 @@ static moe_status ref_download(moe_backend *b, double *dst, moe_tensor src, int6
 {
     moe_status s = check_range(src, n, "download");
     if (s == MOE_OK)
-        memcpy(dst, D(src), (size_t)n * sizeof *dst);
+        memcpy(dst, src.buf->d + src.off, (size_t)n * sizeof *dst);
     return s;
 }
 
@@ -133,6 +134,8 @@ static moe_status ref_plan_create(moe_backend *b, const moe_layer_config *c, int
         free(bp);
         return s;
     }
+    bp->T = max_tokens;
+    bp->k = k;
     *out = bp;
     return MOE_OK;
 }
@@ -174,13 +177,41 @@ static moe_status ref_plan_download(moe_backend *b, moe_plan *h, const moe_bplan
 static moe_status ref_route(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias,
                             const int32_t *token_ids, const moe_layer_config *c, uint64_t step, int64_t T)
 {
+    p->p->T = p->T;
+    p->p->k = p->k;
     return moe_ref_route(p->p, D(s), D(h), bias ? D(*bias) : NULL, token_ids, c, step, T);
 }
 
-static void ref_route_backward(moe_backend *b, moe_tensor ds, moe_tensor dweight, const moe_bplan *p, moe_tensor s,
-                               const moe_layer_config *c)
+static moe_status ref_plan_upload(moe_backend *b, moe_bplan *bp, const moe_plan *h)
 {
-    moe_ref_route_backward(D(ds), D(dweight), NULL, p->p, D(s), c);
+    if (h->E != bp->p->E || h->n > bp->p->cap_n || h->T * h->k > bp->T * bp->k)
+        return moe_error(MOE_ERR_ARG, "ref backend: plan of %lld assignments, T·k = %lld does not fit",
+                         (long long)h->n, (long long)(h->T * h->k));
+    bp->p->T = bp->T;
+    bp->p->k = bp->k;
+    return ref_plan_download(b, bp->p, &(moe_bplan){(moe_plan *)h, h->T, h->k});
+}
+
+static void ref_plan_stats(moe_backend *b, const moe_bplan *bp, int64_t *n, int64_t *dropped, int64_t *count,
+                           int64_t *selected)
+{
+    const moe_plan *p = bp->p;
+    if (n)
+        *n = p->n;
+    if (dropped)
+        *dropped = p->dropped;
+    if (count)
+        memcpy(count, p->count, (size_t)p->E * sizeof *count);
+    if (selected)
+        memcpy(selected, p->selected, (size_t)p->E * sizeof *selected);
+}
+
+#define OPT(t) ((t) ? D(*(t)) : NULL)
+
+static void ref_route_backward(moe_backend *b, moe_tensor ds, moe_tensor *dweight, moe_tensor *dchoice,
+                               const moe_bplan *p, moe_tensor s, moe_tensor *bias, const moe_layer_config *c)
+{
+    moe_ref_route_backward(D(ds), OPT(dweight), OPT(dchoice), p->p, D(s), OPT(bias), c);
 }
 
 static void ref_dispatch_forward(moe_backend *b, moe_tensor xe, moe_tensor x, const moe_bplan *p, int64_t d)
@@ -241,6 +272,128 @@ static void ref_z_backward(moe_backend *b, moe_tensor dz, double coef, moe_tenso
     moe_ref_z_loss_backward(D(dz), coef, D(z), T, E);
 }
 
+static void ref_copy(moe_backend *b, moe_tensor dst, moe_tensor src, int64_t n)
+{
+    memmove(dst.buf->d + dst.off, src.buf->d + src.off, (size_t)n * sizeof(double));
+}
+
+static moe_status ref_reserve(moe_backend *b, int64_t n)
+{
+    return MOE_OK; /* the reference ops need no scratch */
+}
+
+static int ref_set_threads(moe_backend *b, int n)
+{
+    return n > 0 ? n : 1;
+}
+
+static void ref_rowscale_forward(moe_backend *b, moe_tensor y, moe_tensor v, moe_tensor a, int64_t as, int64_t T,
+                                 int64_t d)
+{
+    double *yy = D(y);
+    const double *vv = D(v), *aa = D(a);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < d; i++)
+            yy[t * d + i] += aa[t * as] * vv[t * d + i];
+}
+
+static void ref_rowscale_backward(moe_backend *b, moe_tensor *dv, moe_tensor *da, moe_tensor dy, moe_tensor v,
+                                  moe_tensor a, int64_t as, int64_t T, int64_t d)
+{
+    const double *g = D(dy), *vv = D(v), *aa = D(a);
+    for (int64_t t = 0; t < T; t++) {
+        double acc = 0;
+        for (int64_t i = 0; i < d; i++) {
+            if (dv)
+                D(*dv)[t * d + i] += aa[t * as] * g[t * d + i];
+            acc += g[t * d + i] * vv[t * d + i];
+        }
+        if (da)
+            D(*da)[t * as] += acc;
+    }
+}
+
+static void ref_add(moe_backend *b, moe_tensor y, moe_tensor x, int64_t n)
+{
+    double *yy = D(y);
+    const double *xx = D(x);
+    for (int64_t i = 0; i < n; i++)
+        yy[i] += xx[i];
+}
+
+static void ref_jitter_forward(moe_backend *b, moe_tensor xr, moe_tensor u, moe_tensor x, double eps, uint64_t seed,
+                               int64_t layer, uint64_t step, int64_t T, int64_t d)
+{
+    moe_ref_jitter_forward(D(xr), D(u), D(x), eps, seed, layer, step, T, d);
+}
+
+static void ref_jitter_backward(moe_backend *b, moe_tensor dx, moe_tensor dxr, moe_tensor u, int64_t T, int64_t d)
+{
+    moe_ref_jitter_backward(D(dx), D(dxr), D(u), T, d);
+}
+
+static void ref_noisy_logits_forward(moe_backend *b, moe_tensor h, moe_tensor eps, moe_tensor z, moe_tensor zn,
+                                     int training, uint64_t seed, int64_t layer, uint64_t step, int64_t T, int64_t E)
+{
+    moe_ref_noisy_logits_forward(D(h), D(eps), D(z), D(zn), training, seed, layer, step, T, E);
+}
+
+static void ref_noisy_logits_backward(moe_backend *b, moe_tensor *dz, moe_tensor *dzn, moe_tensor dh, moe_tensor eps,
+                                      moe_tensor zn, int64_t T, int64_t E)
+{
+    moe_ref_noisy_logits_backward(OPT(dz), OPT(dzn), D(dh), D(eps), D(zn), T, E);
+}
+
+static void ref_noisy_load_forward(moe_backend *b, moe_tensor load, moe_tensor z, moe_tensor zn, moe_tensor h,
+                                   int64_t k, int64_t T, int64_t E)
+{
+    moe_ref_noisy_load_forward(D(load), D(z), D(zn), D(h), k, T, E);
+}
+
+static void ref_noisy_load_backward(moe_backend *b, moe_tensor *dz, moe_tensor *dzn, moe_tensor *dh,
+                                    moe_tensor dload, moe_tensor z, moe_tensor zn, moe_tensor h, int64_t k,
+                                    int64_t T, int64_t E)
+{
+    moe_ref_noisy_load_backward(OPT(dz), OPT(dzn), OPT(dh), D(dload), D(z), D(zn), D(h), k, T, E);
+}
+
+static void ref_ffn_forward(moe_backend *b, moe_tensor out, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor x,
+                            moe_tensor w1, moe_tensor *w3, moe_tensor w2, moe_activation act, int64_t n, int64_t d,
+                            int64_t f)
+{
+    moe_ref_ffn_forward(D(out), D(h1), D(h3), D(a), D(x), D(w1), OPT(w3), D(w2), act, n, d, f);
+}
+
+static void ref_ffn_backward(moe_backend *b, moe_tensor *dx, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
+                             moe_tensor dout, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor x, moe_tensor w1,
+                             moe_tensor *w3, moe_tensor w2, moe_activation act, int64_t n, int64_t d, int64_t f)
+{
+    moe_ref_ffn_backward(OPT(dx), D(dw1), OPT(dw3), D(dw2), D(dout), D(h1), D(h3), D(a), D(x), D(w1), OPT(w3),
+                         D(w2), act, n, d, f);
+}
+
+static void ref_importance_forward(moe_backend *b, moe_tensor imp, const moe_bplan *p)
+{
+    moe_ref_importance_forward(D(imp), p->p);
+}
+
+static void ref_importance_backward(moe_backend *b, moe_tensor *dweight, moe_tensor *dchoice, moe_tensor dimp,
+                                    const moe_bplan *p)
+{
+    moe_ref_importance_backward(OPT(dweight), OPT(dchoice), D(dimp), p->p);
+}
+
+static double ref_mi_forward(moe_backend *b, moe_tensor s, const int32_t *task, int64_t M, int64_t T, int64_t E)
+{
+    return moe_ref_mi_loss_forward(D(s), task, M, T, E);
+}
+
+static void ref_mi_backward(moe_backend *b, moe_tensor ds, double coef, moe_tensor s, const int32_t *task, int64_t M,
+                            int64_t T, int64_t E)
+{
+    moe_ref_mi_loss_backward(D(ds), coef, D(s), task, M, T, E);
+}
+
 static void ref_destroy(moe_backend *b)
 {
     free(b);
@@ -266,6 +419,8 @@ moe_status moe_backend_ref_create(moe_backend **out)
     b->plan_create = ref_plan_create;
     b->plan_free = ref_plan_free;
     b->plan_download = ref_plan_download;
+    b->plan_upload = ref_plan_upload;
+    b->plan_stats = ref_plan_stats;
     b->route = ref_route;
     b->route_backward = ref_route_backward;
     b->dispatch_forward = ref_dispatch_forward;
@@ -278,9 +433,37 @@ moe_status moe_backend_ref_create(moe_backend **out)
     b->lb_loss_backward = ref_lb_backward;
     b->z_loss_forward = ref_z_forward;
     b->z_loss_backward = ref_z_backward;
+    b->copy = ref_copy;
+    b->reserve = ref_reserve;
+    b->set_threads = ref_set_threads;
+    b->rowscale_forward = ref_rowscale_forward;
+    b->rowscale_backward = ref_rowscale_backward;
+    b->add = ref_add;
+    b->jitter_forward = ref_jitter_forward;
+    b->jitter_backward = ref_jitter_backward;
+    b->noisy_logits_forward = ref_noisy_logits_forward;
+    b->noisy_logits_backward = ref_noisy_logits_backward;
+    b->noisy_load_forward = ref_noisy_load_forward;
+    b->noisy_load_backward = ref_noisy_load_backward;
+    b->ffn_forward = ref_ffn_forward;
+    b->ffn_backward = ref_ffn_backward;
+    b->importance_forward = ref_importance_forward;
+    b->importance_backward = ref_importance_backward;
+    b->mi_loss_forward = ref_mi_forward;
+    b->mi_loss_backward = ref_mi_backward;
     b->destroy = ref_destroy;
     *out = b;
     return MOE_OK;
+}
+
+moe_status moe_backend_create(const char *name, int threads, moe_backend **out)
+{
+    *out = NULL;
+    if (name && !strcmp(name, "ref"))
+        return moe_backend_ref_create(out);
+    if (name && !strcmp(name, "cpu"))
+        return moe_backend_cpu_create(threads, out);
+    return moe_error(MOE_ERR_ARG, "backend: unknown backend '%s' (ref or cpu)", name ? name : "(null)");
 }
 
 void moe_backend_free(moe_backend *b)

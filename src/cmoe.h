@@ -54,6 +54,13 @@ moe_status moe_error(moe_status s, const char *fmt, ...)
 #endif
     ;
 const char *moe_version(void);
+/* What this build has, one "NAME: ..." line each: BLAS (name, version), OpenMP
+ * (max threads), MPI (library version), CUDA (built or not). Thread-local buffer. */
+const char *moe_build_info(void);
+/* Writes the CUDA devices (name, memory, compute capability) into buf [n].
+ * MOE_OK when at least one device answers; MOE_ERR_CUDA when none does (buf says
+ * why); MOE_ERR_UNSUPPORTED when built without --with-cuda (buf: "CUDA: not built"). */
+moe_status moe_cuda_device_info(char *buf, size_t n);
 
 /* ---- random numbers: Philox-4x32-10, counter based --------------------- */
 
@@ -148,6 +155,8 @@ moe_status moe_layer_config_validate(const moe_layer_config *c, int64_t T);
 /* Reads a JSON object with the keys documented in README.md (unknown keys are errors). */
 moe_status moe_layer_config_from_json(const char *text, moe_layer_config *c);
 moe_status moe_layer_config_load(const char *path, moe_layer_config *c);
+/* The configuration as JSON text with every key (pretty: indented); free() the result. */
+moe_status moe_layer_config_to_json(const moe_layer_config *c, int pretty, char **out);
 /* Per-expert capacity for T tokens; 0 means dropless. */
 int64_t moe_capacity(const moe_layer_config *c, int64_t T);
 

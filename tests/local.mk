@@ -54,3 +54,35 @@ endif
 TESTS += tests/cli.sh tests/oracle.sh
 EXTRA_DIST += tests/cli.sh tests/oracle.sh tests/fixtures
 AM_TESTS_ENVIRONMENT = top_srcdir='$(top_srcdir)' top_builddir='$(top_builddir)'; export top_srcdir top_builddir;
+if HAVE_CHECK
+check_PROGRAMS += tests/test_data
+TESTS += tests/test_data
+tests_test_data_SOURCES = tests/test_data.c tests/testutil.h
+tests_test_data_CFLAGS = $(TEST_CFLAGS)
+tests_test_data_LDADD = $(TEST_LDADD) $(ZLIB_LIBS)
+endif
+if HAVE_CHECK
+check_PROGRAMS += tests/test_model_ops tests/test_cpu_model_ops
+TESTS += tests/test_model_ops tests/test_cpu_model_ops
+tests_test_model_ops_SOURCES = tests/test_model_ops.c tests/testutil.h
+tests_test_model_ops_CFLAGS = $(TEST_CFLAGS)
+tests_test_model_ops_LDADD = $(TEST_LDADD)
+tests_test_cpu_model_ops_SOURCES = tests/test_cpu_model_ops.c tests/testutil.h
+tests_test_cpu_model_ops_CFLAGS = $(TEST_CFLAGS)
+tests_test_cpu_model_ops_LDADD = $(TEST_LDADD)
+endif
+# the cpu backend against ref, op by op and layer by layer
+if HAVE_CHECK
+check_PROGRAMS += tests/test_cpu
+TESTS += tests/test_cpu
+tests_test_cpu_SOURCES = tests/test_cpu.c tests/testutil.h
+tests_test_cpu_CFLAGS = $(TEST_CFLAGS)
+tests_test_cpu_LDADD = $(TEST_LDADD)
+endif
+if HAVE_CHECK
+check_PROGRAMS += tests/test_cpu_layer
+TESTS += tests/test_cpu_layer
+tests_test_cpu_layer_SOURCES = tests/test_cpu_layer.c tests/testutil.h
+tests_test_cpu_layer_CFLAGS = $(TEST_CFLAGS)
+tests_test_cpu_layer_LDADD = $(TEST_LDADD)
+endif

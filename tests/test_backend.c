@@ -115,7 +115,7 @@ START_TEST(test_layer_through_backend)
     b->experts_backward(b, dxe, dw1, &dw3, dw2, dye, h1, h3, a, xe, w1, &w3, w2, plan, c.act, d, f);
     b->dispatch_backward(b, tdx, dxe, plan, d);
     b->lb_loss_backward(b, ds, c.lb_coef, plan, T, E);
-    b->route_backward(b, ds, dw, plan, s, &c);
+    b->route_backward(b, ds, &dw, NULL, plan, s, NULL, &c);
     b->scores_backward(b, dz, ds, s, c.score, T, E);
     b->z_loss_backward(b, dz, c.z_coef, z, T, E);
     b->matmul_backward(b, &tdx, &dwr, dz, tx, wr, T, d, E);

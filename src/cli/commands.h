@@ -6,5 +6,7 @@ enum { EXIT_OK = 0, EXIT_FAIL = 1, EXIT_USAGE = 2 };
 
 int cmd_oracle(int argc, char **argv);
 void help_oracle(void);
+int cmd_bench(int argc, char **argv);
+void help_bench(void);
 
 #endif

@@ -4,3 +4,4 @@ cmoe_SOURCES = \
 	src/cli/main.c \
 	src/cli/oracle.c
 cmoe_LDADD = libcmoe.la
+cmoe_SOURCES += src/cli/bench.c
