@@ -153,7 +153,62 @@ struct moe_backend {
 
     void (*destroy)(moe_backend *b);
     void *impl; /* the backend's own state */
+
+    /* ---- the language model's ops (src/model.c; ref/model_ops.h, src/cpu_model_ops.h) ----
+     * Filled by moe_backend_ref_model_ops / moe_backend_cpu_model_ops (backend_ref_model.c,
+     * backend_cpu_model.c). Layouts and semantics as ref/model_ops.h; token and target ids
+     * live on the host; backward ops accumulate. */
+    void (*embedding_forward)(moe_backend *b, moe_tensor out /* [N, C] */, const int32_t *tokens /* host [N] */,
+                              moe_tensor wte /* [V, C] */, int64_t N, int64_t C);
+    void (*embedding_backward)(moe_backend *b, moe_tensor dwte /* [V, C] */, moe_tensor dout /* [N, C] */,
+                               const int32_t *tokens /* host [N] */, int64_t N, int64_t C);
+    void (*rmsnorm_forward)(moe_backend *b, moe_tensor out /* [N, C] */, moe_tensor rstd /* [N] */,
+                            moe_tensor x /* [N, C] */, moe_tensor w /* [C] */, double eps, int64_t N, int64_t C);
+    void (*rmsnorm_backward)(moe_backend *b, moe_tensor *dx /* [N, C] or NULL */, moe_tensor *dw /* [C] or NULL */,
+                             moe_tensor dout, moe_tensor x, moe_tensor w, moe_tensor rstd, int64_t N, int64_t C);
+    /* out may alias x; dx must not alias dout */
+    void (*rope_forward)(moe_backend *b, moe_tensor out /* [B, S, nh, hd] */, moe_tensor x, int64_t pos0,
+                         double theta, int64_t B, int64_t S, int64_t nh, int64_t hd);
+    void (*rope_backward)(moe_backend *b, moe_tensor dx /* [B, S, nh, hd] */, moe_tensor dout, int64_t pos0,
+                          double theta, int64_t B, int64_t S, int64_t nh, int64_t hd);
+    void (*attention_forward)(moe_backend *b, moe_tensor out /* [B, S, H, hd] */, moe_tensor att /* [B, H, S, S] */,
+                              moe_tensor q /* [B, S, H, hd] */, moe_tensor k /* [B, S, Hkv, hd] */,
+                              moe_tensor v /* [B, S, Hkv, hd] */, int64_t B, int64_t S, int64_t H, int64_t Hkv,
+                              int64_t hd);
+    void (*attention_backward)(moe_backend *b, moe_tensor dq, moe_tensor dk, moe_tensor dv,
+                               moe_tensor datt /* [B, H, S, S] scratch */, moe_tensor dout, moe_tensor att,
+                               moe_tensor q, moe_tensor k, moe_tensor v, int64_t B, int64_t S, int64_t H,
+                               int64_t Hkv, int64_t hd);
+    void (*attention_decode)(moe_backend *b, moe_tensor out /* [H, hd] */, moe_tensor att /* [H, pos+1] scratch */,
+                             moe_tensor q /* [H, hd] */, moe_tensor kcache /* [S_max, Hkv, hd] */,
+                             moe_tensor vcache /* [S_max, Hkv, hd] */, int64_t pos, int64_t H, int64_t Hkv,
+                             int64_t hd);
+    /* out = x·wᵀ with w [N, K] (the LM head in Hugging Face layout, tied or not);
+     * dx += dout·w, dw += doutᵀ·x (either may be NULL) */
+    void (*matmul_t_forward)(moe_backend *b, moe_tensor out /* [T, N] */, moe_tensor x /* [T, K] */,
+                             moe_tensor w /* [N, K] */, int64_t T, int64_t K, int64_t N);
+    void (*matmul_t_backward)(moe_backend *b, moe_tensor *dx /* [T, K] */, moe_tensor *dw /* [N, K] */,
+                              moe_tensor dout /* [T, N] */, moe_tensor x, moe_tensor w, int64_t T, int64_t K,
+                              int64_t N);
+    /* y[t, :] += bias; dbias += Σ_t dy[t, :] (the q/k/v biases) */
+    void (*bias_forward)(moe_backend *b, moe_tensor y /* [T, N] */, moe_tensor bias /* [N] */, int64_t T, int64_t N);
+    void (*bias_backward)(moe_backend *b, moe_tensor dbias /* [N] */, moe_tensor dy /* [T, N] */, int64_t T,
+                          int64_t N);
+    /* mean CE over targets != -1, probs may alias logits; dlogits += dloss·(probs − onehot)/n */
+    double (*crossentropy_forward)(moe_backend *b, moe_tensor probs /* [N, V] */, moe_tensor logits /* [N, V] */,
+                                   const int32_t *targets /* host [N] */, int64_t N, int64_t V);
+    void (*crossentropy_backward)(moe_backend *b, moe_tensor dlogits /* [N, V] */, moe_tensor probs,
+                                  const int32_t *targets /* host [N] */, double dloss, int64_t N, int64_t V);
+    void (*adamw_step)(moe_backend *b, moe_tensor p /* [n] */, moe_tensor m /* [n] */, moe_tensor v /* [n] */,
+                       moe_tensor g /* [n] */, double lr, double beta1, double beta2, double eps, double wd,
+                       double grad_scale, int64_t t, int64_t n);
+    /* Σ g² in a fixed order (the same on every run and thread count) */
+    double (*grad_sumsq)(moe_backend *b, moe_tensor g /* [n] */, int64_t n);
 };
+
+/* The language-model ops of each backend (the table filler called by its create). */
+void moe_backend_ref_model_ops(moe_backend *b);
+void moe_backend_cpu_model_ops(moe_backend *b);
 
 /* The oracle as a backend: buffers hold double, every op is the one in ref/. */
 moe_status moe_backend_ref_create(moe_backend **out);

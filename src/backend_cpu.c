@@ -279,6 +279,7 @@ moe_status moe_backend_cpu_create(int threads, moe_backend **out)
     moe_cpu_aux_ops(b);
     moe_cpu_experts_ops(b);
     moe_cpu_dispatch_ops(b);
+    moe_backend_cpu_model_ops(b);
     cpu_set_threads(b, threads > 0 ? threads : st->threads);
     *out = b;
     return MOE_OK;

@@ -452,6 +452,7 @@ moe_status moe_backend_ref_create(moe_backend **out)
     b->mi_loss_forward = ref_mi_forward;
     b->mi_loss_backward = ref_mi_backward;
     b->destroy = ref_destroy;
+    moe_backend_ref_model_ops(b);
     *out = b;
     return MOE_OK;
 }

@@ -278,3 +278,30 @@ moe_status moe_layer_config_to_json(const moe_layer_config *c, int pretty, char 
     json_decref(root);
     return *out ? MOE_OK : moe_error(MOE_ERR_NOMEM, "config: out of memory");
 }
+
+/* For configs that embed the layer keys in a larger flat object (the model's, src/model.h):
+ * the layer keys present are set over c, the caller's extra keys are left to the caller. */
+moe_status moe_layer_config_from_json_obj(void *obj, moe_layer_config *c, const char *const *extra_keys)
+{
+    json_t *root = obj;
+    if (!json_is_object(root))
+        return moe_error(MOE_ERR_ARG, "config: the top level must be a JSON object");
+    const char *name;
+    json_t *v;
+    json_object_foreach(root, name, v) {
+        const key_spec *k = find_key(name);
+        if (!k) {
+            int extra = 0;
+            for (int i = 0; extra_keys && extra_keys[i] && !extra; i++)
+                extra = strcmp(extra_keys[i], name) == 0;
+            if (extra)
+                continue;
+            return moe_error(MOE_ERR_ARG, "config: unknown key \"%s\" (the keys are listed in README.md, "
+                             "e.g. hidden_size, num_hidden_layers, num_local_experts, num_experts_per_tok)", name);
+        }
+        moe_status s = set_key(k, v, c);
+        if (s)
+            return s;
+    }
+    return MOE_OK;
+}

@@ -29,3 +29,9 @@ libcmoe_la_SOURCES += src/cpu_model_ops.h src/cpu_matmul.c src/cpu_embedding.c s
 	src/sample.h src/sample.c
 # the MoE layer over the backend table
 libcmoe_la_SOURCES += src/moe_layer.h src/moe_layer.c
+# the language model's ops on each backend (backend.h, the block at the end of the table)
+libcmoe_la_SOURCES += src/backend_ref_model.c src/backend_cpu_model.c
+# the MoE language model and its optimizer (src/model.h)
+libcmoe_la_SOURCES += src/model.h src/model.c src/model_config.c src/optim.c
+# parameter, FLOP and memory counts of a model config (cmoe info)
+libcmoe_la_SOURCES += src/model_info.h src/model_info.c

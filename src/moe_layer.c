@@ -736,3 +736,11 @@ void moe_layer_update_bias(moe_layer *l)
     }
     b->upload(b, l->bias, l->dv_h, E);
 }
+
+void moe_layer_buffers(const moe_layer *l, moe_tensor *params, moe_tensor *grads)
+{
+    if (params)
+        *params = (moe_tensor){l->pbuf, 0};
+    if (grads)
+        *grads = (moe_tensor){l->gbuf, 0};
+}

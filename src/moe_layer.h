@@ -86,5 +86,8 @@ moe_aux_losses moe_layer_aux(const moe_layer *l);
 /* Seconds per phase of the last forward and backward, [MOE_PH_COUNT]. */
 const double *moe_layer_phase_seconds(const moe_layer *l);
 void moe_layer_update_bias(moe_layer *l);
+/* The parameter and gradient buffers in backend memory (each view of moe_layer_params at
+ * its offset), so that an optimizer can step them in place (the model's AdamW). */
+void moe_layer_buffers(const moe_layer *l, moe_tensor *params, moe_tensor *grads);
 
 #endif

@@ -86,3 +86,24 @@ tests_test_cpu_layer_SOURCES = tests/test_cpu_layer.c tests/testutil.h
 tests_test_cpu_layer_CFLAGS = $(TEST_CFLAGS)
 tests_test_cpu_layer_LDADD = $(TEST_LDADD)
 endif
+# cmoe train, sample, eval end to end (tiny runs)
+TESTS += tests/train.sh
+EXTRA_DIST += tests/train.sh
+# the language model and its optimizer: cpu vs ref, finite differences, training, decode
+if HAVE_CHECK
+check_PROGRAMS += tests/test_model
+TESTS += tests/test_model
+tests_test_model_SOURCES = tests/test_model.c tests/testutil.h
+tests_test_model_CFLAGS = $(TEST_CFLAGS)
+tests_test_model_LDADD = $(TEST_LDADD)
+endif
+# cmoe info's counts; cmoe report on a fixture run (and its bad inputs)
+if HAVE_CHECK
+check_PROGRAMS += tests/test_info
+TESTS += tests/test_info
+tests_test_info_SOURCES = tests/test_info.c tests/testutil.h
+tests_test_info_CFLAGS = $(TEST_CFLAGS)
+tests_test_info_LDADD = $(TEST_LDADD)
+endif
+TESTS += tests/report.sh
+EXTRA_DIST += tests/report.sh

@@ -17,7 +17,9 @@
 
 #include "cmoe.h"
 #include "commands.h"
+#include "model.h"
 #include "moe_layer.h"
+#include "presets.h"
 
 void help_bench(void)
 {
@@ -36,6 +38,11 @@ void help_bench(void)
            "  --act NAME             relu, gelu, gelu_tanh, geglu, swiglu (swiglu)\n"
            "  --router NAME          topk, noisy_topk, expert_choice, hash, sinkhorn (topk)\n"
            "  --capacity-factor CF   <= 0: dropless (0; expert_choice: 1)\n"
+           "  --preset NAME          take the layer from a model preset (configs/NAME.json, as\n"
+           "                         cmoe info): its d-model, d-ff, experts, top-k, router,\n"
+           "                         activation, capacity, shared experts and residual branch\n"
+           "                         replace the options above; --tokens still applies\n"
+           "  --layer I              which layer of the preset (the first MoE layer)\n"
            "  --threads N            threads (OpenMP's default)\n"
            "  --iters N              timed iterations (10)\n"
            "  --warmup N             untimed iterations first (2)\n"
@@ -137,14 +144,44 @@ typedef struct {
     int act, router, json;
     double cf;
     int cf_set;
+    const char *preset;    /* --preset: the layer config below replaces the shape options */
+    long long layer;       /* --layer, -1: the first MoE layer */
+    moe_layer_config pcfg;
 } bench_opts;
+
+/* --preset NAME --layer I: the shape options from that layer of the model preset. */
+static int resolve_preset(bench_opts *o)
+{
+    moe_model_config mc;
+    char src[4200];
+    if (cli_preset_load(o->preset, &mc, src, sizeof src)) {
+        fprintf(stderr, "cmoe bench: %s\n", moe_last_error());
+        return EXIT_FAIL;
+    }
+    if (o->layer < 0)
+        for (o->layer = 0; o->layer < mc.num_hidden_layers && moe_model_layer_experts(&mc, o->layer) <= 0;)
+            o->layer++;
+    if (o->layer >= mc.num_hidden_layers) {
+        fprintf(stderr, "cmoe bench: --layer %lld: %s has %lld layers%s\n", o->layer, src,
+                (long long)mc.num_hidden_layers, o->layer == mc.num_hidden_layers ? ", none of them MoE" : "");
+        return EXIT_USAGE;
+    }
+    if (moe_model_layer_config(&mc, o->layer, &o->pcfg)) {
+        fprintf(stderr, "cmoe bench: --layer %lld of %s: %s\n", o->layer, src, moe_last_error());
+        return EXIT_USAGE;
+    }
+    const moe_layer_config *c = &o->pcfg;
+    o->d = c->d_model, o->f = c->d_ff, o->E = c->n_experts, o->k = c->top_k, o->shared = c->n_shared;
+    o->act = (int)c->act, o->router = (int)c->router, o->cf = c->capacity_factor, o->cf_set = 1;
+    return 0;
+}
 
 static int parse(int argc, char **argv, bench_opts *o)
 {
     static const char *const acts[] = {"relu", "gelu", "gelu_tanh", "geglu", "swiglu"};
     static const char *const routers[] = {"topk", "noisy_topk", "expert_choice", "hash", "sinkhorn"};
     enum { O_BACKEND = 256, O_TOKENS, O_D, O_F, O_E, O_K, O_SHARED, O_ACT, O_ROUTER, O_CF, O_THREADS, O_ITERS,
-           O_WARMUP, O_JSON, O_HELP };
+           O_WARMUP, O_JSON, O_HELP, O_PRESET, O_LAYER };
     static const struct option longopts[] = {
         {"backend", required_argument, NULL, O_BACKEND}, {"tokens", required_argument, NULL, O_TOKENS},
         {"d-model", required_argument, NULL, O_D},        {"d-ff", required_argument, NULL, O_F},
@@ -153,9 +190,10 @@ static int parse(int argc, char **argv, bench_opts *o)
         {"router", required_argument, NULL, O_ROUTER},    {"capacity-factor", required_argument, NULL, O_CF},
         {"threads", required_argument, NULL, O_THREADS},  {"iters", required_argument, NULL, O_ITERS},
         {"warmup", required_argument, NULL, O_WARMUP},    {"json", no_argument, NULL, O_JSON},
-        {"help", no_argument, NULL, O_HELP},              {NULL, 0, NULL, 0},
+        {"help", no_argument, NULL, O_HELP},              {"preset", required_argument, NULL, O_PRESET},
+        {"layer", required_argument, NULL, O_LAYER},      {NULL, 0, NULL, 0},
     };
-    *o = (bench_opts){"cpu", 4096, 512, 2048, 8, 2, 0, 0, 10, 2, MOE_ACT_SWIGLU, MOE_ROUTER_TOPK, 0, 0, 0};
+    *o = (bench_opts){"cpu", 4096, 512, 2048, 8, 2, 0, 0, 10, 2, MOE_ACT_SWIGLU, MOE_ROUTER_TOPK, 0, 0, 0, NULL, -1, {0}};
     optind = 1;
     opterr = 0;
     int opt, r = 0;
@@ -193,6 +231,8 @@ static int parse(int argc, char **argv, bench_opts *o)
             break;
         }
         case O_JSON: o->json = 1; break;
+        case O_PRESET: o->preset = optarg; break;
+        case O_LAYER: r = parse_int(optarg, 0, MOE_MODEL_MAX_LAYERS - 1, "--layer", &o->layer); break;
         case O_HELP: help_bench(); return -1;
         case ':': return usage("option '%s' needs an argument", argv[optind - 1]);
         default: return usage("unknown option '%s'", argv[optind - 1]);
@@ -202,6 +242,10 @@ static int parse(int argc, char **argv, bench_opts *o)
     }
     if (optind < argc)
         return usage("unexpected argument '%s'", argv[optind]);
+    if (o->layer >= 0 && !o->preset)
+        return usage("--layer needs --preset NAME%s", "");
+    if (o->preset && (r = resolve_preset(o)))
+        return r;
     if (o->k > o->E && o->router != MOE_ROUTER_EXPERT_CHOICE && o->router != MOE_ROUTER_HASH) {
         fprintf(stderr, "cmoe bench: --top-k (%lld) exceeds --experts (%lld)\n", o->k, o->E);
         return EXIT_USAGE;
@@ -232,7 +276,10 @@ static flop_count count_flops(const moe_layer_config *c, int64_t T, int64_t n)
     double fwd = 2.0 * (double)n * d * f * glu;
     if (c->router != MOE_ROUTER_HASH)
         fwd += 2.0 * (double)T * d * E * (c->router == MOE_ROUTER_NOISY_TOPK ? 2 : 1);
-    fwd += 2.0 * (double)T * d * (double)(c->n_shared * c->d_ff) * glu;
+    const double Fs = (double)(c->n_shared * (c->d_ff_shared > 0 ? c->d_ff_shared : c->d_ff));
+    const double Fd = c->residual ? (double)(c->d_ff_dense > 0 ? c->d_ff_dense : c->d_ff) : 0;
+    fwd += 2.0 * (double)T * d * (Fs + Fd) * glu;
+    fwd += 2.0 * (double)T * d * ((c->shared_gate && Fs > 0 ? 1 : 0) + (Fd > 0 ? 2 : 0)); /* gate, mix */
     return (flop_count){fwd, 3.0 * fwd, n, 0};
 }
 
@@ -240,17 +287,21 @@ static int run_layer(const bench_opts *o)
 {
     moe_layer_config c;
     moe_layer_config_default(&c);
-    c.d_model = o->d;
-    c.d_ff = o->f;
-    c.n_experts = o->E;
-    c.top_k = o->router == MOE_ROUTER_HASH ? 1 : o->k;
-    c.router = (moe_router_kind)o->router;
-    c.act = (moe_activation)o->act;
-    c.capacity_factor = o->cf_set ? o->cf : (o->router == MOE_ROUTER_EXPERT_CHOICE ? 1.0 : 0.0);
-    c.n_shared = o->shared;
-    c.d_ff_shared = o->f;
-    if (o->router != MOE_ROUTER_HASH)
-        c.lb_coef = 0.01;
+    if (o->preset) {
+        c = o->pcfg; /* the layer as the model has it, coefficients included */
+    } else {
+        c.d_model = o->d;
+        c.d_ff = o->f;
+        c.n_experts = o->E;
+        c.top_k = o->router == MOE_ROUTER_HASH ? 1 : o->k;
+        c.router = (moe_router_kind)o->router;
+        c.act = (moe_activation)o->act;
+        c.capacity_factor = o->cf_set ? o->cf : (o->router == MOE_ROUTER_EXPERT_CHOICE ? 1.0 : 0.0);
+        c.n_shared = o->shared;
+        c.d_ff_shared = o->f;
+        if (o->router != MOE_ROUTER_HASH)
+            c.lb_coef = 0.01;
+    }
     moe_status st = moe_layer_config_validate(&c, o->T);
     if (st) {
         fprintf(stderr, "cmoe bench: %s\n", moe_last_error());

@@ -8,5 +8,15 @@ int cmd_oracle(int argc, char **argv);
 void help_oracle(void);
 int cmd_bench(int argc, char **argv);
 void help_bench(void);
+int cmd_train(int argc, char **argv);
+void help_train(void);
+int cmd_sample(int argc, char **argv);
+void help_sample(void);
+int cmd_eval(int argc, char **argv);
+void help_eval(void);
+int cmd_info(int argc, char **argv);
+void help_info(void);
+int cmd_report(int argc, char **argv);
+void help_report(void);
 
 #endif

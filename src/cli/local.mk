@@ -5,3 +5,16 @@ cmoe_SOURCES = \
 	src/cli/oracle.c
 cmoe_LDADD = libcmoe.la
 cmoe_SOURCES += src/cli/bench.c
+cmoe_LDADD += $(BLAS_LIBS)
+# cmoe train, sample, eval and the run directory they share
+cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.c src/cli/sample.c src/cli/eval.c
+cmoe_LDADD += $(JANSSON_LIBS)
+# cmoe info and cmoe report; presets by name (./configs, $CMOE_CONFIGS, installed)
+cmoe_SOURCES += src/cli/presets.h src/cli/presets.c src/cli/info.c src/cli/report.c
+cmoe_CPPFLAGS = $(AM_CPPFLAGS) -DCMOE_PKGDATADIR='"$(pkgdatadir)"'
+# the model presets, installed so that --preset NAME works outside the source tree
+presetsdir = $(pkgdatadir)/configs
+dist_presets_DATA = configs/mixtral-8x7b.json configs/mixtral-8x22b.json configs/deepseek-moe-16b.json \
+	configs/qwen1.5-moe-a2.7b.json configs/dbrx.json configs/arctic.json configs/gpu-100m.json \
+	configs/laptop.json configs/tiny.json
+EXTRA_DIST += configs/README.md

@@ -28,6 +28,11 @@ static const command commands[] = {
     {"oracle", cmd_oracle, help_oracle,
      "run the reference MoE layer (double) on given tensors; write outputs, plan, gradients"},
     {"bench", cmd_bench, help_bench, "time the MoE layer (forward + backward) against the sgemm ceiling"},
+    {"train", cmd_train, help_train, "train an MoE language model (default: the laptop model on Brown)"},
+    {"sample", cmd_sample, help_sample, "generate text from a trained run"},
+    {"eval", cmd_eval, help_eval, "validation loss, perplexity, bits per byte of a trained run"},
+    {"info", cmd_info, help_info, "parameters, active parameters, FLOPs per token and memory of a model config"},
+    {"report", cmd_report, help_report, "write RUN_DIR/report.html: loss, learning rate, speed, expert load"},
     {"version", cmd_version, help_version, "print the version and what this build has"},
     {"help", cmd_help, help_help, "show help for cmoe or for one command"},
 };

@@ -1,0 +1,237 @@
+/* The run directory: saving the weights of a training run and reading them back. */
+#define _POSIX_C_SOURCE 200809L
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <jansson.h>
+
+#include "cmoe.h"
+#include "run.h"
+#include "safetensors.h"
+
+int cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
+{
+    const char *p = s;
+    if (*p == '-')
+        p++;
+    if (!*p)
+        return 0;
+    for (; *p; p++)
+        if (*p < '0' || *p > '9')
+            return 0;
+    errno = 0;
+    long long v = strtoll(s, NULL, 10);
+    if (errno || v < lo || v > hi)
+        return 0;
+    *out = v;
+    return 1;
+}
+
+int cli_parse_double(const char *s, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (!*s || *end || errno || !isfinite(v))
+        return 0;
+    *out = v;
+    return 1;
+}
+
+moe_status cli_backend_create(const char *name, int threads, moe_backend **out)
+{
+    *out = NULL;
+    if (strcmp(name, "cuda") == 0)
+        return moe_error(MOE_ERR_UNSUPPORTED,
+                         "backend 'cuda': the CUDA backend of the language model is not available yet in this "
+                         "build; use --backend cpu (fast) or --backend ref (the double-precision oracle)");
+    if (strcmp(name, "ref") != 0 && strcmp(name, "cpu") != 0)
+        return moe_error(MOE_ERR_ARG, "backend '%s': use cpu, ref (or cuda when built with CUDA)", name);
+    return moe_backend_create(name, threads, out);
+}
+
+moe_status cli_path(char *buf, size_t n, const char *dir, const char *name)
+{
+    int k = snprintf(buf, n, "%s/%s", dir, name);
+    if (k < 0 || (size_t)k >= n)
+        return moe_error(MOE_ERR_ARG, "path '%s/%s' is too long", dir, name);
+    return MOE_OK;
+}
+
+moe_status cli_mkdirs(const char *dir)
+{
+    char buf[4096];
+    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
+        return moe_error(MOE_ERR_ARG, "directory '%s' is too long", dir);
+    /* each prefix ending at a '/', then the whole path */
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char c = *p;
+        *p = '\0';
+        struct stat sb;
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+            return moe_error(MOE_ERR_IO, "cannot create directory '%s': %s", buf, strerror(errno));
+        if (stat(buf, &sb) != 0 || !S_ISDIR(sb.st_mode))
+            return moe_error(MOE_ERR_IO, "'%s' exists and is not a directory", buf);
+        *p = c;
+        if (!c)
+            break;
+    }
+    return MOE_OK;
+}
+
+/* ---- saving ------------------------------------------------------------------ */
+
+moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, int64_t step)
+{
+    char path[4096], num[32], *cfg_json = NULL;
+    moe_st_writer *w = NULL;
+    moe_status s;
+    const int n = moe_model_n_params(m);
+    const int64_t total = moe_model_numel(m);
+    float *f32 = malloc((size_t)(total > 0 ? total : 1) * sizeof *f32);
+    double *tmp = NULL;
+    int64_t biggest = 1;
+    for (int i = 0; i < n; i++)
+        if (moe_model_param(m, i)->numel > biggest)
+            biggest = moe_model_param(m, i)->numel;
+    tmp = malloc((size_t)biggest * sizeof *tmp);
+    if (!f32 || !tmp) {
+        s = moe_error(MOE_ERR_NOMEM, "out of memory saving %lld parameters", (long long)total);
+        goto done;
+    }
+    if ((s = cli_path(path, sizeof path, dir, CLI_RUN_WEIGHTS)) || (s = moe_st_writer_create(&w)))
+        goto done;
+    int64_t at = 0;
+    for (int i = 0; i < n; i++) {
+        const moe_param_info *p = moe_model_param(m, i);
+        if ((s = moe_model_get_param(m, i, tmp)) || (s = moe_st_from_f64(MOE_ST_F32, tmp, p->numel, f32 + at)) ||
+            (s = moe_st_writer_add(w, p->name, MOE_ST_F32, p->ndim, p->shape, f32 + at)))
+            goto done;
+        at += p->numel;
+    }
+    snprintf(num, sizeof num, "%" PRId64, step);
+    if ((s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg_json)) ||
+        (s = moe_st_writer_add_meta(w, "config", cfg_json)) || (s = moe_st_writer_add_meta(w, "step", num)) ||
+        (s = moe_st_writer_add_meta(w, "format", "cmoe-weights-1")) ||
+        (s = moe_st_writer_add_meta(w, "cmoe_version", moe_version())) ||
+        (train_json && (s = moe_st_writer_add_meta(w, "train", train_json))) || (s = moe_st_writer_write(w, path)))
+        goto done;
+done:
+    moe_st_writer_free(w);
+    free(cfg_json);
+    free(tmp);
+    free(f32);
+    return s;
+}
+
+/* ---- loading ------------------------------------------------------------------ */
+
+/* The training settings the other commands reuse: data, seq, batch (all optional). */
+static moe_status read_train_meta(cli_run *r, const char *text)
+{
+    json_error_t err;
+    json_t *o = json_loads(text, 0, &err);
+    if (!o || !json_is_object(o)) {
+        json_decref(o);
+        return moe_error(MOE_ERR_FORMAT, "%s: metadata 'train' is not a JSON object", r->path);
+    }
+    json_t *v;
+    if ((v = json_object_get(o, "data")) && json_is_string(v) && !(r->data = strdup(json_string_value(v)))) {
+        json_decref(o);
+        return moe_error(MOE_ERR_NOMEM, "out of memory");
+    }
+    if ((v = json_object_get(o, "seq")) && json_is_integer(v))
+        r->seq = json_integer_value(v);
+    if ((v = json_object_get(o, "batch")) && json_is_integer(v))
+        r->batch = json_integer_value(v);
+    json_decref(o);
+    return MOE_OK;
+}
+
+moe_status cli_run_open(const char *dir, cli_run *r)
+{
+    memset(r, 0, sizeof *r);
+    moe_status s;
+    struct stat sb;
+    if (stat(dir, &sb) != 0)
+        return moe_error(MOE_ERR_IO, "run directory '%s': %s (pass the --out DIR of a 'cmoe train' run)", dir,
+                         strerror(errno));
+    if (!S_ISDIR(sb.st_mode))
+        return moe_error(MOE_ERR_ARG, "'%s' is not a directory (pass the --out DIR of a 'cmoe train' run)", dir);
+    if ((s = cli_path(r->path, sizeof r->path, dir, CLI_RUN_WEIGHTS)))
+        return s;
+    if (stat(r->path, &sb) != 0)
+        return moe_error(MOE_ERR_IO,
+                         "'%s' has no weights (%s: %s); 'cmoe train' writes them at every evaluation and at the end",
+                         dir, CLI_RUN_WEIGHTS, strerror(errno));
+    moe_st_file *f;
+    if ((s = moe_st_read(r->path, &f)))
+        return s;
+    r->file = f;
+    const char *cfg = moe_st_meta(f, "config");
+    if (!cfg)
+        return moe_error(MOE_ERR_FORMAT, "%s: no 'config' in the metadata (not written by cmoe train?)", r->path);
+    moe_model_config_default(&r->cfg);
+    if ((s = moe_model_config_from_json(cfg, &r->cfg)))
+        return moe_error(s, "%s: metadata 'config': %s", r->path, moe_last_error());
+    if ((s = moe_model_config_validate(&r->cfg)))
+        return moe_error(s, "%s: metadata 'config': %s", r->path, moe_last_error());
+    const char *step = moe_st_meta(f, "step");
+    if (step && !cli_parse_i64(step, 0, INT64_MAX, &r->step))
+        return moe_error(MOE_ERR_FORMAT, "%s: metadata 'step' = '%s' is not a step number", r->path, step);
+    const char *train = moe_st_meta(f, "train");
+    return train ? read_train_meta(r, train) : MOE_OK;
+}
+
+moe_status cli_run_build(cli_run *r, const char *backend, int threads, int64_t max_batch, int64_t max_seq)
+{
+    moe_status s;
+    moe_st_file *f = r->file;
+    if ((s = cli_backend_create(backend, threads, &r->backend)) ||
+        (s = moe_model_create(&r->cfg, r->backend, max_batch, max_seq, &r->model)))
+        return s;
+    const int n = moe_model_n_params(r->model);
+    /* a tensor the model does not have means the file belongs to another model */
+    for (int i = 0; i < f->n; i++)
+        if (moe_model_param_index(r->model, f->tensors[i].name) < 0)
+            return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is not a parameter of the model its config describes",
+                             r->path, f->tensors[i].name);
+    int64_t biggest = 1;
+    for (int i = 0; i < n; i++)
+        if (moe_model_param(r->model, i)->numel > biggest)
+            biggest = moe_model_param(r->model, i)->numel;
+    double *buf = malloc((size_t)biggest * sizeof *buf);
+    if (!buf)
+        return moe_error(MOE_ERR_NOMEM, "out of memory loading %s", r->path);
+    for (int i = 0; i < n && !s; i++) {
+        const moe_param_info *p = moe_model_param(r->model, i);
+        if (!moe_st_find(f, p->name))
+            s = moe_error(MOE_ERR_FORMAT, "%s: parameter '%s' is missing", r->path, p->name);
+        else if (!(s = moe_st_get_f64(f, p->name, p->ndim, p->shape, buf)))
+            s = moe_model_set_param(r->model, i, buf);
+    }
+    free(buf);
+    if (!s) {
+        moe_st_free(f);
+        r->file = NULL;
+    }
+    return s;
+}
+
+void cli_run_free(cli_run *r)
+{
+    moe_model_free(r->model);
+    moe_backend_free(r->backend);
+    moe_st_free(r->file);
+    free(r->data);
+    memset(r, 0, sizeof *r);
+}

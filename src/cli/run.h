@@ -1,0 +1,62 @@
+/*
+ * run.h — the run directory shared by `cmoe train`, `cmoe sample` and `cmoe eval`.
+ *
+ * A run directory holds
+ *   config.json        the model configuration (HF keys; `cmoe train --config` reads it back)
+ *   train.json         the training settings (data, steps, batch, seq, lr, seed, ...)
+ *   metrics.jsonl      one JSON object per training step
+ *   model.safetensors  the parameters (F32, cmoe names), written atomically at every
+ *                      evaluation and at the end; __metadata__ holds "config" (the model
+ *                      JSON), "train" (the settings), "step" and "cmoe_version", so the
+ *                      file alone is enough to sample from or evaluate the model.
+ * A checkpoint with optimizer state (resume) is a later format; this one holds weights.
+ */
+#ifndef CMOE_CLI_RUN_H
+#define CMOE_CLI_RUN_H
+
+#include <stdint.h>
+
+#include "backend.h"
+#include "model.h"
+
+#define CLI_RUN_WEIGHTS "model.safetensors"
+
+/* Decimal integer in [lo, hi] (no sign tricks, no hex, no trailing junk): 1 ok, 0 not. */
+int cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out);
+/* Finite decimal number: 1 ok, 0 not. */
+int cli_parse_double(const char *s, double *out);
+
+/* "ref" or "cpu"; "cuda" fails with MOE_ERR_UNSUPPORTED and says what to use instead. */
+moe_status cli_backend_create(const char *name, int threads, moe_backend **out);
+
+/* dir/name into buf [n]; MOE_ERR_ARG when it does not fit. */
+moe_status cli_path(char *buf, size_t n, const char *dir, const char *name);
+/* mkdir -p */
+moe_status cli_mkdirs(const char *dir);
+
+/*
+ * Writes DIR/model.safetensors atomically: every parameter as F32, and metadata config
+ * (the model JSON), train (train_json, may be NULL), step.
+ */
+moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, int64_t step);
+
+/* A run directory read back: open it (file + settings), then build the model. */
+typedef struct {
+    char path[4096];         /* DIR/model.safetensors */
+    moe_model_config cfg;
+    int64_t step;            /* optimizer steps done when the weights were written */
+    char *data;              /* the training data (train settings), NULL when absent */
+    int64_t seq, batch;      /* the training seq and batch, 0 when absent */
+    moe_backend *backend;    /* after cli_run_build */
+    moe_model *model;
+    void *file;              /* moe_st_file, until cli_run_build has copied the weights */
+} cli_run;
+
+/* Reads DIR/model.safetensors and its metadata; the message names what is missing. */
+moe_status cli_run_open(const char *dir, cli_run *r);
+/* Builds the model on the named backend for max_batch x max_seq tokens and sets every
+ * parameter from the file (each must be there with its shape). */
+moe_status cli_run_build(cli_run *r, const char *backend, int threads, int64_t max_batch, int64_t max_seq);
+void cli_run_free(cli_run *r);
+
+#endif
