@@ -35,3 +35,5 @@ libcmoe_la_SOURCES += src/backend_ref_model.c src/backend_cpu_model.c
 libcmoe_la_SOURCES += src/model.h src/model.c src/model_config.c src/optim.c
 # parameter, FLOP and memory counts of a model config (cmoe info)
 libcmoe_la_SOURCES += src/model_info.h src/model_info.c
+# checkpoints of the full training state; Hugging Face export/import
+libcmoe_la_SOURCES += src/checkpoint.h src/checkpoint.c src/hf.h src/hf.c

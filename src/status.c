@@ -1,6 +1,7 @@
 /* Error codes and the per-thread message behind moe_last_error(). */
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "cmoe.h"
 
@@ -26,11 +27,15 @@ const char *moe_last_error(void)
     return last_error[0] ? last_error : "no error recorded";
 }
 
+/* Formats into a scratch buffer first, so a message may quote moe_last_error() itself
+ * ("loading %s: %s", path, moe_last_error()) to add context. */
 moe_status moe_error(moe_status s, const char *fmt, ...)
 {
+    char msg[sizeof last_error];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    memcpy(last_error, msg, sizeof msg);
     return s;
 }

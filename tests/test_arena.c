@@ -94,6 +94,8 @@ START_TEST(test_errors)
     ck_assert_str_eq(moe_strerror(MOE_OK), "success");
     ck_assert_int_eq(moe_error(MOE_ERR_FORMAT, "file %s: %d", "x.st", 3), MOE_ERR_FORMAT);
     ck_assert_str_eq(moe_last_error(), "file x.st: 3");
+    moe_error(MOE_ERR_IO, "loading y: %s", moe_last_error()); /* context around the last message */
+    ck_assert_str_eq(moe_last_error(), "loading y: file x.st: 3");
     ck_assert_str_ne(moe_strerror(MOE_ERR_IO), moe_strerror(MOE_ERR_FORMAT));
     ck_assert_str_eq(moe_strerror((moe_status)-99), "unknown error");
 }

@@ -18,5 +18,9 @@ int cmd_info(int argc, char **argv);
 void help_info(void);
 int cmd_report(int argc, char **argv);
 void help_report(void);
+int cmd_export(int argc, char **argv);
+void help_export(void);
+int cmd_import(int argc, char **argv);
+void help_import(void);
 
 #endif

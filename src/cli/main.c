@@ -33,6 +33,8 @@ static const command commands[] = {
     {"eval", cmd_eval, help_eval, "validation loss, perplexity, bits per byte of a trained run"},
     {"info", cmd_info, help_info, "parameters, active parameters, FLOPs per token and memory of a model config"},
     {"report", cmd_report, help_report, "write RUN_DIR/report.html: loss, learning rate, speed, expert load"},
+    {"export", cmd_export, help_export, "write a run's model as a Hugging Face checkpoint (Mixtral, Qwen2-MoE)"},
+    {"import", cmd_import, help_import, "make a run directory from a Hugging Face Mixtral / Qwen2-MoE checkpoint"},
     {"version", cmd_version, help_version, "print the version and what this build has"},
     {"help", cmd_help, help_help, "show help for cmoe or for one command"},
 };

@@ -181,10 +181,11 @@ moe_status cli_run_open(const char *dir, cli_run *r)
     if (!cfg)
         return moe_error(MOE_ERR_FORMAT, "%s: no 'config' in the metadata (not written by cmoe train?)", r->path);
     moe_model_config_default(&r->cfg);
-    if ((s = moe_model_config_from_json(cfg, &r->cfg)))
-        return moe_error(s, "%s: metadata 'config': %s", r->path, moe_last_error());
-    if ((s = moe_model_config_validate(&r->cfg)))
-        return moe_error(s, "%s: metadata 'config': %s", r->path, moe_last_error());
+    if ((s = moe_model_config_from_json(cfg, &r->cfg)) || (s = moe_model_config_validate(&r->cfg))) {
+        char why[1024]; /* moe_error writes into the buffer moe_last_error returns */
+        snprintf(why, sizeof why, "%s", moe_last_error());
+        return moe_error(s, "%s: metadata 'config': %s", r->path, why);
+    }
     const char *step = moe_st_meta(f, "step");
     if (step && !cli_parse_i64(step, 0, INT64_MAX, &r->step))
         return moe_error(MOE_ERR_FORMAT, "%s: metadata 'step' = '%s' is not a step number", r->path, step);
@@ -195,29 +196,37 @@ moe_status cli_run_open(const char *dir, cli_run *r)
 moe_status cli_run_build(cli_run *r, const char *backend, int threads, int64_t max_batch, int64_t max_seq)
 {
     moe_status s;
-    moe_st_file *f = r->file;
     if ((s = cli_backend_create(backend, threads, &r->backend)) ||
         (s = moe_model_create(&r->cfg, r->backend, max_batch, max_seq, &r->model)))
         return s;
-    const int n = moe_model_n_params(r->model);
+    return cli_run_load_into(r, r->model);
+}
+
+moe_status cli_run_load_into(cli_run *r, moe_model *model)
+{
+    moe_status s = MOE_OK;
+    moe_st_file *f = r->file;
+    if (!f)
+        return moe_error(MOE_ERR_ARG, "%s: the weights were already loaded", r->path);
+    const int n = moe_model_n_params(model);
     /* a tensor the model does not have means the file belongs to another model */
     for (int i = 0; i < f->n; i++)
-        if (moe_model_param_index(r->model, f->tensors[i].name) < 0)
+        if (moe_model_param_index(model, f->tensors[i].name) < 0)
             return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is not a parameter of the model its config describes",
                              r->path, f->tensors[i].name);
     int64_t biggest = 1;
     for (int i = 0; i < n; i++)
-        if (moe_model_param(r->model, i)->numel > biggest)
-            biggest = moe_model_param(r->model, i)->numel;
+        if (moe_model_param(model, i)->numel > biggest)
+            biggest = moe_model_param(model, i)->numel;
     double *buf = malloc((size_t)biggest * sizeof *buf);
     if (!buf)
         return moe_error(MOE_ERR_NOMEM, "out of memory loading %s", r->path);
     for (int i = 0; i < n && !s; i++) {
-        const moe_param_info *p = moe_model_param(r->model, i);
+        const moe_param_info *p = moe_model_param(model, i);
         if (!moe_st_find(f, p->name))
             s = moe_error(MOE_ERR_FORMAT, "%s: parameter '%s' is missing", r->path, p->name);
         else if (!(s = moe_st_get_f64(f, p->name, p->ndim, p->shape, buf)))
-            s = moe_model_set_param(r->model, i, buf);
+            s = moe_model_set_param(model, i, buf);
     }
     free(buf);
     if (!s) {

@@ -9,7 +9,8 @@
  *                      evaluation and at the end; __metadata__ holds "config" (the model
  *                      JSON), "train" (the settings), "step" and "cmoe_version", so the
  *                      file alone is enough to sample from or evaluate the model.
- * A checkpoint with optimizer state (resume) is a later format; this one holds weights.
+ *   ckpt-STEP.safetensors  with --save-every (and on Ctrl-C): the full training state
+ *                      (src/checkpoint.h), what `cmoe train --resume DIR` continues from.
  */
 #ifndef CMOE_CLI_RUN_H
 #define CMOE_CLI_RUN_H
@@ -57,6 +58,9 @@ moe_status cli_run_open(const char *dir, cli_run *r);
 /* Builds the model on the named backend for max_batch x max_seq tokens and sets every
  * parameter from the file (each must be there with its shape). */
 moe_status cli_run_build(cli_run *r, const char *backend, int threads, int64_t max_batch, int64_t max_seq);
+/* Sets every parameter of model (built from r->cfg by the caller) from the file opened
+ * by cli_run_open, which it then releases. */
+moe_status cli_run_load_into(cli_run *r, moe_model *model);
 void cli_run_free(cli_run *r);
 
 #endif

@@ -1,8 +1,9 @@
 /*
  * cmoe train — trains the MoE language model (src/model.h) on a dataset (src/data.h)
  * and writes a run directory (src/cli/run.h): config.json, train.json, metrics.jsonl
- * (one JSON object per step) and model.safetensors (the weights, at every evaluation
- * and at the end).
+ * (one JSON object per step), model.safetensors (the weights, at every evaluation
+ * and at the end) and, with --save-every, checkpoints ckpt-STEP.safetensors of the
+ * full training state (src/checkpoint.h) that --resume continues bitwise.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "config.h"
@@ -23,6 +24,9 @@
 
 #include <jansson.h>
 
+#include <dirent.h>
+
+#include "checkpoint.h"
 #include "cmoe.h"
 #include "commands.h"
 #include "data.h"
@@ -34,12 +38,14 @@
 
 /* Training settings; the model's own come from the config. */
 typedef struct {
-    const char *config, *preset, *data, *backend, *out;
+    const char *config, *preset, *data, *backend, *out, *resume, *init_from;
     int64_t steps, batch, seq, accum, warmup, threads;
-    int64_t eval_every, eval_batches, log_every;
+    int64_t eval_every, eval_batches, log_every, save_every, keep;
     double lr;
     uint64_t seed;
     int have_seq, have_lr, have_warmup, force;
+    int have_steps, have_backend, have_threads, have_eval_every, have_eval_batches, have_save_every, have_keep;
+    const char *fixed; /* the first option given that a resumed run cannot change, or NULL */
 } train_opts;
 
 static void defaults(train_opts *o)
@@ -56,6 +62,7 @@ static void defaults(train_opts *o)
     o->eval_batches = 10;
     o->log_every = 25;
     o->lr = 3e-3;
+    o->keep = 3;
 }
 
 void help_train(void)
@@ -97,15 +104,33 @@ void help_train(void)
            "  --eval-batches N    validation batches per evaluation, 0: the whole split (%" PRId64 ")\n"
            "  --log-every N       a plain progress line every N steps when stdout is not a\n"
            "                      terminal (%" PRId64 "); a terminal gets a live line\n"
+           "Checkpoints:\n"
+           "  --save-every N      write DIR/ckpt-STEP.safetensors every N steps and at the end:\n"
+           "                      parameters, AdamW moments, step, seed, config and settings (F32\n"
+           "                      on cpu, F64 on ref: exactly the values held); 0: only when\n"
+           "                      interrupted (default)\n"
+           "  --keep N            keep the newest N checkpoints, 0: all (%" PRId64 ")\n"
+           "  --resume PATH       continue the run in directory PATH from its newest checkpoint\n"
+           "                      (or from the checkpoint file PATH): every later step is bitwise\n"
+           "                      the step of the uninterrupted run. Settings come from the\n"
+           "                      checkpoint; only --steps (a new cosine horizon), --threads,\n"
+           "                      --backend, --eval-every, --eval-batches, --log-every,\n"
+           "                      --save-every and --keep may be given. metrics.jsonl is cut back\n"
+           "                      to the checkpoint's step and continues; later checkpoints are\n"
+           "                      removed. A checkpoint that fails validation changes nothing.\n"
+           "  --init-from DIR     start from the weights of run DIR (its model.safetensors, e.g. a\n"
+           "                      model from 'cmoe import'), with a fresh optimizer: fine-tuning.\n"
+           "                      The model config is DIR's; --config/--preset are refused.\n"
            "  --help              this text\n\n"
            "metrics.jsonl: step, loss (ce + aux), ce, aux, lr, grad_norm, tokens_per_s,\n"
            "elapsed_s, load_max_over_mean, dropped_frac, val_loss (evaluation steps), and\n"
            "\"layers\": [{\"layer\", \"experts\", \"load\": [kept per expert], \"dropped\", \"aux\": {lb,\n"
            "importance, load, z, mi, total}}] for each MoE layer.\n\n"
-           "Ctrl-C stops after the current step, saves the weights and exits with 130.\n"
+           "Ctrl-C stops after the current step, saves the weights and a checkpoint, and exits\n"
+           "with 130; --resume DIR continues.\n"
            "Exit status: 0 ok, 1 failure (bad data or config; the reason on stderr), 2 usage.\n",
            DEFAULT_DATA, DEFAULT_DATA, d.steps, d.batch, d.seq, d.accum, d.lr, d.seed, d.backend, d.eval_every,
-           d.eval_batches, d.log_every);
+           d.eval_batches, d.log_every, d.keep);
 }
 
 static int usage(const char *fmt, ...)
@@ -373,6 +398,12 @@ typedef struct {
     FILE *metrics;
     char *train_json;
     step_acc acc;
+    moe_ckpt *ck;          /* --resume: the checkpoint, validated */
+    char ck_path[4200];
+    char *ck_dataset;      /* --resume: the data the run trained on (moe_dataset_describe) */
+    int64_t start_step;    /* steps already done (0, or the checkpoint's) */
+    double elapsed0;       /* seconds the run had taken before this process */
+    cli_run init;          /* --init-from: the weights to start from */
 } train_run;
 
 static void run_free(train_run *r)
@@ -388,6 +419,9 @@ static void run_free(train_run *r)
     free(r->task);
     free(r->train_json);
     acc_free(&r->acc);
+    moe_ckpt_free(r->ck);
+    free(r->ck_dataset);
+    cli_run_free(&r->init);
 }
 
 /* runs/YYYYmmdd-HHMMSS, with -2, -3, ... when that exists already */
@@ -445,12 +479,19 @@ static moe_status make_train_json(train_run *r)
     json_object_set_new(j, "beta1", json_real(r->oc.beta1));
     json_object_set_new(j, "beta2", json_real(r->oc.beta2));
     json_object_set_new(j, "weight_decay", json_real(r->oc.weight_decay));
+    json_object_set_new(j, "eps", json_real(r->oc.eps));
     json_object_set_new(j, "grad_clip", json_real(r->oc.grad_clip));
     json_object_set_new(j, "seed", json_integer((json_int_t)o->seed));
     json_object_set_new(j, "backend", json_string(o->backend));
     json_object_set_new(j, "threads", json_integer(o->threads));
     json_object_set_new(j, "eval_every", json_integer(o->eval_every));
     json_object_set_new(j, "eval_batches", json_integer(o->eval_batches));
+    json_object_set_new(j, "save_every", json_integer(o->save_every));
+    json_object_set_new(j, "keep", json_integer(o->keep));
+    if (o->init_from)
+        json_object_set_new(j, "init_from", json_string(r->init.path));
+    if (r->ck)
+        json_object_set_new(j, "resumed_from", json_string(r->ck_path));
     json_object_set_new(j, "dataset", json_string(moe_dataset_describe(r->d)));
     json_object_set_new(j, "cmoe_version", json_string(moe_version()));
     r->train_json = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
@@ -494,6 +535,307 @@ static moe_status prepare_dir(train_run *r)
     return MOE_OK;
 }
 
+/* ---- checkpoints and --resume ------------------------------------------------------ */
+
+#define CKPT_PREFIX "ckpt-"
+#define CKPT_SUFFIX ".safetensors"
+
+/* STEP of a name "ckpt-STEP.safetensors", or -1 */
+static int64_t ckpt_step_of(const char *name)
+{
+    const size_t np = strlen(CKPT_PREFIX), ns = strlen(CKPT_SUFFIX), n = strlen(name);
+    if (n <= np + ns || strncmp(name, CKPT_PREFIX, np) || strcmp(name + n - ns, CKPT_SUFFIX))
+        return -1;
+    char num[32];
+    if (n - np - ns >= sizeof num)
+        return -1;
+    memcpy(num, name + np, n - np - ns);
+    num[n - np - ns] = '\0';
+    int64_t v;
+    return cli_parse_i64(num, 0, INT64_MAX, &v) && num[0] != '-' ? v : -1;
+}
+
+/* The checkpoint steps in dir, ascending; *n of them (free the result). */
+static moe_status list_ckpts(const char *dir, int64_t **steps, int *n)
+{
+    *steps = NULL;
+    *n = 0;
+    DIR *d = opendir(dir);
+    if (!d)
+        return moe_error(MOE_ERR_IO, "cannot read directory '%s': %s", dir, strerror(errno));
+    int cap = 0;
+    struct dirent *e;
+    moe_status s = MOE_OK;
+    while ((e = readdir(d))) {
+        int64_t st = ckpt_step_of(e->d_name);
+        if (st < 0)
+            continue;
+        if (*n == cap) {
+            int64_t *ns = realloc(*steps, (size_t)(cap = cap ? 2 * cap : 16) * sizeof *ns);
+            if (!ns) {
+                s = moe_error(MOE_ERR_NOMEM, "out of memory");
+                break;
+            }
+            *steps = ns;
+        }
+        (*steps)[(*n)++] = st;
+    }
+    closedir(d);
+    for (int i = 1; i < *n; i++) /* insertion sort: a handful of files */
+        for (int j = i; j > 0 && (*steps)[j - 1] > (*steps)[j]; j--) {
+            int64_t t = (*steps)[j];
+            (*steps)[j] = (*steps)[j - 1];
+            (*steps)[j - 1] = t;
+        }
+    return s;
+}
+
+static void ckpt_name(char *buf, size_t n, const char *dir, int64_t step)
+{
+    snprintf(buf, n, "%s/" CKPT_PREFIX "%" PRId64 CKPT_SUFFIX, dir, step);
+}
+
+/* Removes checkpoints: those after step `after` (>= 0), then all but the newest keep. */
+static moe_status prune_ckpts(const char *dir, int64_t after, int64_t keep, int verbose)
+{
+    int64_t *steps;
+    int n;
+    moe_status s = list_ckpts(dir, &steps, &n);
+    if (s)
+        return s;
+    char path[4200];
+    int kept = 0;
+    for (int i = n - 1; i >= 0; i--) {
+        const int later = after >= 0 && steps[i] > after;
+        if (!later && (keep <= 0 || kept < keep)) {
+            kept++;
+            continue;
+        }
+        ckpt_name(path, sizeof path, dir, steps[i]);
+        if (remove(path) != 0 && errno != ENOENT) {
+            s = moe_error(MOE_ERR_IO, "cannot remove '%s': %s", path, strerror(errno));
+            break;
+        }
+        if (verbose && later)
+            printf("cmoe train: removed %s (after the resume point)\n", path);
+    }
+    free(steps);
+    return s;
+}
+
+static moe_status save_ckpt(train_run *r, int64_t done, double elapsed)
+{
+    char path[4200], state[128];
+    ckpt_name(path, sizeof path, r->dir, done);
+    snprintf(state, sizeof state, "{\"elapsed_s\": %.17g}", elapsed);
+    moe_ckpt_state st = {done, moe_optim_steps(r->opt), r->o.seed, r->train_json, state};
+    moe_status s = moe_ckpt_save(path, r->m, r->opt, &st);
+    return s ? s : prune_ckpts(r->dir, -1, r->o.keep, 0);
+}
+
+/* --resume PATH: the run directory and the checkpoint to continue from */
+static moe_status find_resume(train_run *r)
+{
+    const char *p = r->o.resume;
+    struct stat sb;
+    if (stat(p, &sb) != 0)
+        return moe_error(MOE_ERR_IO, "--resume '%s': %s", p, strerror(errno));
+    if (S_ISREG(sb.st_mode)) {
+        snprintf(r->ck_path, sizeof r->ck_path, "%s", p);
+        const char *slash = strrchr(p, '/');
+        if (slash)
+            snprintf(r->dir, sizeof r->dir, "%.*s", (int)(slash - p), p);
+        else
+            snprintf(r->dir, sizeof r->dir, ".");
+        if (!r->dir[0])
+            snprintf(r->dir, sizeof r->dir, "/");
+        return MOE_OK;
+    }
+    snprintf(r->dir, sizeof r->dir, "%s", p);
+    int64_t *steps;
+    int n;
+    moe_status s = list_ckpts(p, &steps, &n);
+    if (s)
+        return s;
+    if (n)
+        ckpt_name(r->ck_path, sizeof r->ck_path, p, steps[n - 1]);
+    free(steps);
+    if (!n)
+        return moe_error(MOE_ERR_IO, "--resume '%s': no checkpoint (ckpt-STEP.safetensors) in it; 'cmoe train "
+                         "--save-every N' writes them (and Ctrl-C does)", p);
+    return MOE_OK;
+}
+
+static moe_status need(json_t *o, const char *key, int type, const char *path, json_t **out)
+{
+    json_t *v = json_object_get(o, key);
+    int ok = v && (type == JSON_REAL ? json_is_number(v) : json_typeof(v) == (json_type)type);
+    if (!ok)
+        return moe_error(MOE_ERR_FORMAT, "%s: the checkpoint's train settings lack '%s' (or it has the wrong type)",
+                         path, key);
+    *out = v;
+    return MOE_OK;
+}
+
+/* The settings of the run, from the checkpoint's 'train' metadata; the options that may
+ * change on resume keep their command-line values when given. */
+static moe_status resume_settings(train_run *r)
+{
+    const char *path = r->ck_path;
+    if (!r->ck->train_json)
+        return moe_error(MOE_ERR_FORMAT, "%s: no 'train' settings in the metadata: cannot resume", path);
+    json_t *t = json_loads(r->ck->train_json, 0, NULL), *v = NULL;
+    train_opts *o = &r->o;
+    moe_status s = MOE_OK;
+    static char data[4096], model[4200], backend[16];
+#define INT(key, field) \
+    if (!s && !(s = need(t, key, JSON_INTEGER, path, &v))) field = json_integer_value(v);
+#define NUM(key, field) \
+    if (!s && !(s = need(t, key, JSON_REAL, path, &v))) field = json_number_value(v);
+    if (!(s = need(t, "data", JSON_STRING, path, &v)))
+        snprintf(data, sizeof data, "%s", json_string_value(v));
+    if (!s && !(s = need(t, "dataset", JSON_STRING, path, &v)) && !(r->ck_dataset = strdup(json_string_value(v))))
+        s = moe_error(MOE_ERR_NOMEM, "out of memory");
+    if (!s && (v = json_object_get(t, "model")) && json_is_string(v))
+        snprintf(model, sizeof model, "%s", json_string_value(v));
+    int64_t steps = 0, seed = 0, threads = 0, ee = 0, eb = 0, se = 0, keep = 0;
+    INT("steps", steps) INT("batch", o->batch) INT("seq", o->seq) INT("accum", o->accum)
+    INT("seed", seed) INT("threads", threads) INT("eval_every", ee) INT("eval_batches", eb)
+    INT("warmup_steps", r->oc.warmup_steps)
+    NUM("lr", r->oc.lr) NUM("min_lr_ratio", r->oc.min_lr_ratio) NUM("beta1", r->oc.beta1)
+    NUM("beta2", r->oc.beta2) NUM("weight_decay", r->oc.weight_decay) NUM("grad_clip", r->oc.grad_clip)
+    if (!s && (v = json_object_get(t, "eps")) && json_is_number(v))
+        r->oc.eps = json_number_value(v);
+    if (!s && (v = json_object_get(t, "save_every")) && json_is_integer(v))
+        se = json_integer_value(v);
+    if (!s && (v = json_object_get(t, "keep")) && json_is_integer(v))
+        keep = json_integer_value(v);
+    if (!s && !(s = need(t, "backend", JSON_STRING, path, &v)))
+        snprintf(backend, sizeof backend, "%s", json_string_value(v));
+#undef INT
+#undef NUM
+    json_decref(t);
+    if (s)
+        return s;
+    if (o->batch < 1 || o->seq < 1 || o->accum < 1 || steps < 1 || seed < 0)
+        return moe_error(MOE_ERR_FORMAT, "%s: the checkpoint's train settings are out of range", path);
+    if ((uint64_t)seed != r->ck->seed)
+        return moe_error(MOE_ERR_FORMAT, "%s: metadata seed %" PRIu64 " differs from the train settings' seed %lld",
+                         path, r->ck->seed, (long long)seed);
+    o->data = data;
+    snprintf(r->cfg_src, sizeof r->cfg_src, "%s", model);
+    o->seed = (uint64_t)seed;
+    if (!o->have_steps)
+        o->steps = steps;
+    if (!o->have_threads)
+        o->threads = threads;
+    if (!o->have_eval_every)
+        o->eval_every = ee;
+    if (!o->have_eval_batches)
+        o->eval_batches = eb;
+    if (!o->have_save_every)
+        o->save_every = se;
+    if (!o->have_keep)
+        o->keep = keep;
+    if (!o->have_backend)
+        o->backend = backend;
+    else if (strcmp(o->backend, backend))
+        printf("cmoe train: note: the run trained on backend %s, continuing on %s (not bitwise the same)\n", backend,
+               o->backend);
+    r->oc.total_steps = o->steps;
+    if (r->ck->step > o->steps)
+        return moe_error(MOE_ERR_ARG, "the checkpoint is at step %lld, beyond --steps %lld", (long long)r->ck->step,
+                         (long long)o->steps);
+    if (o->have_steps && o->steps != steps)
+        printf("cmoe train: note: --steps %lld changes the cosine schedule's horizon (was %lld)\n",
+               (long long)o->steps, (long long)steps);
+    if (r->ck->state_json && (t = json_loads(r->ck->state_json, 0, NULL))) {
+        if ((v = json_object_get(t, "elapsed_s")) && json_is_number(v))
+            r->elapsed0 = json_number_value(v);
+        json_decref(t);
+    }
+    r->start_step = r->ck->step;
+    return moe_optim_config_validate(&r->oc);
+}
+
+/* The checkpoint and the run directory agree: same model as config.json. */
+static moe_status resume_open(train_run *r)
+{
+    moe_status s;
+    if ((s = find_resume(r)) || (s = moe_ckpt_open(r->ck_path, &r->ck)))
+        return s;
+    char path[4200];
+    if ((s = cli_path(path, sizeof path, r->dir, "config.json")))
+        return s;
+    moe_model_config dc;
+    if ((s = moe_model_config_load(path, &dc))) {
+        char why[1024]; /* moe_error writes into the buffer moe_last_error returns */
+        snprintf(why, sizeof why, "%s", moe_last_error());
+        return moe_error(s, "--resume: the run's %s: %s", path, why);
+    }
+    char *a = NULL, *b = NULL;
+    if (!(s = moe_model_config_to_json(&dc, 0, &a)) && !(s = moe_model_config_to_json(&r->ck->cfg, 0, &b)) &&
+        strcmp(a, b))
+        s = moe_error(MOE_ERR_FORMAT, "%s: the checkpoint's config does not match the run's %s (another run's "
+                      "checkpoint?)", r->ck_path, path);
+    free(a);
+    free(b);
+    if (s)
+        return s;
+    r->cfg = r->ck->cfg;
+    moe_optim_config_default(&r->oc);
+    return resume_settings(r);
+}
+
+/* metrics.jsonl cut back to the lines of steps <= step (atomically), then reopened for append. */
+static moe_status cut_metrics(train_run *r, int64_t step)
+{
+    char path[4200], tmp[4300];
+    moe_status s = cli_path(path, sizeof path, r->dir, "metrics.jsonl");
+    if (s)
+        return s;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *in = fopen(path, "r"), *out = fopen(tmp, "w");
+    if (!out) {
+        if (in)
+            fclose(in);
+        return moe_error(MOE_ERR_IO, "cannot write '%s': %s", tmp, strerror(errno));
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    int bad = 0;
+    while (in && (n = getline(&line, &cap, in)) > 0) {
+        json_t *j = line[n - 1] == '\n' ? json_loads(line, 0, NULL) : NULL; /* a torn last line goes */
+        json_t *st = j ? json_object_get(j, "step") : NULL;
+        if (st && json_is_integer(st) && json_integer_value(st) <= step)
+            bad |= fputs(line, out) == EOF;
+        json_decref(j);
+    }
+    free(line);
+    if (in)
+        fclose(in);
+    bad |= fflush(out) != 0 || fsync(fileno(out)) != 0;
+    bad |= fclose(out) != 0;
+    if (bad || rename(tmp, path) != 0) {
+        remove(tmp);
+        return moe_error(MOE_ERR_IO, "cannot rewrite '%s': %s", path, strerror(errno));
+    }
+    if (!(r->metrics = fopen(path, "a")))
+        return moe_error(MOE_ERR_IO, "cannot append to '%s': %s", path, strerror(errno));
+    return MOE_OK;
+}
+
+/* After everything was validated and restored: the run directory continues. */
+static moe_status resume_dir(train_run *r)
+{
+    moe_status s;
+    if ((s = prune_ckpts(r->dir, r->start_step, 0, 1)) || (s = make_train_json(r)) ||
+        (s = write_text(r->dir, "train.json", r->train_json)))
+        return s;
+    return cut_metrics(r, r->start_step);
+}
+
 static moe_status setup(train_run *r)
 {
     const train_opts *o = &r->o;
@@ -507,6 +849,9 @@ static moe_status setup(train_run *r)
     dopt.vocab = r->cfg.vocab_size <= 65536 ? r->cfg.vocab_size : 65536;
     if ((s = moe_dataset_open(r->data, &dopt, &r->d)))
         return s;
+    if (r->ck && strcmp(moe_dataset_describe(r->d), r->ck_dataset))
+        return moe_error(MOE_ERR_ARG, "--resume: the data changed: the run trained on %s, '%s' is now %s", r->ck_dataset,
+                         r->data, moe_dataset_describe(r->d));
     if (moe_dataset_vocab(r->d) > r->cfg.vocab_size)
         return moe_error(MOE_ERR_ARG, "data '%s' has vocabulary %lld but the model's vocab_size is %lld", r->data,
                          (long long)moe_dataset_vocab(r->d), (long long)r->cfg.vocab_size);
@@ -528,17 +873,29 @@ static moe_status setup(train_run *r)
     /* fails here, not at step 1, when the data is shorter than one row */
     if ((s = moe_dataset_batch(r->d, o->seed, 0, 0, o->batch, o->seq, r->in, r->tg, r->task)))
         return s;
-    moe_optim_config_default(&r->oc);
-    r->oc.lr = o->lr;
-    r->oc.total_steps = o->steps;
-    r->oc.warmup_steps = o->have_warmup ? o->warmup : (o->steps / 10 < 100 ? o->steps / 10 : 100);
+    if (!r->ck) {
+        moe_optim_config_default(&r->oc);
+        r->oc.lr = o->lr;
+        r->oc.total_steps = o->steps;
+        r->oc.warmup_steps = o->have_warmup ? o->warmup : (o->steps / 10 < 100 ? o->steps / 10 : 100);
+    }
     if ((s = moe_optim_config_validate(&r->oc)))
         return s;
     if ((s = cli_backend_create(o->backend, (int)o->threads, &r->b)) ||
-        (s = moe_model_create(&r->cfg, r->b, o->batch, o->seq, &r->m)) || (s = moe_model_init(r->m, o->seed)) ||
+        (s = moe_model_create(&r->cfg, r->b, o->batch, o->seq, &r->m)) ||
         (s = moe_optim_create(r->m, &r->oc, &r->opt)) || (s = acc_create(&r->cfg, &r->acc)))
         return s;
-    return prepare_dir(r);
+    /* the state: a checkpoint (validated as a whole before anything is set or written),
+     * the weights of another run, or a fresh initialisation */
+    if (r->ck)
+        s = moe_ckpt_restore(r->ck, r->m, r->opt);
+    else if (o->init_from)
+        s = cli_run_load_into(&r->init, r->m);
+    else
+        s = moe_model_init(r->m, o->seed);
+    if (s)
+        return s;
+    return r->ck ? resume_dir(r) : prepare_dir(r);
 }
 
 static moe_status write_metrics(train_run *r, json_t *j)
@@ -556,7 +913,7 @@ static moe_status train_loop(train_run *r, int *stopped)
     const int64_t tokens_per_step = o->batch * o->seq * o->accum;
     double train_time = 0, t_start = now(), last_draw = 0, val_loss = NAN, last_loss = NAN;
     double rate = 0, win_time = 0;
-    int64_t win_step = 0;
+    int64_t win_step = r->start_step;
     moe_status s;
     printf("cmoe train: %s\n  model: %s, %lld parameters (%lld layers, hidden %lld, %lld MoE layers)\n"
            "  data: %s\n  %lld steps x %lld tokens (batch %lld x seq %lld x accum %lld), lr %g, warmup %lld,"
@@ -565,8 +922,10 @@ static moe_status train_loop(train_run *r, int *stopped)
            (long long)r->cfg.hidden_size, (long long)r->acc.n, moe_dataset_describe(r->d), (long long)o->steps,
            (long long)tokens_per_step, (long long)o->batch, (long long)o->seq, (long long)o->accum, r->oc.lr,
            (long long)r->oc.warmup_steps, o->backend, o->seed);
+    if (r->ck)
+        printf("  resumed from %s at step %lld\n", r->ck_path, (long long)r->start_step);
     fflush(stdout);
-    for (int64_t step = 0; step < o->steps; step++) {
+    for (int64_t step = r->start_step; step < o->steps; step++) {
         double t0 = now(), ce = 0, aux = 0, total = 0;
         moe_model_zero_grad(r->m);
         acc_zero(&r->acc);
@@ -602,6 +961,12 @@ static moe_status train_loop(train_run *r, int *stopped)
                 (s = cli_run_save(r->dir, r->m, r->train_json, done)))
                 return s;
         }
+        /* a checkpoint every save_every steps, at the end when saving at all, and when
+         * interrupted (so that Ctrl-C can be resumed) */
+        if ((o->save_every > 0 && (done % o->save_every == 0 || done == o->steps)) || interrupted) {
+            if ((s = save_ckpt(r, done, r->elapsed0 + now() - t_start)))
+                return s;
+        }
         double lmm, dfrac;
         acc_summary(&r->acc, &lmm, &dfrac);
         json_t *j = json_object();
@@ -614,7 +979,7 @@ static moe_status train_loop(train_run *r, int *stopped)
         json_object_set_new(j, "tokens", json_integer(tokens_per_step));
         json_object_set_new(j, "tokens_per_s", json_real((double)tokens_per_step / dt));
         json_object_set_new(j, "step_time_s", json_real(dt));
-        json_object_set_new(j, "elapsed_s", json_real(now() - t_start));
+        json_object_set_new(j, "elapsed_s", json_real(r->elapsed0 + now() - t_start));
         if (eval && val_n > 0) {
             json_object_set_new(j, "val_loss", json_real(val_loss));
             json_object_set_new(j, "val_tokens", json_integer(val_n));
@@ -656,7 +1021,7 @@ static moe_status train_loop(train_run *r, int *stopped)
     }
     printf("cmoe train: %s in %.1f s (%.0f tok/s), final loss %.4f, val loss %.4f; weights in %s/%s\n",
            *stopped ? "interrupted" : "done", now() - t_start,
-           train_time > 0 ? (double)(moe_optim_steps(r->opt) * tokens_per_step) / train_time : 0.0,
+           train_time > 0 ? (double)((moe_optim_steps(r->opt) - r->start_step) * tokens_per_step) / train_time : 0.0,
            last_loss, val_loss, r->dir, CLI_RUN_WEIGHTS);
     return MOE_OK;
 }
@@ -667,7 +1032,27 @@ static int run_train(train_opts *o)
     memset(&r, 0, sizeof r);
     r.o = *o;
     moe_status s;
-    if (o->config) {
+    if (o->resume) {
+        if ((s = resume_open(&r))) {
+            run_free(&r);
+            return failed();
+        }
+        if (r.start_step >= r.o.steps) {
+            printf("cmoe train: %s is complete at step %lld; pass --steps N (> %lld) to train further\n", r.dir,
+                   (long long)r.start_step, (long long)r.start_step);
+            run_free(&r);
+            return EXIT_OK;
+        }
+        o = &r.o;
+        s = MOE_OK;
+    } else if (o->init_from) {
+        if ((s = cli_run_open(o->init_from, &r.init))) {
+            run_free(&r);
+            return failed();
+        }
+        r.cfg = r.init.cfg;
+        snprintf(r.cfg_src, sizeof r.cfg_src, "%s", r.init.path);
+    } else if (o->config) {
         snprintf(r.cfg_src, sizeof r.cfg_src, "%s", o->config);
         s = moe_model_config_load(o->config, &r.cfg);
     } else if (o->preset) {
@@ -675,8 +1060,10 @@ static int run_train(train_opts *o)
     } else {
         s = cli_preset_load("laptop", &r.cfg, r.cfg_src, sizeof r.cfg_src);
     }
-    if (s || (s = moe_model_config_validate(&r.cfg)))
+    if (s || (s = moe_model_config_validate(&r.cfg))) {
+        run_free(&r);
         return failed();
+    }
     if (o->seq > r.cfg.max_position_embeddings) {
         if (o->have_seq)
             return usage("--seq %lld is longer than the model's max_position_embeddings %lld", (long long)o->seq,
@@ -705,7 +1092,7 @@ static int run_train(train_opts *o)
 enum {
     OPT_CONFIG = 256, OPT_PRESET, OPT_DATA, OPT_STEPS, OPT_BATCH, OPT_SEQ, OPT_ACCUM, OPT_LR, OPT_WARMUP,
     OPT_BACKEND, OPT_THREADS, OPT_SEED, OPT_OUT, OPT_FORCE, OPT_EVAL_EVERY, OPT_EVAL_BATCHES, OPT_LOG_EVERY,
-    OPT_HELP
+    OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_INIT_FROM, OPT_HELP
 };
 
 static int int_opt(const char *name, const char *arg, int64_t lo, int64_t hi, int64_t *out)
@@ -736,6 +1123,10 @@ int cmd_train(int argc, char **argv)
         {"eval-every", required_argument, NULL, OPT_EVAL_EVERY},
         {"eval-batches", required_argument, NULL, OPT_EVAL_BATCHES},
         {"log-every", required_argument, NULL, OPT_LOG_EVERY},
+        {"save-every", required_argument, NULL, OPT_SAVE_EVERY},
+        {"keep", required_argument, NULL, OPT_KEEP},
+        {"resume", required_argument, NULL, OPT_RESUME},
+        {"init-from", required_argument, NULL, OPT_INIT_FROM},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -747,6 +1138,14 @@ int cmd_train(int argc, char **argv)
     int64_t v;
     const int64_t big = (int64_t)1 << 40;
     while ((opt = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
+        /* what a resumed run takes from its checkpoint */
+        if (!o.fixed && opt != ':' && opt != '?')
+            for (int i = 0; longopts[i].name; i++)
+                if (longopts[i].val == opt &&
+                    (opt == OPT_CONFIG || opt == OPT_PRESET || opt == OPT_DATA || opt == OPT_BATCH ||
+                     opt == OPT_SEQ || opt == OPT_ACCUM || opt == OPT_LR || opt == OPT_WARMUP || opt == OPT_SEED ||
+                     opt == OPT_OUT || opt == OPT_FORCE || opt == OPT_INIT_FROM))
+                    o.fixed = longopts[i].name;
         switch (opt) {
         case OPT_CONFIG: o.config = optarg; break;
         case OPT_PRESET: o.preset = optarg; break;
@@ -757,11 +1156,25 @@ int cmd_train(int argc, char **argv)
             if (strcmp(optarg, "cpu") && strcmp(optarg, "ref") && strcmp(optarg, "cuda"))
                 return usage("--backend: '%s' is not one of cpu, ref, cuda", optarg);
             o.backend = optarg;
+            o.have_backend = 1;
             break;
         case OPT_STEPS:
             if (int_opt("--steps", optarg, 1, big, &o.steps))
                 return EXIT_USAGE;
+            o.have_steps = 1;
             break;
+        case OPT_SAVE_EVERY:
+            if (int_opt("--save-every", optarg, 0, big, &o.save_every))
+                return EXIT_USAGE;
+            o.have_save_every = 1;
+            break;
+        case OPT_KEEP:
+            if (int_opt("--keep", optarg, 0, big, &o.keep))
+                return EXIT_USAGE;
+            o.have_keep = 1;
+            break;
+        case OPT_RESUME: o.resume = optarg; break;
+        case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_BATCH:
             if (int_opt("--batch", optarg, 1, 1 << 20, &o.batch))
                 return EXIT_USAGE;
@@ -783,6 +1196,7 @@ int cmd_train(int argc, char **argv)
         case OPT_THREADS:
             if (int_opt("--threads", optarg, 0, 4096, &o.threads))
                 return EXIT_USAGE;
+            o.have_threads = 1;
             break;
         case OPT_SEED:
             if (int_opt("--seed", optarg, 0, INT64_MAX, &v))
@@ -792,10 +1206,12 @@ int cmd_train(int argc, char **argv)
         case OPT_EVAL_EVERY:
             if (int_opt("--eval-every", optarg, 0, big, &o.eval_every))
                 return EXIT_USAGE;
+            o.have_eval_every = 1;
             break;
         case OPT_EVAL_BATCHES:
             if (int_opt("--eval-batches", optarg, 0, big, &o.eval_batches))
                 return EXIT_USAGE;
+            o.have_eval_batches = 1;
             break;
         case OPT_LOG_EVERY:
             if (int_opt("--log-every", optarg, 1, big, &o.log_every))
@@ -815,6 +1231,12 @@ int cmd_train(int argc, char **argv)
         return usage("unexpected argument '%s'", argv[optind]);
     if (o.config && o.preset)
         return usage("give --config FILE or --preset NAME, not both");
+    if (o.resume && o.fixed)
+        return usage("--%s cannot be given with --resume: a resumed run keeps its checkpoint's settings (only "
+                     "--steps, --threads, --backend, --eval-every, --eval-batches, --log-every, --save-every and "
+                     "--keep may change)", o.fixed);
+    if (o.init_from && (o.config || o.preset))
+        return usage("--init-from DIR takes the model config from DIR; drop --%s", o.config ? "config" : "preset");
     if (o.batch * o.seq > ((int64_t)1 << 31))
         return usage("--batch x --seq = %lld tokens is too many", (long long)(o.batch * o.seq));
     return run_train(&o);
