@@ -60,6 +60,8 @@ def parse():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OPENBLAS_NUM_THREADS (default 1: torch's own threads, plus OpenBLAS's, oversubscribe)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     p.add_argument("--runs", type=int, default=3)
@@ -84,7 +86,7 @@ def parse():
 
 ARGS = parse()
 os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
-os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.blas_threads)
 import torch  # noqa: E402  (after the thread settings)
 import torch.nn.functional as F  # noqa: E402
 
@@ -396,7 +398,8 @@ def main():
     if a.seq > c["max_position_embeddings"]:
         sys.exit("train_torch.py: --seq %d > max_position_embeddings %d" % (a.seq, c["max_position_embeddings"]))
     data = load_bytes(a.data)
-    res = {"config": a.config, "batch": a.batch, "seq": a.seq, "threads": a.threads, "steps": a.steps,
+    res = {"config": a.config, "batch": a.batch, "seq": a.seq, "threads": a.threads,
+           "blas_threads": a.blas_threads, "steps": a.steps,
            "warmup": a.warmup, "runs": a.runs, "torch": torch.__version__,
            "statistic": "median over runs of the median per-step batch*seq/step_time",
            "tokens_per_s": {}, "runs_tokens_per_s": {}, "last_loss": {}}
@@ -411,8 +414,9 @@ def main():
     if a.json:
         print(json.dumps(res))
         return 0
-    print("torch %s, %s, batch %d x seq %d, %d thread(s), %d warmup + %d timed steps, median of %d runs" %
-          (torch.__version__, os.path.basename(a.config), a.batch, a.seq, a.threads, a.warmup, a.steps, a.runs))
+    print("torch %s, %s, batch %d x seq %d, %d thread(s) (OpenBLAS %d), %d warmup + %d timed steps, median of %d runs"
+          % (torch.__version__, os.path.basename(a.config), a.batch, a.seq, a.threads, a.blas_threads, a.warmup,
+             a.steps, a.runs))
     for k, v in res["tokens_per_s"].items():
         print("  torch %-7s %9.0f tok/s  (runs: %s; loss after %d steps %.3f)%s" %
               (k, v, ", ".join("%.0f" % r for r in res["runs_tokens_per_s"][k]), a.warmup + a.steps,

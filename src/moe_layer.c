@@ -12,6 +12,7 @@
  * Only E-sized vectors cross to the host (importance, load, counts: the cv² losses and
  * the bias update are computed there), so the layer never dereferences backend memory.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

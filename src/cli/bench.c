@@ -193,7 +193,8 @@ static int parse(int argc, char **argv, bench_opts *o)
         {"help", no_argument, NULL, O_HELP},              {"preset", required_argument, NULL, O_PRESET},
         {"layer", required_argument, NULL, O_LAYER},      {NULL, 0, NULL, 0},
     };
-    *o = (bench_opts){"cpu", 4096, 512, 2048, 8, 2, 0, 0, 10, 2, MOE_ACT_SWIGLU, MOE_ROUTER_TOPK, 0, 0, 0, NULL, -1, {0}};
+    *o = (bench_opts){.backend = "cpu", .T = 4096, .d = 512, .f = 2048, .E = 8, .k = 2, .iters = 10,
+                      .warmup = 2, .act = MOE_ACT_SWIGLU, .router = MOE_ROUTER_TOPK, .layer = -1};
     optind = 1;
     opterr = 0;
     int opt, r = 0;
