@@ -5,7 +5,7 @@
 #
 # Usage: bench/train_compare.sh [--cmoe PATH] [--threads N] [--batch B] [--seq S]
 #            [--steps N] [--warmup W] [--runs R] [--formulations loop,sorted,padded,dense]
-#            [--config FILE]
+#            [--config FILE] [--torch-blas-threads N]
 #   defaults: ./cmoe (or cmoe on PATH), 2 threads, batch 8, seq 128, 30 timed steps after
 #   5 warmup steps, 3 runs, configs/laptop.json — `cmoe train`'s defaults for the model,
 #   batch and sequence.
@@ -17,10 +17,15 @@
 # step_time (cmoe: the per-step tokens_per_s of RUN/metrics.jsonl, steps W+1..W+N, whose
 # step time covers drawing the batch, forward, backward and the AdamW step, not the
 # evaluation); the figure = the median over the R runs. The ratio is cmoe / PyTorch.
+# GFLOP/s = tokens/s x the GEMM FLOPs per token of a training step (train_torch.py's
+# step_flops: forward 2mnk, backward twice that, causal attention half); the ceiling is
+# one OpenBLAS sgemm of the same FLOPs with N threads of its own (a cube, median of 3),
+# measured in the same invocation.
 #
 # Thread settings: cmoe gets --threads N (its OpenMP team; OpenBLAS inside it runs one
-# thread per call). PyTorch gets OMP_NUM_THREADS=N, OPENBLAS_NUM_THREADS=1 and
-# torch.set_num_threads(N), what ran fastest for Debian's PyTorch here.
+# thread per call). PyTorch gets OMP_NUM_THREADS=N, OPENBLAS_NUM_THREADS=1 (or
+# --torch-blas-threads) and torch.set_num_threads(N), what ran fastest for Debian's
+# PyTorch here.
 # OPENBLAS_CORETYPE is left as the environment sets it, for both.
 set -eu
 
@@ -33,6 +38,7 @@ WARMUP=5
 RUNS=3
 FORMS=loop,sorted,padded,dense
 CONFIG=configs/laptop.json
+TBLAS=1
 PY=/usr/bin/python3   # Debian's python3-torch
 
 usage() {
@@ -51,6 +57,7 @@ while [ $# -gt 0 ]; do
     --runs) RUNS=$2; shift 2 ;;
     --formulations) FORMS=$2; shift 2 ;;
     --config) CONFIG=$2; shift 2 ;;
+    --torch-blas-threads) TBLAS=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "train_compare.sh: unknown argument '$1'" >&2; usage 2 >&2 ;;
     esac
@@ -88,23 +95,36 @@ print(json.dumps({"tokens_per_s": statistics.median(per_run), "runs_tokens_per_s
 EOF
 )
 
-TORCH_JSON=$("$PY" "$HERE/train_torch.py" --json --config "$CONFIG" --threads "$THREADS" --batch "$BATCH" \
-    --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --runs "$RUNS" --total-steps "$TOTAL" --formulations "$FORMS")
+TORCH_JSON=$("$PY" "$HERE/train_torch.py" --json --config "$CONFIG" --threads "$THREADS" --blas-threads "$TBLAS" \
+    --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP" --runs "$RUNS" --total-steps "$TOTAL" --formulations "$FORMS")
+
+CEIL_JSON=$("$PY" "$HERE/train_torch.py" --ceiling --config "$CONFIG" --threads "$THREADS" --batch "$BATCH" --seq "$SEQ")
 
 echo "load average after:  $(cut -d' ' -f1-3 /proc/loadavg)"
 
-"$PY" - "$CMOE_JSON" "$TORCH_JSON" "$CMOE" "$CONFIG" <<'EOF'
+"$PY" - "$CMOE_JSON" "$TORCH_JSON" "$CMOE" "$CONFIG" "$CEIL_JSON" <<'EOF'
 import json, sys
 cm, tj, cmoe, config = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-print("%s, batch %d x seq %d, %d thread(s); %d warmup + %d timed steps per run, median of %d runs"
-      % (config, tj["batch"], tj["seq"], tj["threads"], tj["warmup"], tj["steps"], tj["runs"]))
+ceil = json.loads(sys.argv[5])
+fpt = tj["step_flops"] / (tj["batch"] * tj["seq"])  # GEMM FLOPs per token
+
+
+def gf(tok_s):
+    return "%5.1f GFLOP/s = %3.0f%% of sgemm" % (tok_s * fpt / 1e9, 100 * tok_s * fpt / 1e9 / ceil["sgemm_gflops"])
+
+
+print("%s, batch %d x seq %d, %d thread(s) (torch: OPENBLAS_NUM_THREADS=%d); %d warmup + %d timed steps per run, "
+      "median of %d runs" % (config, tj["batch"], tj["seq"], tj["threads"], tj["blas_threads"], tj["warmup"],
+                             tj["steps"], tj["runs"]))
 print("  tokens/s = median over the timed steps of batch*seq/step_time, median over runs")
-print("  cmoe train (%s)  %9.0f tok/s  (runs: %s)" % (cmoe, cm["tokens_per_s"],
+print("  %.2f MFLOP (GEMM) per token; sgemm ceiling %.1f GFLOP/s (n=%d, %d OpenBLAS threads)"
+      % (fpt / 1e6, ceil["sgemm_gflops"], ceil["sgemm_n"], ceil["sgemm_threads"]))
+print("  cmoe train    %9.0f tok/s  %s  (runs: %s)" % (cm["tokens_per_s"], gf(cm["tokens_per_s"]),
       ", ".join("%.0f" % r for r in cm["runs_tokens_per_s"])))
 for k, v in tj["tokens_per_s"].items():
-    print("  torch %-7s %9.0f tok/s  (runs: %s)   cmoe / torch = %.2fx%s"
-          % (k, v, ", ".join("%.0f" % r for r in tj["runs_tokens_per_s"][k]), cm["tokens_per_s"] / v,
+    print("  torch %-7s %9.0f tok/s  %s  (runs: %s)   cmoe / torch = %.2fx%s"
+          % (k, v, gf(v), ", ".join("%.0f" % r for r in tj["runs_tokens_per_s"][k]), cm["tokens_per_s"] / v,
              "   (fastest torch)" if k == tj["fastest"] else ""))
-print(json.dumps({"cmoe": cm, "torch": tj,
+print(json.dumps({"cmoe_binary": cmoe, "cmoe": cm, "torch": tj, "ceiling": ceil,
                   "ratio": {k: cm["tokens_per_s"] / v for k, v in tj["tokens_per_s"].items()}}))
 EOF

@@ -75,6 +75,10 @@ def parse():
                         "validation loss of its first --check-batches batches, to compare with "
                         "`cmoe eval RUN_DIR --max-batches N` (the same model must give the same loss)")
     p.add_argument("--check-batches", type=int, default=3)
+    p.add_argument("--ceiling", action="store_true",
+                   help="instead of training: the machine's ceiling, one sgemm (torch.mm, i.e. OpenBLAS with "
+                        "--threads threads of its own) of the FLOPs of one training step, a cube of side "
+                        "(FLOPs/2)^(1/3), median of 3 after one warm-up call")
     a = p.parse_args()
     for name in ("batch", "seq", "threads", "steps", "runs"):
         if getattr(a, name) < 1:
@@ -85,12 +89,16 @@ def parse():
 
 
 ARGS = parse()
-os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
-os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.blas_threads)
+if ARGS.ceiling:  # OpenBLAS alone, with its own threads
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.threads)
+else:
+    os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(ARGS.blas_threads)
 import torch  # noqa: E402  (after the thread settings)
 import torch.nn.functional as F  # noqa: E402
 
-torch.set_num_threads(ARGS.threads)
+torch.set_num_threads(1 if ARGS.ceiling else ARGS.threads)
 
 
 # ---- the configuration ---------------------------------------------------------------
@@ -278,6 +286,20 @@ def forward(P, c, moe, inp, tgt, cos, sin, mask):
     return ce, aux
 
 
+def step_flops(c, B, S):
+    """GEMM FLOPs of one training step: forward 2*m*n*k per matmul, backward twice that.
+    Attention counts the causal half (S(S+1)/2 score pairs per head), experts the T*k
+    routed rows, the head the untied or tied V x C matrix; norms, RoPE, softmax and the
+    optimizer are not counted."""
+    T, C, V, L = B * S, c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+    H, Hkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    E, f, k = c["num_local_experts"], c["moe_intermediate_size"], c["num_experts_per_tok"]
+    per_layer = (2 * T * C * (H + 2 * Hkv) * hd + 2 * T * H * hd * C  # q, k, v, o
+                 + 2 * 2 * B * H * hd * S * (S + 1) // 2  # q.k^T and p.v, causal
+                 + 2 * T * C * E + 3 * 2 * T * k * C * f)  # router, SwiGLU experts
+    return 3 * (L * per_layer + 2 * T * C * V)
+
+
 # ---- data, schedule, one run -------------------------------------------------------------
 
 def load_bytes(path):
@@ -390,11 +412,28 @@ def check_run(a):
     return 0
 
 
+def ceiling(a, c):
+    flops = step_flops(c, a.batch, a.seq)
+    n = int(round((flops / 2) ** (1.0 / 3)))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        torch.mm(x, y)
+        times.append(time.perf_counter() - t0)
+    gf = 2 * n ** 3 / statistics.median(times[1:]) / 1e9
+    print(json.dumps({"sgemm_n": n, "sgemm_threads": a.threads, "sgemm_gflops": gf, "step_flops": flops}))
+    return 0
+
+
 def main():
     a = ARGS
     if a.check_run:
         return check_run(a)
     c = load_config(a.config)
+    if a.ceiling:
+        return ceiling(a, c)
     if a.seq > c["max_position_embeddings"]:
         sys.exit("train_torch.py: --seq %d > max_position_embeddings %d" % (a.seq, c["max_position_embeddings"]))
     data = load_bytes(a.data)
@@ -402,6 +441,7 @@ def main():
            "blas_threads": a.blas_threads, "steps": a.steps,
            "warmup": a.warmup, "runs": a.runs, "torch": torch.__version__,
            "statistic": "median over runs of the median per-step batch*seq/step_time",
+           "step_flops": step_flops(c, a.batch, a.seq),
            "tokens_per_s": {}, "runs_tokens_per_s": {}, "last_loss": {}}
     for name in a.formulations.split(","):
         if name not in FORMS:

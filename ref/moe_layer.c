@@ -66,13 +66,16 @@ static double *ptr(const moe_arena *a, const char *name)
     return moe_arena_ptr(a, moe_arena_find(a, name)); /* NULL when absent */
 }
 
-/* The parameter views: the same table lays out the values and the gradients. */
-static moe_status layout_params(moe_arena *a, const moe_ref_layer *l)
+/* The parameter views (declared in cmoe.h). The backend layer (src/moe_layer.c) lays its
+ * parameters out with this too, so both name, shape and order them identically. */
+moe_status moe_layer_param_layout(const moe_layer_config *c, moe_arena *a)
 {
-    const moe_layer_config *c = &l->c;
-    const int64_t d = l->d, f = l->f, E = l->E;
+    const int64_t d = c->d_model, f = c->d_ff, E = c->n_experts;
+    const int64_t Fs = c->n_shared * (c->d_ff_shared > 0 ? c->d_ff_shared : f);
+    const int64_t Fd = c->residual ? (c->d_ff_dense > 0 ? c->d_ff_dense : f) : 0;
+    const int glu = moe_act_is_glu(c->act);
     moe_status s = MOE_OK;
-    if (l->router && !s)
+    if (c->router != MOE_ROUTER_HASH && !s)
         s = add(a, "router.weight", 2, d, E, 0);
     if (c->router == MOE_ROUTER_NOISY_TOPK && !s)
         s = add(a, "router.noise", 2, d, E, 0);
@@ -80,27 +83,27 @@ static moe_status layout_params(moe_arena *a, const moe_ref_layer *l)
         s = add(a, "router.bias", 1, E, 0, 0);
     if (!s)
         s = add(a, "experts.w1", 3, E, d, f);
-    if (l->glu && !s)
+    if (glu && !s)
         s = add(a, "experts.w3", 3, E, d, f);
     if (!s)
         s = add(a, "experts.w2", 3, E, f, d);
-    if (l->Fs) {
+    if (Fs) {
         if (!s)
-            s = add(a, "shared.w1", 2, d, l->Fs, 0);
-        if (l->glu && !s)
-            s = add(a, "shared.w3", 2, d, l->Fs, 0);
+            s = add(a, "shared.w1", 2, d, Fs, 0);
+        if (glu && !s)
+            s = add(a, "shared.w3", 2, d, Fs, 0);
         if (!s)
-            s = add(a, "shared.w2", 2, l->Fs, d, 0);
+            s = add(a, "shared.w2", 2, Fs, d, 0);
         if (c->shared_gate && !s)
             s = add(a, "shared.gate", 1, d, 0, 0);
     }
-    if (l->Fd) {
+    if (Fd) {
         if (!s)
-            s = add(a, "residual.w1", 2, d, l->Fd, 0);
-        if (l->glu && !s)
-            s = add(a, "residual.w3", 2, d, l->Fd, 0);
+            s = add(a, "residual.w1", 2, d, Fd, 0);
+        if (glu && !s)
+            s = add(a, "residual.w3", 2, d, Fd, 0);
         if (!s)
-            s = add(a, "residual.w2", 2, l->Fd, d, 0);
+            s = add(a, "residual.w2", 2, Fd, d, 0);
         if (!s)
             s = add(a, "residual.coef", 2, d, 2, 0);
     }
@@ -270,8 +273,8 @@ moe_status moe_ref_layer_create(const moe_layer_config *c, int64_t max_tokens, m
     }
     l->plan_T = max_tokens;
     l->plan_k = k;
-    if ((st = moe_plan_create(N, max_tokens, l->E, k, &l->plan)) || (st = layout_params(&l->params, l)) ||
-        (st = layout_params(&l->grads, l)) || (st = layout_acts(&l->acts, l, N)) ||
+    if ((st = moe_plan_create(N, max_tokens, l->E, k, &l->plan)) || (st = moe_layer_param_layout(c, &l->params)) ||
+        (st = moe_layer_param_layout(c, &l->grads)) || (st = layout_acts(&l->acts, l, N)) ||
         (st = moe_arena_alloc(&l->params)) || (st = moe_arena_alloc(&l->grads)) ||
         (st = moe_arena_alloc(&l->acts)))
         goto fail;

@@ -225,6 +225,11 @@ void moe_arena_free(moe_arena *a);
 
 /* ---- the reference MoE layer (double) ------------------------------------ */
 
+/* Lays out the parameters of an MoE layer as named views of a (not yet allocated) arena,
+ * in the fixed order every backend uses (initialisation draws by index); names and
+ * shapes are listed in README.md. */
+moe_status moe_layer_param_layout(const moe_layer_config *c, moe_arena *a);
+
 typedef struct {
     double lb, importance, load, z, mi; /* each unscaled */
     double total;                       /* Σ coef·loss */

@@ -112,47 +112,6 @@ static moe_status add(moe_arena *a, const char *name, int ndim, int64_t d0, int6
     return moe_arena_add(a, name, ndim, shape);
 }
 
-/* The reference layer's parameter views, in its order (initialisation draws by index). */
-static moe_status layout_params(moe_arena *a, const moe_layer *l)
-{
-    const moe_layer_config *c = &l->c;
-    const int64_t d = l->d, f = l->f, E = l->E;
-    moe_status s = MOE_OK;
-    if (l->router && !s)
-        s = add(a, "router.weight", 2, d, E, 0);
-    if (c->router == MOE_ROUTER_NOISY_TOPK && !s)
-        s = add(a, "router.noise", 2, d, E, 0);
-    if (c->use_bias && !s)
-        s = add(a, "router.bias", 1, E, 0, 0);
-    if (!s)
-        s = add(a, "experts.w1", 3, E, d, f);
-    if (l->glu && !s)
-        s = add(a, "experts.w3", 3, E, d, f);
-    if (!s)
-        s = add(a, "experts.w2", 3, E, f, d);
-    if (l->Fs) {
-        if (!s)
-            s = add(a, "shared.w1", 2, d, l->Fs, 0);
-        if (l->glu && !s)
-            s = add(a, "shared.w3", 2, d, l->Fs, 0);
-        if (!s)
-            s = add(a, "shared.w2", 2, l->Fs, d, 0);
-        if (c->shared_gate && !s)
-            s = add(a, "shared.gate", 1, d, 0, 0);
-    }
-    if (l->Fd) {
-        if (!s)
-            s = add(a, "residual.w1", 2, d, l->Fd, 0);
-        if (l->glu && !s)
-            s = add(a, "residual.w3", 2, d, l->Fd, 0);
-        if (!s)
-            s = add(a, "residual.w2", 2, l->Fd, d, 0);
-        if (!s)
-            s = add(a, "residual.coef", 2, d, 2, 0);
-    }
-    return s;
-}
-
 static moe_status layout_acts(moe_arena *a, const moe_layer *l, int64_t N)
 {
     const int64_t T = l->max_T, d = l->d, f = l->f, E = l->E;
@@ -312,8 +271,8 @@ moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t m
     }
     l->load_h = l->imp_h + l->E;
     l->dv_h = l->load_h + l->E;
-    if ((st = b->plan_create(b, c, max_tokens, &l->plan)) || (st = layout_params(&l->params, l)) ||
-        (st = layout_params(&l->grads, l)) || (st = layout_acts(&l->acts, l, N)) ||
+    if ((st = b->plan_create(b, c, max_tokens, &l->plan)) || (st = moe_layer_param_layout(c, &l->params)) ||
+        (st = moe_layer_param_layout(c, &l->grads)) || (st = layout_acts(&l->acts, l, N)) ||
         (st = b->alloc(b, l->params.numel, &l->pbuf)) || (st = b->alloc(b, l->grads.numel, &l->gbuf)) ||
         (st = b->alloc(b, l->acts.numel, &l->abuf)) || (st = b->reserve(b, scratch_need(l, N)))) {
         moe_layer_free(l);
