@@ -52,7 +52,7 @@ def parse():
 
 ARGS = parse()
 os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
-os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ["OPENBLAS_NUM_THREADS"] = os.environ.get("PEER_OPENBLAS_THREADS", "1")
 import torch  # noqa: E402  (after the thread settings)
 import torch.nn.functional as F  # noqa: E402
 
@@ -75,6 +75,13 @@ def swiglu(x, w1, w3, w2):
     return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
+def experts(P):
+    """The per-expert weights as views from one unbind: indexing P["w1"][e] in the loop
+    instead makes every expert's backward write a zero-filled gradient of the whole
+    [E, d, f] tensor (E² · d · f work: minutes at E = 64)."""
+    return P["w1"].unbind(0), P["w3"].unbind(0), P["w2"].unbind(0)
+
+
 def moe_loop(x, P, k):
     """Hugging Face transformers' MixtralSparseMoeBlock.forward, weights as [E, in, out]."""
     T, d = x.shape
@@ -82,11 +89,12 @@ def moe_loop(x, P, k):
     w, sel, lb = route(x, P["wr"], k)
     y = torch.zeros_like(x)
     mask = F.one_hot(sel, num_classes=E).permute(2, 1, 0)  # [E, k, T]
+    W1, W3, W2 = experts(P)
     for e in range(E):
         idx, top_x = torch.where(mask[e])
         if top_x.numel() == 0:
             continue
-        cur = swiglu(x[top_x], P["w1"][e], P["w3"][e], P["w2"][e]) * w[top_x, idx, None]
+        cur = swiglu(x[top_x], W1[e], W3[e], W2[e]) * w[top_x, idx, None]
         y.index_add_(0, top_x, cur)
     return y, lb
 
@@ -106,7 +114,8 @@ def moe_sorted(x, P, k):
     ws, tok, counts, lb = sorted_rows(x, P, k)
     # split, not slicing: a slice's backward writes a zero-filled copy of all of xe
     parts = torch.split(x[tok], counts)
-    outs = [swiglu(xs, P["w1"][e], P["w3"][e], P["w2"][e]) for e, xs in enumerate(parts) if counts[e]]
+    W1, W3, W2 = experts(P)
+    outs = [swiglu(xs, W1[e], W3[e], W2[e]) for e, xs in enumerate(parts) if counts[e]]
     ye = torch.cat(outs) * ws[:, None]
     return torch.zeros_like(x).index_add_(0, tok, ye), lb
 

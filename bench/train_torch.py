@@ -39,6 +39,9 @@ OPENBLAS_CORETYPE is left as the environment sets it.
 
 Usage: bench/train_torch.py --threads 2 [--batch 8 --seq 128 --steps 30 --warmup 5
        --runs 3 --formulations loop,sorted,padded,dense --json]
+       bench/train_torch.py --check-run RUN_DIR    # same model: compare with cmoe eval
+       bench/train_torch.py --ceiling --threads 2  # one sgemm of a step's FLOPs
+bench/train_compare.sh runs cmoe and this script and prints the ratios.
 """
 import argparse
 import gzip
@@ -180,17 +183,25 @@ def swiglu(x, w1, w3, w2):
     return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
+def experts(p):
+    """Per-expert weights as views from one unbind: indexing p["w1"][e] in the loop
+    instead makes each expert's backward write a zero-filled gradient of the whole
+    [E, d, f] tensor."""
+    return p["w1"].unbind(0), p["w3"].unbind(0), p["w2"].unbind(0)
+
+
 def moe_loop(x, p, k):
     """Hugging Face transformers' MixtralSparseMoeBlock.forward, weights as [E, in, out]."""
     E = p["w1"].shape[0]
     w, sel, lb, z = route(x, p["wr"], k)
     y = torch.zeros_like(x)
     mask = F.one_hot(sel, num_classes=E).permute(2, 1, 0)  # [E, k, T]
+    W1, W3, W2 = experts(p)
     for e in range(E):
         idx, top_x = torch.where(mask[e])
         if top_x.numel() == 0:
             continue
-        cur = swiglu(x[top_x], p["w1"][e], p["w3"][e], p["w2"][e]) * w[top_x, idx, None]
+        cur = swiglu(x[top_x], W1[e], W3[e], W2[e]) * w[top_x, idx, None]
         y.index_add_(0, top_x, cur)
     return y, lb, z
 
@@ -208,7 +219,8 @@ def moe_sorted(x, p, k):
     ws, tok, counts, lb, z = sorted_rows(x, p, k)
     # split, not slicing: a slice's backward writes a zero-filled copy of all of xe
     parts = torch.split(x[tok], counts)
-    outs = [swiglu(xs, p["w1"][e], p["w3"][e], p["w2"][e]) for e, xs in enumerate(parts) if counts[e]]
+    W1, W3, W2 = experts(p)
+    outs = [swiglu(xs, W1[e], W3[e], W2[e]) for e, xs in enumerate(parts) if counts[e]]
     ye = torch.cat(outs) * ws[:, None]
     return torch.zeros_like(x).index_add_(0, tok, ye), lb, z
 

@@ -52,13 +52,13 @@ static void defaults(train_opts *o)
 {
     memset(o, 0, sizeof *o);
     o->backend = "cpu";
-    /* the laptop default: about 0.6M tokens, a few minutes on 2 cores */
-    o->steps = 600;
+    /* the laptop default: 2M tokens, about three minutes on 2 cores (BENCHMARKS.md) */
+    o->steps = 2000;
     o->batch = 8;
     o->seq = 128;
     o->accum = 1;
     o->seed = 1337;
-    o->eval_every = 100;
+    o->eval_every = 250;
     o->eval_batches = 10;
     o->log_every = 25;
     o->lr = 3e-3;
