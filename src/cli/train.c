@@ -952,7 +952,10 @@ static moe_status train_loop(train_run *r, int *stopped)
         double dt = now() - t0;
         train_time += dt;
         const int64_t done = step + 1;
-        const int last = done == o->steps || interrupted;
+        /* read the flag once: a Ctrl-C landing later in this step must not stop the run
+         * after a step whose checkpoint was not written */
+        const int stop = interrupted;
+        const int last = done == o->steps || stop;
         const int eval = last || (o->eval_every > 0 && done % o->eval_every == 0);
         int64_t val_n = 0;
         if (eval) {
@@ -963,7 +966,7 @@ static moe_status train_loop(train_run *r, int *stopped)
         }
         /* a checkpoint every save_every steps, at the end when saving at all, and when
          * interrupted (so that Ctrl-C can be resumed) */
-        if ((o->save_every > 0 && (done % o->save_every == 0 || done == o->steps)) || interrupted) {
+        if ((o->save_every > 0 && (done % o->save_every == 0 || done == o->steps)) || stop) {
             if ((s = save_ckpt(r, done, r->elapsed0 + now() - t_start)))
                 return s;
         }
@@ -1014,7 +1017,7 @@ static moe_status train_loop(train_run *r, int *stopped)
             fflush(stdout);
             last_draw = now();
         }
-        if (interrupted) {
+        if (stop) {
             *stopped = 1;
             break;
         }
