@@ -3,7 +3,7 @@
 default configs/laptop.json), the same loss, optimizer and data, trained on the CPU with
 the same batch, sequence length and thread count; prints training tokens/s.
 
-The model (src/model.h): byte embedding; L blocks of RMSNorm -> causal attention with
+The model (src/model/model.h): byte embedding; L blocks of RMSNorm -> causal attention with
 RoPE (Llama's rotate_half) and grouped-query heads -> residual -> RMSNorm -> MoE FFN ->
 residual; final RMSNorm; untied LM head. The MoE FFN: softmax router, top-k, weights
 renormalised (norm_topk_prob), dropless, SwiGLU experts [E, C, f] without biases, i.e.

@@ -1,7 +1,7 @@
 /* AdamW with decoupled weight decay, gradient norm and clipping scale, in double. */
 #include <math.h>
 
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 void moe_ref_adamw_step(double *p, double *m, double *v, const double *g, double lr, double beta1, double beta2,
                         double eps, double wd, double grad_scale, int64_t t, int64_t n)

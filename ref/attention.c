@@ -1,7 +1,7 @@
 /* Causal multi-head attention with grouped-query heads, in double (llm.c's attention layer). */
 #include <math.h>
 
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 /* softmax of scores[0..n) in place */
 static void softmax_inplace(double *p, int64_t n)

@@ -1,7 +1,7 @@
 /* Softmax cross-entropy of the LM head, in double, with PyTorch's ignore_index = −1. */
 #include <math.h>
 
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 static int64_t counted_rows(const int32_t *targets, int64_t N)
 {

@@ -6,7 +6,7 @@
  */
 #include <string.h>
 
-#include "ref.h"
+#include "ref/ref.h"
 
 void moe_ref_dispatch_forward(double *xe, const double *x, const moe_plan *p, int64_t d)
 {

@@ -1,5 +1,5 @@
 /* Token embedding in double: a gather forward, a scatter-add backward. */
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 void moe_ref_embedding_forward(double *out, const int32_t *tokens, const double *wte, int64_t N, int64_t C)
 {

@@ -10,7 +10,7 @@
 #include <math.h>
 #include <stddef.h>
 
-#include "ref.h"
+#include "ref/ref.h"
 
 #define SQRT_2_OVER_PI 0.79788456080286535587989211986876
 #define INV_SQRT_2 0.70710678118654752440084436210485

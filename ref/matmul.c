@@ -1,5 +1,5 @@
 /* Dense products in double: the router's and the experts' projections. */
-#include "ref.h"
+#include "ref/ref.h"
 
 void moe_ref_matmul_forward(double *out, const double *x, const double *w, int64_t T, int64_t K, int64_t N)
 {

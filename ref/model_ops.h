@@ -3,7 +3,7 @@
  *
  * Same conventions as ref.h (llm.c): a forward/backward pair takes outputs, buffers
  * saved for backward, inputs, parameters, then dimensions; backward ACCUMULATES (+=)
- * into every gradient it writes. The fp32 twins in src/cpu_model_ops.h have the same
+ * into every gradient it writes. The fp32 twins in src/cpu/model_ops.h have the same
  * argument lists with float for double, so that a backend wraps either one.
  *
  * Layouts (row-major, N = B·S tokens):

@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ref.h"
+#include "ref/ref.h"
 
 struct moe_ref_layer {
     moe_layer_config c;
@@ -66,7 +66,7 @@ static double *ptr(const moe_arena *a, const char *name)
     return moe_arena_ptr(a, moe_arena_find(a, name)); /* NULL when absent */
 }
 
-/* The parameter views (declared in cmoe.h). The backend layer (src/moe_layer.c) lays its
+/* The parameter views (declared in cmoe.h). The backend layer (src/layer/moe_layer.c) lays its
  * parameters out with this too, so both name, shape and order them identically. */
 moe_status moe_layer_param_layout(const moe_layer_config *c, moe_arena *a)
 {

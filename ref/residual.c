@@ -1,5 +1,5 @@
 /* Elementwise sum in double: the residual connections. */
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 void moe_ref_add_forward(double *out, const double *a, const double *b, int64_t n)
 {

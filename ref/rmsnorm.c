@@ -1,7 +1,7 @@
 /* RMSNorm with a learned gain (Zhang & Sennrich 2019; Llama, Mixtral), in double. */
 #include <math.h>
 
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 void moe_ref_rmsnorm_forward(double *out, double *rstd, const double *x, const double *w, double eps, int64_t N,
                              int64_t C)

@@ -1,7 +1,7 @@
 /* Rotary position embedding, Llama / Mixtral's rotate_half pairing (i, i + hd/2), in double. */
 #include <math.h>
 
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 /* sign = +1 rotates by +angle (forward), −1 by −angle (the transpose, for backward). */
 static void rope_apply(double *out, const double *x, int accumulate, double sign, int64_t pos0, double theta,

@@ -28,7 +28,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-#include "ref.h"
+#include "ref/ref.h"
 
 /* Below this many elements a thread team costs more than it saves (and on a busy
  * machine its spinning barriers cost far more). */

@@ -1,7 +1,7 @@
 /* Aux losses: hand-computed values and finite-difference gradients. */
 #include "testutil.h"
 
-#include "../ref/ref.h"
+#include "ref/ref.h"
 
 #define FD_H 1e-6
 #define FD_TOL 1e-6

@@ -3,7 +3,7 @@
  * backend's ops (buffers only touched through upload/download) must give the same
  * output, aux losses and gradients as the reference layer itself.
  */
-#include "backend.h"
+#include "backend/backend.h"
 #include "testutil.h"
 
 typedef struct {

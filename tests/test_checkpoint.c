@@ -1,5 +1,5 @@
 /*
- * Checkpoints (src/checkpoint.h): a save/restore round trip is bitwise on cpu (F32) and
+ * Checkpoints (src/io/checkpoint.h): a save/restore round trip is bitwise on cpu (F32) and
  * ref (F64), training continued from a checkpoint gives bitwise the losses of the
  * uninterrupted run, and crafted bad files — each a different way a checkpoint can be
  * broken — are rejected with their own message and leave the model untouched.
@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "checkpoint.h"
+#include "io/checkpoint.h"
 #include "testutil.h"
 
 static char dir[256];

@@ -7,8 +7,8 @@
  * dropped) on scores whose top-k margins are clear in float.
  */
 #define _POSIX_C_SOURCE 200809L /* setenv */
-#include "backend.h"
-#include "ref.h"
+#include "backend/backend.h"
+#include "ref/ref.h"
 #include "testutil.h"
 
 #include <unistd.h>

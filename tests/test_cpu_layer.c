@@ -1,5 +1,5 @@
 /*
- * The MoE layer written against the backend table (src/moe_layer.c), checked twice
+ * The MoE layer written against the backend table (src/layer/moe_layer.c), checked twice
  * against the reference layer (ref/moe_layer.c) with the same parameters and inputs:
  *  - on the ref backend it must agree with moe_ref_layer to rounding (<= 1e-12): the
  *    composition is the same;
@@ -8,7 +8,7 @@
  * For every router and activation, with the options spread over the cases.
  */
 #define _POSIX_C_SOURCE 200809L /* setenv */
-#include "moe_layer.h"
+#include "layer/moe_layer.h"
 #include "testutil.h"
 
 #include <unistd.h>

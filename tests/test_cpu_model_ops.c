@@ -3,10 +3,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "ref.h"
-#include "model_ops.h"
-#include "cpu_model_ops.h"
-#include "sample.h"
+#include "ref/ref.h"
+#include "ref/model_ops.h"
+#include "cpu/model_ops.h"
+#include "model/sample.h"
 
 #define TOL 1e-5
 

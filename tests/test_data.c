@@ -10,7 +10,7 @@
 #include <zlib.h>
 
 #include "testutil.h"
-#include "data.h"
+#include "io/data.h"
 
 /* ---- helpers ---------------------------------------------------------------- */
 

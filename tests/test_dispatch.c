@@ -1,6 +1,6 @@
 /* Dispatch and combine over a routing plan: exact round trip, sums of weights, FD gradients. */
 #include "testutil.h"
-#include "ref.h"
+#include "ref/ref.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif

@@ -1,6 +1,6 @@
 /* The experts: activations, one FFN, the grouped experts; values and finite-difference gradients. */
 #include "testutil.h"
-#include "ref.h"
+#include "ref/ref.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif

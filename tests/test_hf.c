@@ -1,5 +1,5 @@
 /*
- * Hugging Face interoperability (src/hf.h): config.json keys, export -> import round
+ * Hugging Face interoperability (src/io/hf.h): config.json keys, export -> import round
  * trips that are bitwise (parameters, config, logits) for Mixtral and Qwen2-MoE, the
  * layouts in the file (transposes, per-expert slices), sharded checkpoints, BF16, the
  * refusal of configs with no HF equivalent, and bad HF inputs. Logits against an
@@ -15,7 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "hf.h"
+#include "io/hf.h"
 #include "testutil.h"
 
 static char dir[256];

@@ -1,5 +1,5 @@
 /*
- * cmoe info's counts (src/model_info.h): the presets against their published parameter
+ * cmoe info's counts (src/model/info.h): the presets against their published parameter
  * counts, a small config counted by hand, the FLOP identities, and total_params against
  * moe_model_config_param_count and the parameters a created model really has.
  */
@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model_info.h"
+#include "model/info.h"
 #include "testutil.h"
 
 static const char *const presets[] = {"mixtral-8x7b", "mixtral-8x22b", "deepseek-moe-16b", "qwen1.5-moe-a2.7b",

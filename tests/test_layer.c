@@ -9,7 +9,7 @@
  * (noisy_topk), GShard RANDOM's skipped second expert, or the sign of a ReLU input.
  */
 #include "testutil.h"
-#include "ref.h"
+#include "ref/ref.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif

@@ -1,5 +1,5 @@
 /*
- * The MoE language model (src/model.c) and AdamW (src/optim.c):
+ * The MoE language model (src/model/model.c) and AdamW (src/model/optim.c):
  *  - cpu against ref on the whole model: logits, loss, every parameter gradient (<= 1e-5),
  *    from the same (fp32-representable) parameters;
  *  - central finite differences of the whole model's loss in ref (double), a sample of
@@ -11,8 +11,8 @@
  *  - bad model configs are rejected, naming the key.
  */
 #define _POSIX_C_SOURCE 200809L /* setenv */
-#include "data.h"
-#include "model.h"
+#include "io/data.h"
+#include "model/model.h"
 #include "testutil.h"
 
 #include <unistd.h>

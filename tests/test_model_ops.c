@@ -3,7 +3,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "model_ops.h"
+#include "ref/model_ops.h"
 
 /* Check forks a process per test, so each FD test keeps and prints its own counters. */
 static tu_fd_stats g_stats;

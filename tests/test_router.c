@@ -1,7 +1,7 @@
 /* The reference router: jitter, softmax/sigmoid scores, noisy gating, noisy load. */
 #include "testutil.h"
 
-#include "../ref/ref.h"
+#include "ref/ref.h"
 
 #define FD_H 1e-5
 #define FD_TOL 1e-6

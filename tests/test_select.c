@@ -1,7 +1,7 @@
 /* Selection: exact plans on hand-made scores, plan invariants on random ones, route backward. */
 #include "testutil.h"
 
-#include "../ref/ref.h"
+#include "ref/ref.h"
 
 #ifdef _OPENMP
 #include <omp.h>

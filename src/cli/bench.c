@@ -17,8 +17,8 @@
 
 #include "cmoe.h"
 #include "commands.h"
-#include "model.h"
-#include "moe_layer.h"
+#include "model/model.h"
+#include "layer/moe_layer.h"
 #include "presets.h"
 
 void help_bench(void)

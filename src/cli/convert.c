@@ -1,6 +1,6 @@
 /*
  * cmoe export / cmoe import — a run directory as a Hugging Face checkpoint and back
- * (src/hf.h has the name mapping and what is refused).
+ * (src/io/hf.h has the name mapping and what is refused).
  */
 #define _POSIX_C_SOURCE 200809L
 #include "config.h"
@@ -17,7 +17,7 @@
 
 #include "cmoe.h"
 #include "commands.h"
-#include "hf.h"
+#include "io/hf.h"
 #include "run.h"
 
 static int usage(const char *cmd, const char *fmt, ...)

@@ -19,8 +19,8 @@
 
 #include "cmoe.h"
 #include "commands.h"
-#include "data.h"
-#include "model.h"
+#include "io/data.h"
+#include "model/model.h"
 #include "run.h"
 
 typedef struct {

@@ -1,6 +1,6 @@
 /*
  * cmoe info — parameters, active parameters, FLOPs per token and training memory of a
- * model configuration (the counting rules are in src/model_info.h and `cmoe help info`).
+ * model configuration (the counting rules are in src/model/info.h and `cmoe help info`).
  */
 #include "config.h"
 
@@ -14,7 +14,7 @@
 
 #include "cmoe.h"
 #include "commands.h"
-#include "model_info.h"
+#include "model/info.h"
 #include "presets.h"
 #include "run.h"
 

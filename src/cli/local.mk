@@ -18,5 +18,5 @@ dist_presets_DATA = configs/mixtral-8x7b.json configs/mixtral-8x22b.json configs
 	configs/qwen1.5-moe-a2.7b.json configs/dbrx.json configs/arctic.json configs/gpu-100m.json \
 	configs/laptop.json configs/tiny.json
 EXTRA_DIST += configs/README.md
-# cmoe export / import: Hugging Face checkpoints (src/hf.h)
+# cmoe export / import: Hugging Face checkpoints (src/io/hf.h)
 cmoe_SOURCES += src/cli/convert.c

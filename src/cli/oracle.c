@@ -14,7 +14,7 @@
 
 #include "cmoe.h"
 #include "commands.h"
-#include "safetensors.h"
+#include "io/safetensors.h"
 
 void help_oracle(void)
 {

@@ -10,7 +10,7 @@
 
 #include <stddef.h>
 
-#include "model.h"
+#include "model/model.h"
 
 /* path [n] = the file of preset name; MOE_ERR_IO (message lists where it looked) when none. */
 moe_status cli_preset_find(const char *name, char *path, size_t n);

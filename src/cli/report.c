@@ -24,7 +24,7 @@
 
 #include "cmoe.h"
 #include "commands.h"
-#include "model_info.h"
+#include "model/info.h"
 #include "run.h"
 
 enum {

@@ -14,7 +14,7 @@
 
 #include "cmoe.h"
 #include "run.h"
-#include "safetensors.h"
+#include "io/safetensors.h"
 
 int cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
 {

@@ -10,15 +10,15 @@
  *                      JSON), "train" (the settings), "step" and "cmoe_version", so the
  *                      file alone is enough to sample from or evaluate the model.
  *   ckpt-STEP.safetensors  with --save-every (and on Ctrl-C): the full training state
- *                      (src/checkpoint.h), what `cmoe train --resume DIR` continues from.
+ *                      (src/io/checkpoint.h), what `cmoe train --resume DIR` continues from.
  */
 #ifndef CMOE_CLI_RUN_H
 #define CMOE_CLI_RUN_H
 
 #include <stdint.h>
 
-#include "backend.h"
-#include "model.h"
+#include "backend/backend.h"
+#include "model/model.h"
 
 #define CLI_RUN_WEIGHTS "model.safetensors"
 

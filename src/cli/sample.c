@@ -17,10 +17,10 @@
 
 #include "cmoe.h"
 #include "commands.h"
-#include "data.h"
-#include "model.h"
+#include "io/data.h"
+#include "model/model.h"
 #include "run.h"
-#include "sample.h"
+#include "model/sample.h"
 
 typedef struct {
     const char *dir, *prompt, *backend;

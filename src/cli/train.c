@@ -1,9 +1,9 @@
 /*
- * cmoe train — trains the MoE language model (src/model.h) on a dataset (src/data.h)
+ * cmoe train — trains the MoE language model (src/model/model.h) on a dataset (src/io/data.h)
  * and writes a run directory (src/cli/run.h): config.json, train.json, metrics.jsonl
  * (one JSON object per step), model.safetensors (the weights, at every evaluation
  * and at the end) and, with --save-every, checkpoints ckpt-STEP.safetensors of the
- * full training state (src/checkpoint.h) that --resume continues bitwise.
+ * full training state (src/io/checkpoint.h) that --resume continues bitwise.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "config.h"
@@ -26,11 +26,11 @@
 
 #include <dirent.h>
 
-#include "checkpoint.h"
+#include "io/checkpoint.h"
 #include "cmoe.h"
 #include "commands.h"
-#include "data.h"
-#include "model.h"
+#include "io/data.h"
+#include "model/model.h"
 #include "presets.h"
 #include "run.h"
 

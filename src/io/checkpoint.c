@@ -1,0 +1,367 @@
+/*
+ * Checkpoints of the full training state (checkpoint.h). Writing converts nothing the
+ * backend holds exactly (F32 for fp32 backends, F64 for double), so a restore puts
+ * back the very bits; reading validates all of the file before it touches the model.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "io/checkpoint.h"
+
+#define FMT(...) moe_error(MOE_ERR_FORMAT, __VA_ARGS__)
+
+/* ---- writing --------------------------------------------------------------------- */
+
+static moe_status add_tensor(moe_st_writer *w, const char *name, moe_st_dtype dt, const moe_param_info *p,
+                             const double *v, void *scratch)
+{
+    moe_status s = moe_st_from_f64(dt, v, p->numel, scratch);
+    return s ? s : moe_st_writer_add_copy(w, name, dt, p->ndim, p->shape, scratch);
+}
+
+moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe_ckpt_state *st)
+{
+    if (!path || !m || !o || !st)
+        return moe_error(MOE_ERR_ARG, "checkpoint save: path, model, optimizer and state must not be NULL");
+    const moe_backend *b = moe_model_backend(m);
+    const moe_st_dtype dt = b->elem_size == 8 ? MOE_ST_F64 : MOE_ST_F32;
+    const int n = moe_model_n_params(m);
+    int64_t big = 1;
+    for (int i = 0; i < n; i++)
+        if (moe_model_param(m, i)->numel > big)
+            big = moe_model_param(m, i)->numel;
+    double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
+           *vv = malloc((size_t)big * sizeof *vv);
+    void *scratch = malloc((size_t)big * 8);
+    moe_st_writer *w = NULL;
+    char *cfg = NULL, name[160], num[32];
+    moe_status s = MOE_OK;
+    if (!pv || !mv || !vv || !scratch) {
+        s = moe_error(MOE_ERR_NOMEM, "checkpoint save: out of memory");
+        goto done;
+    }
+    if ((s = moe_st_writer_create(&w)))
+        goto done;
+    for (int i = 0; i < n && !s; i++) {
+        const moe_param_info *p = moe_model_param(m, i);
+        if ((s = moe_model_get_param(m, i, pv)) || (s = moe_optim_get_moments(o, i, mv, vv)) ||
+            (s = add_tensor(w, p->name, dt, p, pv, scratch)))
+            break;
+        snprintf(name, sizeof name, "optim.m.%s", p->name);
+        if ((s = add_tensor(w, name, dt, p, mv, scratch)))
+            break;
+        snprintf(name, sizeof name, "optim.v.%s", p->name);
+        s = add_tensor(w, name, dt, p, vv, scratch);
+    }
+    if (s || (s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg)))
+        goto done;
+#define META(k, v) (s = moe_st_writer_add_meta(w, k, v))
+    if (META("format", MOE_CKPT_FORMAT) || META("dtype", moe_st_dtype_name(dt)) || META("config", cfg) ||
+        META("cmoe_version", moe_version()))
+        goto done;
+    snprintf(num, sizeof num, "%" PRId64, st->step);
+    if (META("step", num) || META("data_step", num))
+        goto done;
+    snprintf(num, sizeof num, "%" PRId64, st->optim_steps);
+    if (META("optim_steps", num))
+        goto done;
+    snprintf(num, sizeof num, "%" PRIu64, st->seed);
+    if (META("seed", num) || (st->train_json && META("train", st->train_json)) ||
+        (st->state_json && META("state", st->state_json)))
+        goto done;
+#undef META
+    s = moe_st_writer_write(w, path);
+done:
+    moe_st_writer_free(w);
+    free(cfg);
+    free(pv);
+    free(mv);
+    free(vv);
+    free(scratch);
+    return s;
+}
+
+/* ---- reading ----------------------------------------------------------------------- */
+
+void moe_ckpt_free(moe_ckpt *c)
+{
+    if (!c)
+        return;
+    moe_st_free(c->f);
+    free(c->config_json);
+    free(c->train_json);
+    free(c->state_json);
+    free(c);
+}
+
+/* A decimal integer in [0, INT64_MAX], digits only. */
+static int parse_count(const char *s, uint64_t max, uint64_t *out)
+{
+    if (!s || !*s || strlen(s) > 20)
+        return 0;
+    for (const char *p = s; *p; p++)
+        if (*p < '0' || *p > '9')
+            return 0;
+    errno = 0;
+    unsigned long long v = strtoull(s, NULL, 10);
+    if (errno || v > max)
+        return 0;
+    *out = v;
+    return 1;
+}
+
+static moe_status meta_count(const moe_ckpt *c, const char *key, uint64_t max, uint64_t *out)
+{
+    const char *v = moe_st_meta(c->f, key);
+    if (!v)
+        return FMT("%s: not a complete checkpoint: metadata '%s' is missing", c->f->path, key);
+    if (!parse_count(v, max, out))
+        return FMT("%s: metadata '%s' = '%.40s' is not a whole number in [0, %llu]", c->f->path, key, v,
+                   (unsigned long long)max);
+    return MOE_OK;
+}
+
+/* An optional metadata value that must be a JSON object; copied into *out. */
+static moe_status meta_object(const moe_ckpt *c, const char *key, char **out)
+{
+    const char *v = moe_st_meta(c->f, key);
+    *out = NULL;
+    if (!v)
+        return MOE_OK;
+    json_error_t err;
+    json_t *j = json_loads(v, JSON_REJECT_DUPLICATES, &err);
+    int ok = j && json_is_object(j);
+    json_decref(j);
+    if (!ok)
+        return FMT("%s: metadata '%s' is not a JSON object%s%s", c->f->path, key, j ? "" : ": ", j ? "" : err.text);
+    if (!(*out = strdup(v)))
+        return moe_error(MOE_ERR_NOMEM, "out of memory");
+    return MOE_OK;
+}
+
+static moe_status open_meta(moe_ckpt *c)
+{
+    const char *path = c->f->path;
+    const char *fmt = moe_st_meta(c->f, "format");
+    if (!fmt)
+        return FMT("%s: not a cmoe checkpoint: metadata 'format' is missing (a weights-only file? resume needs a "
+                   "ckpt-STEP.safetensors written by --save-every)", path);
+    if (!strcmp(fmt, "cmoe-weights-1"))
+        return FMT("%s: a weights-only file (model.safetensors), not a checkpoint: resume needs a "
+                   "ckpt-STEP.safetensors written by --save-every", path);
+    if (strcmp(fmt, MOE_CKPT_FORMAT))
+        return FMT("%s: checkpoint format '%.40s' is not supported (this cmoe reads %s)", path, fmt,
+                   MOE_CKPT_FORMAT);
+    if (!moe_st_meta(c->f, "crc32"))
+        return FMT("%s: metadata 'crc32' is missing: the data cannot be verified", path);
+    const char *dt = moe_st_meta(c->f, "dtype");
+    if (!dt)
+        return FMT("%s: not a complete checkpoint: metadata 'dtype' is missing", path);
+    if (strcmp(dt, "F32") && strcmp(dt, "F64"))
+        return FMT("%s: metadata dtype '%.20s' must be F32 or F64", path, dt);
+    c->dtype = strcmp(dt, "F32") ? MOE_ST_F64 : MOE_ST_F32;
+    uint64_t step, t, ds, seed;
+    moe_status s;
+    if ((s = meta_count(c, "step", INT64_MAX, &step)) || (s = meta_count(c, "optim_steps", INT64_MAX, &t)) ||
+        (s = meta_count(c, "data_step", INT64_MAX, &ds)) || (s = meta_count(c, "seed", UINT64_MAX, &seed)))
+        return s;
+    if (t > step)
+        return FMT("%s: metadata optim_steps %llu exceeds step %llu (one optimizer step per training step)", path,
+                   (unsigned long long)t, (unsigned long long)step);
+    if (ds != step)
+        return FMT("%s: metadata data_step %llu differs from step %llu (batches are keyed by the step)", path,
+                   (unsigned long long)ds, (unsigned long long)step);
+    c->step = (int64_t)step;
+    c->optim_steps = (int64_t)t;
+    c->data_step = (int64_t)ds;
+    c->seed = seed;
+    const char *cfg = moe_st_meta(c->f, "config");
+    if (!cfg)
+        return FMT("%s: not a complete checkpoint: metadata 'config' is missing", path);
+    moe_model_config_default(&c->cfg);
+    if ((s = moe_model_config_from_json(cfg, &c->cfg)) || (s = moe_model_config_validate(&c->cfg))) {
+        /* moe_error formats into the buffer moe_last_error returns: copy it first */
+        char why[1024];
+        snprintf(why, sizeof why, "%s", moe_last_error());
+        return FMT("%s: metadata 'config': %s", path, why);
+    }
+    if (!(c->config_json = strdup(cfg)))
+        return moe_error(MOE_ERR_NOMEM, "out of memory");
+    if ((s = meta_object(c, "train", &c->train_json)) || (s = meta_object(c, "state", &c->state_json)))
+        return s;
+    for (int i = 0; i < c->f->n; i++)
+        if (c->f->tensors[i].dtype != c->dtype)
+            return FMT("%s: tensor '%s' has dtype %s but the checkpoint's dtype is %s", path, c->f->tensors[i].name,
+                       moe_st_dtype_name(c->f->tensors[i].dtype), moe_st_dtype_name(c->dtype));
+    return MOE_OK;
+}
+
+moe_status moe_ckpt_open(const char *path, moe_ckpt **out)
+{
+    if (!out || !path)
+        return moe_error(MOE_ERR_ARG, "checkpoint open: path and out must not be NULL");
+    *out = NULL;
+    moe_ckpt *c = calloc(1, sizeof *c);
+    if (!c)
+        return moe_error(MOE_ERR_NOMEM, "out of memory");
+    moe_status s = moe_st_read(path, &c->f);
+    if (!s)
+        s = open_meta(c);
+    if (s) {
+        moe_ckpt_free(c);
+        return s;
+    }
+    *out = c;
+    return MOE_OK;
+}
+
+/* ---- against the model ------------------------------------------------------------- */
+
+/* The first key whose value differs between two config JSON texts, for the message. */
+static void config_diff(const char *a, const char *b, char *buf, size_t n)
+{
+    json_t *ja = json_loads(a, 0, NULL), *jb = json_loads(b, 0, NULL);
+    snprintf(buf, n, "?");
+    const char *key;
+    json_t *v;
+    if (ja && jb) {
+        json_object_foreach(ja, key, v) {
+            json_t *w = json_object_get(jb, key);
+            if (!w || !json_equal(v, w)) {
+                char *sa = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT), *sb = w ? json_dumps(w, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
+                snprintf(buf, n, "%s: %.60s here, %.60s in the model", key, sa ? sa : "?", sb ? sb : "absent");
+                free(sa);
+                free(sb);
+                break;
+            }
+        }
+    }
+    json_decref(ja);
+    json_decref(jb);
+}
+
+static moe_status check_values(const moe_ckpt *c, const moe_st_tensor *t)
+{
+    for (int64_t i = 0; i < t->numel; i++) {
+        double x;
+        if (c->dtype == MOE_ST_F64) {
+            memcpy(&x, (const uint8_t *)t->data + 8 * i, 8);
+        } else {
+            float f;
+            memcpy(&f, (const uint8_t *)t->data + 4 * i, 4);
+            x = f;
+        }
+        if (!isfinite(x))
+            return FMT("%s: tensor '%s' element %lld is %g (not finite: the run had diverged or the file is corrupt)",
+                       c->f->path, t->name, (long long)i, x);
+    }
+    return MOE_OK;
+}
+
+static moe_status check_tensor(const moe_ckpt *c, const char *name, const moe_param_info *p)
+{
+    const moe_st_tensor *t = moe_st_find(c->f, name);
+    if (!t)
+        return FMT("%s: tensor '%s' is missing (the model has parameter '%s')", c->f->path, name, p->name);
+    int ok = t->ndim == p->ndim;
+    for (int d = 0; ok && d < p->ndim; d++)
+        ok = t->shape[d] == p->shape[d];
+    if (!ok) {
+        char have[96], want[96];
+        moe_st_shape_str(t->ndim, t->shape, have, sizeof have);
+        moe_st_shape_str(p->ndim, p->shape, want, sizeof want);
+        return FMT("%s: tensor '%s' has shape %s but the config gives %s", c->f->path, name, have, want);
+    }
+    return check_values(c, t);
+}
+
+moe_status moe_ckpt_check(const moe_ckpt *c, const moe_model *m)
+{
+    if (!c || !m)
+        return moe_error(MOE_ERR_ARG, "checkpoint check: checkpoint and model must not be NULL");
+    char *mine = NULL, diff[200];
+    moe_status s = moe_model_config_to_json(moe_model_config_of(m), 0, &mine);
+    if (s)
+        return s;
+    char *theirs = NULL;
+    if ((s = moe_model_config_to_json(&c->cfg, 0, &theirs))) {
+        free(mine);
+        return s;
+    }
+    if (strcmp(mine, theirs)) {
+        config_diff(theirs, mine, diff, sizeof diff);
+        s = FMT("%s: the checkpoint's config does not match the model (%s)", c->f->path, diff);
+    }
+    free(mine);
+    free(theirs);
+    if (s)
+        return s;
+    const int n = moe_model_n_params(m);
+    char name[160];
+    for (int i = 0; i < n; i++) {
+        const moe_param_info *p = moe_model_param(m, i);
+        if ((s = check_tensor(c, p->name, p)))
+            return s;
+        snprintf(name, sizeof name, "optim.m.%s", p->name);
+        if ((s = check_tensor(c, name, p)))
+            return s;
+        snprintf(name, sizeof name, "optim.v.%s", p->name);
+        if ((s = check_tensor(c, name, p)))
+            return s;
+    }
+    /* every tensor is one of the 3n checked above unless there are more */
+    if (c->f->n != 3 * n) {
+        for (int i = 0; i < c->f->n; i++) {
+            const char *tn = c->f->tensors[i].name;
+            const char *base = !strncmp(tn, "optim.m.", 8) || !strncmp(tn, "optim.v.", 8) ? tn + 8 : tn;
+            if (moe_model_param_index(m, base) < 0)
+                return FMT("%s: unexpected tensor '%s' (not a parameter of the model its config describes, nor "
+                           "a moment of one)", c->f->path, tn);
+        }
+        return FMT("%s: %d tensors, expected %d", c->f->path, c->f->n, 3 * n);
+    }
+    return MOE_OK;
+}
+
+moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
+{
+    moe_status s = moe_ckpt_check(c, m);
+    if (s)
+        return s;
+    const int n = moe_model_n_params(m);
+    int64_t big = 1;
+    for (int i = 0; i < n; i++)
+        if (moe_model_param(m, i)->numel > big)
+            big = moe_model_param(m, i)->numel;
+    double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
+           *vv = malloc((size_t)big * sizeof *vv);
+    char name[160];
+    if (!pv || !mv || !vv)
+        s = moe_error(MOE_ERR_NOMEM, "checkpoint restore: out of memory");
+    for (int i = 0; i < n && !s; i++) {
+        const moe_param_info *p = moe_model_param(m, i);
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, p->name), pv)) || (s = moe_model_set_param(m, i, pv)))
+            break;
+        if (!o)
+            continue;
+        snprintf(name, sizeof name, "optim.m.%s", p->name);
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), mv)))
+            break;
+        snprintf(name, sizeof name, "optim.v.%s", p->name);
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), vv)) || (s = moe_optim_set_moments(o, i, mv, vv)))
+            break;
+    }
+    if (!s && o)
+        moe_optim_set_steps(o, c->optim_steps);
+    free(pv);
+    free(mv);
+    free(vv);
+    return s;
+}

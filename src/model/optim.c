@@ -1,0 +1,195 @@
+/*
+ * AdamW over the model's parameter table (model.h): moments in two backend buffers laid
+ * out like the table, the global-norm clip summed on the host in table order (so the
+ * same on every run), and the warmup + cosine schedule as a pure function of the step.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/model.h"
+
+struct moe_optim {
+    moe_model *m;
+    moe_optim_config c;
+    int64_t t;           /* steps taken */
+    moe_buf *mbuf, *vbuf;
+    int64_t *off;        /* [n params] offset of each parameter in mbuf / vbuf */
+    int n;
+};
+
+void moe_optim_config_default(moe_optim_config *o)
+{
+    memset(o, 0, sizeof *o);
+    o->lr = 3e-3;
+    o->min_lr_ratio = 0.1;
+    o->beta1 = 0.9;
+    o->beta2 = 0.95;
+    o->eps = 1e-8;
+    o->weight_decay = 0.1;
+    o->grad_clip = 1.0;
+}
+
+moe_status moe_optim_config_validate(const moe_optim_config *o)
+{
+#define BAD(...) return moe_error(MOE_ERR_ARG, __VA_ARGS__)
+    if (!o)
+        BAD("optimizer: no configuration");
+    if (!isfinite(o->lr) || o->lr < 0)
+        BAD("optimizer: lr must be a finite number >= 0 (got %g)", o->lr);
+    if (!isfinite(o->min_lr_ratio) || o->min_lr_ratio < 0 || o->min_lr_ratio > 1)
+        BAD("optimizer: min_lr_ratio must be in [0, 1] (got %g)", o->min_lr_ratio);
+    if (o->warmup_steps < 0 || o->total_steps < 0)
+        BAD("optimizer: warmup_steps and total_steps must be >= 0");
+    if (!(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1))
+        BAD("optimizer: beta1 and beta2 must be in [0, 1) (got %g, %g)", o->beta1, o->beta2);
+    if (!isfinite(o->eps) || o->eps <= 0)
+        BAD("optimizer: eps must be > 0 (got %g)", o->eps);
+    if (!isfinite(o->weight_decay) || o->weight_decay < 0)
+        BAD("optimizer: weight_decay must be >= 0 (got %g)", o->weight_decay);
+    if (!isfinite(o->grad_clip))
+        BAD("optimizer: grad_clip must be finite (<= 0: off; got %g)", o->grad_clip);
+#undef BAD
+    return MOE_OK;
+}
+
+double moe_lr_at(const moe_optim_config *o, int64_t step)
+{
+    if (step < 0)
+        step = 0;
+    if (o->warmup_steps > 0 && step < o->warmup_steps)
+        return o->lr * (double)(step + 1) / (double)o->warmup_steps;
+    if (o->total_steps <= o->warmup_steps)
+        return o->lr;
+    double p = (double)(step - o->warmup_steps) / (double)(o->total_steps - o->warmup_steps);
+    if (p > 1)
+        p = 1;
+    const double lo = o->min_lr_ratio * o->lr;
+    return lo + 0.5 * (1.0 + cos(3.14159265358979323846 * p)) * (o->lr - lo);
+}
+
+moe_status moe_optim_create(moe_model *m, const moe_optim_config *c, moe_optim **out)
+{
+    if (!out)
+        return moe_error(MOE_ERR_ARG, "optimizer: out must not be NULL");
+    *out = NULL;
+    if (!m)
+        return moe_error(MOE_ERR_ARG, "optimizer: model must not be NULL");
+    moe_status s = moe_optim_config_validate(c);
+    if (s)
+        return s;
+    moe_optim *o = calloc(1, sizeof *o);
+    if (!o)
+        return moe_error(MOE_ERR_NOMEM, "optimizer: out of memory");
+    o->m = m;
+    o->c = *c;
+    o->n = moe_model_n_params(m);
+    o->off = calloc((size_t)o->n + 1, sizeof *o->off);
+    if (!o->off) {
+        moe_optim_free(o);
+        return moe_error(MOE_ERR_NOMEM, "optimizer: out of memory");
+    }
+    for (int i = 0; i < o->n; i++)
+        o->off[i + 1] = o->off[i] + moe_model_param(m, i)->numel;
+    moe_backend *b = moe_model_backend(m);
+    if ((s = b->alloc(b, o->off[o->n], &o->mbuf)) || (s = b->alloc(b, o->off[o->n], &o->vbuf))) {
+        moe_optim_free(o);
+        return s;
+    }
+    *out = o;
+    return MOE_OK;
+}
+
+void moe_optim_free(moe_optim *o)
+{
+    if (!o)
+        return;
+    moe_backend *b = moe_model_backend(o->m);
+    if (o->mbuf)
+        b->free(b, o->mbuf);
+    if (o->vbuf)
+        b->free(b, o->vbuf);
+    free(o->off);
+    free(o);
+}
+
+moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
+{
+    if (!o || !isfinite(grad_scale) || grad_scale <= 0)
+        return moe_error(MOE_ERR_ARG, "optimizer step: grad_scale must be a finite number > 0 (got %g)", grad_scale);
+    moe_backend *b = moe_model_backend(o->m);
+    double sumsq = 0;
+    for (int i = 0; i < o->n; i++) {
+        moe_tensor g;
+        moe_model_param_tensors(o->m, i, NULL, &g);
+        sumsq += b->grad_sumsq(b, g, moe_model_param(o->m, i)->numel);
+    }
+    const double norm = grad_scale * sqrt(sumsq);
+    if (!isfinite(norm))
+        return moe_error(MOE_ERR_ARG, "optimizer step: the gradient norm is not finite (step %lld); "
+                         "lower the learning rate", (long long)o->t);
+    /* as torch.nn.utils.clip_grad_norm_ */
+    double clip = 1.0;
+    if (o->c.grad_clip > 0 && norm > o->c.grad_clip)
+        clip = o->c.grad_clip / (norm + 1e-6);
+    const double lr = moe_lr_at(&o->c, o->t);
+    const int64_t t = o->t + 1;
+    for (int i = 0; i < o->n; i++) {
+        const moe_param_info *p = moe_model_param(o->m, i);
+        moe_tensor pt, g;
+        moe_model_param_tensors(o->m, i, &pt, &g);
+        b->adamw_step(b, pt, (moe_tensor){o->mbuf, o->off[i]}, (moe_tensor){o->vbuf, o->off[i]}, g, lr, o->c.beta1,
+                      o->c.beta2, o->c.eps, p->decay ? o->c.weight_decay : 0.0, grad_scale * clip, t, p->numel);
+    }
+    o->t = t;
+    moe_model_update_bias(o->m);
+    if (r) {
+        r->lr = lr;
+        r->grad_norm = norm;
+        r->clip_scale = clip;
+    }
+    return MOE_OK;
+}
+
+int64_t moe_optim_steps(const moe_optim *o)
+{
+    return o->t;
+}
+
+void moe_optim_set_steps(moe_optim *o, int64_t t)
+{
+    o->t = t < 0 ? 0 : t;
+}
+
+const moe_optim_config *moe_optim_config_of(const moe_optim *o)
+{
+    return &o->c;
+}
+
+moe_status moe_optim_set_config(moe_optim *o, const moe_optim_config *c)
+{
+    moe_status s = moe_optim_config_validate(c);
+    if (!s)
+        o->c = *c;
+    return s;
+}
+
+moe_status moe_optim_get_moments(moe_optim *o, int i, double *m, double *v)
+{
+    if (!o || i < 0 || i >= o->n)
+        return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
+    moe_backend *b = moe_model_backend(o->m);
+    const int64_t n = o->off[i + 1] - o->off[i];
+    moe_status s = m ? b->download(b, m, (moe_tensor){o->mbuf, o->off[i]}, n) : MOE_OK;
+    return s || !v ? s : b->download(b, v, (moe_tensor){o->vbuf, o->off[i]}, n);
+}
+
+moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const double *v)
+{
+    if (!o || i < 0 || i >= o->n)
+        return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
+    moe_backend *b = moe_model_backend(o->m);
+    const int64_t n = o->off[i + 1] - o->off[i];
+    moe_status s = m ? b->upload(b, (moe_tensor){o->mbuf, o->off[i]}, m, n) : MOE_OK;
+    return s || !v ? s : b->upload(b, (moe_tensor){o->vbuf, o->off[i]}, v, n);
+}
