@@ -3,36 +3,39 @@
  * double and every op calls its twin in ref/, so `--backend ref` runs exactly the
  * reference and any other backend can be compared with it op by op.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend/backend.h"
 #include "ref/ref.h"
-
-struct moe_buf {
-    int64_t n;
-    double *d;
-};
+#include "ref/ref_backend.h"
 
 struct moe_bplan {
     moe_plan *p;
     int64_t T, k; /* as allocated: moe_ref_route sizes its [T, k] arrays from the plan's T·k on entry */
 };
 
-#define D(t) ((t).buf ? (t).buf->d + (t).off : NULL)
+struct moe_event {
+    int unused;
+};
 
-static moe_status ref_alloc(moe_backend *b, int64_t n, moe_buf **out)
+static moe_status ref_alloc(moe_backend *b, moe_dtype t, int64_t n, moe_buf **out)
 {
     *out = NULL;
-    if (n < 0)
+    if (t != MOE_F64 && t != MOE_I32)
+        return moe_error(MOE_ERR_ARG, "ref backend: buffers hold f64 or i32, not %s (the oracle computes in double)",
+                         moe_dtype_name(t));
+    if (n < 0 || (uint64_t)n > SIZE_MAX / sizeof(double))
         return moe_error(MOE_ERR_ARG, "ref backend: cannot allocate %lld elements", (long long)n);
     moe_buf *buf = malloc(sizeof *buf);
-    double *d = calloc(n ? (size_t)n : 1, sizeof *d);
+    void *d = calloc(n ? (size_t)n : 1, moe_dtype_size(t));
     if (!buf || !d) {
         free(buf);
         free(d);
-        return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for %lld doubles", (long long)n);
+        return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for %lld %s (%.1f MiB)", (long long)n,
+                         moe_dtype_name(t), (double)n * (double)moe_dtype_size(t) / 1048576.0);
     }
+    buf->type = t;
     buf->n = n;
     buf->d = d;
     *out = buf;
@@ -47,6 +50,11 @@ static void ref_free(moe_backend *b, moe_buf *buf)
     }
 }
 
+static moe_dtype ref_dtype(moe_backend *b, const moe_buf *buf)
+{
+    return buf->type;
+}
+
 static moe_status check_range(moe_tensor t, int64_t n, const char *what)
 {
     if (!t.buf || t.off < 0 || n < 0 || t.off > t.buf->n - n)
@@ -55,20 +63,23 @@ static moe_status check_range(moe_tensor t, int64_t n, const char *what)
     return MOE_OK;
 }
 
-static moe_status ref_upload(moe_backend *b, moe_tensor dst, const double *src, int64_t n)
+static void *at(moe_tensor t)
 {
-    moe_status s = check_range(dst, n, "upload");
-    if (s == MOE_OK)
-        memcpy(dst.buf->d + dst.off, src, (size_t)n * sizeof *src);
-    return s;
+    return (char *)t.buf->d + (size_t)t.off * moe_dtype_size(t.buf->type);
 }
 
-static moe_status ref_download(moe_backend *b, double *dst, moe_tensor src, int64_t n)
+static moe_status ref_upload(moe_backend *b, moe_tensor dst, const void *src, moe_dtype st, int64_t n)
 {
-    moe_status s = check_range(src, n, "download");
+    moe_status s = check_range(dst, n, "upload");
+    return s ? s : moe_convert(at(dst), dst.buf->type, src, st, n);
+}
+
+static moe_status ref_download(moe_backend *b, void *dst, moe_dtype dt, moe_tensor src, int64_t n)
+{
+    moe_status s = moe_backend_take_error(b);
     if (s == MOE_OK)
-        memcpy(dst, src.buf->d + src.off, (size_t)n * sizeof *dst);
-    return s;
+        s = check_range(src, n, "download");
+    return s ? s : moe_convert(dst, dt, at(src), src.buf->type, n);
 }
 
 static void ref_fill(moe_backend *b, moe_tensor t, double v, int64_t n)
@@ -76,6 +87,71 @@ static void ref_fill(moe_backend *b, moe_tensor t, double v, int64_t n)
     double *d = D(t);
     for (int64_t i = 0; i < n; i++)
         d[i] = v;
+}
+
+static void ref_copy(moe_backend *b, moe_tensor dst, moe_tensor src, int64_t n)
+{
+    if (dst.buf->type != src.buf->type) {
+        moe_backend_fail(b, "copy", MOE_ERR_ARG, "from %s to %s", moe_dtype_name(src.buf->type),
+                         moe_dtype_name(dst.buf->type));
+        return;
+    }
+    memmove(at(dst), at(src), (size_t)n * moe_dtype_size(dst.buf->type));
+}
+
+static moe_status ref_sync(moe_backend *b)
+{
+    return moe_backend_take_error(b);
+}
+
+static void ref_set_stream(moe_backend *b, int stream)
+{
+}
+
+static moe_status ref_event_create(moe_backend *b, moe_event **out)
+{
+    *out = calloc(1, sizeof **out);
+    return *out ? MOE_OK : moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for an event");
+}
+
+static void ref_event_free(moe_backend *b, moe_event *ev)
+{
+    free(ev);
+}
+
+static void ref_event_nop(moe_backend *b, moe_event *ev)
+{
+}
+
+double *moe_ref_scratch(moe_backend *b, int64_t n, const char *op)
+{
+    moe_ref_state *st = b->impl;
+    if (n <= st->scratch_n)
+        return st->scratch;
+    moe_backend_fail(b, op, MOE_ERR_ARG, "needs %lld doubles of scratch, %lld were reserved", (long long)n,
+                     (long long)st->scratch_n);
+    return NULL;
+}
+
+/* Only attention needs scratch here; the reference MoE ops allocate their own temporaries. */
+static moe_status ref_reserve(moe_backend *b, const moe_workload *w)
+{
+    moe_ref_state *st = b->impl;
+    int64_t n = w && w->batch > 0 ? w->batch * w->heads * w->seq * w->seq : 0;
+    if (n <= st->scratch_n)
+        return MOE_OK;
+    double *p = malloc((size_t)n * sizeof *p);
+    if (!p)
+        return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for %lld doubles of scratch", (long long)n);
+    free(st->scratch);
+    st->scratch = p;
+    st->scratch_n = n;
+    return MOE_OK;
+}
+
+static int ref_set_threads(moe_backend *b, int n)
+{
+    return n > 0 ? n : 1;
 }
 
 static void ref_matmul_forward(moe_backend *b, moe_tensor out, moe_tensor x, moe_tensor w, int64_t T, int64_t K,
@@ -174,16 +250,20 @@ static moe_status ref_plan_download(moe_backend *b, moe_plan *h, const moe_bplan
     return MOE_OK;
 }
 
-static moe_status ref_route(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias,
-                            const int32_t *token_ids, const moe_layer_config *c, uint64_t step, int64_t T)
+static void ref_route(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias,
+                      moe_tensor *token_ids, const moe_layer_config *c, moe_key key, int64_t T)
 {
     p->p->T = p->T;
     p->p->k = p->k;
-    return moe_ref_route(p->p, D(s), D(h), bias ? D(*bias) : NULL, token_ids, c, step, T);
+    if (moe_ref_route(p->p, D(s), D(h), bias ? D(*bias) : NULL, token_ids ? IDS(*token_ids) : NULL, c, key, T))
+        moe_backend_fail(b, "route", MOE_ERR_ARG, "%s", moe_last_error());
 }
 
 static moe_status ref_plan_upload(moe_backend *b, moe_bplan *bp, const moe_plan *h)
 {
+    moe_status st = moe_plan_check(h);
+    if (st)
+        return st;
     if (h->E != bp->p->E || h->n > bp->p->cap_n || h->T * h->k > bp->T * bp->k)
         return moe_error(MOE_ERR_ARG, "ref backend: plan of %lld assignments, T·k = %lld does not fit",
                          (long long)h->n, (long long)(h->T * h->k));
@@ -192,21 +272,56 @@ static moe_status ref_plan_upload(moe_backend *b, moe_bplan *bp, const moe_plan 
     return ref_plan_download(b, bp->p, &(moe_bplan){(moe_plan *)h, h->T, h->k});
 }
 
-static void ref_plan_stats(moe_backend *b, const moe_bplan *bp, int64_t *n, int64_t *dropped, int64_t *count,
-                           int64_t *selected)
+static moe_status ref_plan_set_counts(moe_backend *b, moe_bplan *bp, const int64_t *counts)
 {
-    const moe_plan *p = bp->p;
-    if (n)
-        *n = p->n;
-    if (dropped)
-        *dropped = p->dropped;
-    if (count)
-        memcpy(count, p->count, (size_t)p->E * sizeof *count);
-    if (selected)
-        memcpy(selected, p->selected, (size_t)p->E * sizeof *selected);
+    moe_plan *p = bp->p;
+    int64_t n = 0;
+    for (int64_t e = 0; e < p->E; e++) {
+        if (counts[e] < 0 || counts[e] > p->cap_n - n)
+            return moe_error(MOE_ERR_ARG, "ref backend: expert %lld's %lld rows do not fit a plan of %lld",
+                             (long long)e, (long long)counts[e], (long long)p->cap_n);
+        p->offsets[e] = n;
+        p->count[e] = p->selected[e] = counts[e];
+        n += counts[e];
+    }
+    p->offsets[p->E] = n;
+    p->n = n;
+    p->dropped = 0;
+    return MOE_OK;
 }
 
-#define OPT(t) ((t) ? D(*(t)) : NULL)
+static void ref_plan_counts(moe_backend *b, moe_tensor out, const moe_bplan *bp)
+{
+    const moe_plan *p = bp->p;
+    double *o = D(out);
+    for (int64_t e = 0; e < p->E; e++) {
+        o[e] = (double)p->count[e];
+        o[p->E + e] = (double)p->selected[e];
+    }
+    o[2 * p->E] = (double)p->n;
+    o[2 * p->E + 1] = (double)p->dropped;
+}
+
+static void ref_plan_fill(moe_backend *b, moe_tensor t, double v, const moe_bplan *p, int64_t width)
+{
+    ref_fill(b, t, v, p->p->n * width);
+}
+
+static void ref_bias_update(moe_backend *b, moe_tensor bias, moe_tensor counts, double rate, int64_t E)
+{
+    double *bb = D(bias);
+    const double *c = D(counts);
+    double mean = 0;
+    for (int64_t e = 0; e < E; e++)
+        mean += c[e];
+    mean /= (double)E;
+    for (int64_t e = 0; e < E; e++) {
+        const double err = mean - c[e];
+        bb[e] += rate * (double)((err > 0) - (err < 0));
+    }
+}
+
+#define OPT(t) DOPT(t)
 
 static void ref_route_backward(moe_backend *b, moe_tensor ds, moe_tensor *dweight, moe_tensor *dchoice,
                                const moe_bplan *p, moe_tensor s, moe_tensor *bias, const moe_layer_config *c)
@@ -252,9 +367,9 @@ static void ref_experts_backward(moe_backend *b, moe_tensor dxe, moe_tensor dw1,
                              D(w1), w3 ? D(*w3) : NULL, D(w2), p->p->offsets, act, p->p->E, d, f);
 }
 
-static double ref_lb_forward(moe_backend *b, moe_tensor s, const moe_bplan *p, int64_t T, int64_t E)
+static void ref_lb_forward(moe_backend *b, moe_tensor out, moe_tensor s, const moe_bplan *p, int64_t T, int64_t E)
 {
-    return moe_ref_lb_loss_forward(D(s), p->p, T, E);
+    D(out)[0] = moe_ref_lb_loss_forward(D(s), p->p, T, E);
 }
 
 static void ref_lb_backward(moe_backend *b, moe_tensor ds, double coef, const moe_bplan *p, int64_t T, int64_t E)
@@ -262,29 +377,24 @@ static void ref_lb_backward(moe_backend *b, moe_tensor ds, double coef, const mo
     moe_ref_lb_loss_backward(D(ds), coef, p->p, T, E);
 }
 
-static double ref_z_forward(moe_backend *b, moe_tensor z, int64_t T, int64_t E)
+static void ref_z_forward(moe_backend *b, moe_tensor out, moe_tensor z, int64_t T, int64_t E)
 {
-    return moe_ref_z_loss_forward(D(z), T, E);
+    D(out)[0] = moe_ref_z_loss_forward(D(z), T, E);
+}
+
+static void ref_cv2_forward(moe_backend *b, moe_tensor out, moe_tensor v, int64_t E)
+{
+    D(out)[0] = moe_ref_cv2_forward(D(v), E);
+}
+
+static void ref_cv2_backward(moe_backend *b, moe_tensor dv, double coef, moe_tensor v, int64_t E)
+{
+    moe_ref_cv2_backward(D(dv), coef, D(v), E);
 }
 
 static void ref_z_backward(moe_backend *b, moe_tensor dz, double coef, moe_tensor z, int64_t T, int64_t E)
 {
     moe_ref_z_loss_backward(D(dz), coef, D(z), T, E);
-}
-
-static void ref_copy(moe_backend *b, moe_tensor dst, moe_tensor src, int64_t n)
-{
-    memmove(dst.buf->d + dst.off, src.buf->d + src.off, (size_t)n * sizeof(double));
-}
-
-static moe_status ref_reserve(moe_backend *b, int64_t n)
-{
-    return MOE_OK; /* the reference ops need no scratch */
-}
-
-static int ref_set_threads(moe_backend *b, int n)
-{
-    return n > 0 ? n : 1;
 }
 
 static void ref_rowscale_forward(moe_backend *b, moe_tensor y, moe_tensor v, moe_tensor a, int64_t as, int64_t T,
@@ -322,9 +432,9 @@ static void ref_add(moe_backend *b, moe_tensor y, moe_tensor x, int64_t n)
 }
 
 static void ref_jitter_forward(moe_backend *b, moe_tensor xr, moe_tensor u, moe_tensor x, double eps, uint64_t seed,
-                               int64_t layer, uint64_t step, int64_t T, int64_t d)
+                               int64_t layer, moe_key key, int64_t T, int64_t d)
 {
-    moe_ref_jitter_forward(D(xr), D(u), D(x), eps, seed, layer, step, T, d);
+    moe_ref_jitter_forward(D(xr), D(u), D(x), eps, seed, layer, key, T, d);
 }
 
 static void ref_jitter_backward(moe_backend *b, moe_tensor dx, moe_tensor dxr, moe_tensor u, int64_t T, int64_t d)
@@ -333,9 +443,9 @@ static void ref_jitter_backward(moe_backend *b, moe_tensor dx, moe_tensor dxr, m
 }
 
 static void ref_noisy_logits_forward(moe_backend *b, moe_tensor h, moe_tensor eps, moe_tensor z, moe_tensor zn,
-                                     int training, uint64_t seed, int64_t layer, uint64_t step, int64_t T, int64_t E)
+                                     int training, uint64_t seed, int64_t layer, moe_key key, int64_t T, int64_t E)
 {
-    moe_ref_noisy_logits_forward(D(h), D(eps), D(z), D(zn), training, seed, layer, step, T, E);
+    moe_ref_noisy_logits_forward(D(h), D(eps), D(z), D(zn), training, seed, layer, key, T, E);
 }
 
 static void ref_noisy_logits_backward(moe_backend *b, moe_tensor *dz, moe_tensor *dzn, moe_tensor dh, moe_tensor eps,
@@ -383,92 +493,97 @@ static void ref_importance_backward(moe_backend *b, moe_tensor *dweight, moe_ten
     moe_ref_importance_backward(OPT(dweight), OPT(dchoice), D(dimp), p->p);
 }
 
-static double ref_mi_forward(moe_backend *b, moe_tensor s, const int32_t *task, int64_t M, int64_t T, int64_t E)
+static void ref_mi_forward(moe_backend *b, moe_tensor out, moe_tensor s, moe_tensor task, int64_t M, int64_t T,
+                           int64_t E)
 {
-    return moe_ref_mi_loss_forward(D(s), task, M, T, E);
+    D(out)[0] = moe_ref_mi_loss_forward(D(s), IDS(task), M, T, E);
 }
 
-static void ref_mi_backward(moe_backend *b, moe_tensor ds, double coef, moe_tensor s, const int32_t *task, int64_t M,
+static void ref_mi_backward(moe_backend *b, moe_tensor ds, double coef, moe_tensor s, moe_tensor task, int64_t M,
                             int64_t T, int64_t E)
 {
-    moe_ref_mi_loss_backward(D(ds), coef, D(s), task, M, T, E);
+    moe_ref_mi_loss_backward(D(ds), coef, D(s), IDS(task), M, T, E);
 }
 
 static void ref_destroy(moe_backend *b)
 {
+    moe_ref_state *st = b->impl;
+    free(st->scratch);
+    free(st);
     free(b);
 }
 
-moe_status moe_backend_ref_create(moe_backend **out)
+moe_status moe_backend_ref_create(const moe_backend_options *o, moe_backend **out)
 {
     moe_backend *b = calloc(1, sizeof *b);
+    moe_ref_state *st = calloc(1, sizeof *st);
     *out = NULL;
-    if (!b)
+    if (!b || !st) {
+        free(b);
+        free(st);
         return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory");
+    }
     b->name = "ref";
-    b->elem_size = sizeof(double);
+    b->float_type = MOE_F64;
+    b->impl = st;
     b->alloc = ref_alloc;
     b->free = ref_free;
+    b->dtype = ref_dtype;
     b->upload = ref_upload;
     b->download = ref_download;
     b->fill = ref_fill;
+    b->copy = ref_copy;
+    b->sync = ref_sync;
+    b->set_stream = ref_set_stream;
+    b->event_create = ref_event_create;
+    b->event_free = ref_event_free;
+    b->event_record = ref_event_nop;
+    b->stream_wait = ref_event_nop;
+    b->reserve = ref_reserve;
+    b->set_threads = ref_set_threads;
     b->matmul_forward = ref_matmul_forward;
     b->matmul_backward = ref_matmul_backward;
+    b->rowscale_forward = ref_rowscale_forward;
+    b->rowscale_backward = ref_rowscale_backward;
+    b->add = ref_add;
+    b->jitter_forward = ref_jitter_forward;
+    b->jitter_backward = ref_jitter_backward;
     b->scores_forward = ref_scores_forward;
     b->scores_backward = ref_scores_backward;
+    b->noisy_logits_forward = ref_noisy_logits_forward;
+    b->noisy_logits_backward = ref_noisy_logits_backward;
+    b->noisy_load_forward = ref_noisy_load_forward;
+    b->noisy_load_backward = ref_noisy_load_backward;
     b->plan_create = ref_plan_create;
     b->plan_free = ref_plan_free;
     b->plan_download = ref_plan_download;
     b->plan_upload = ref_plan_upload;
-    b->plan_stats = ref_plan_stats;
+    b->plan_set_counts = ref_plan_set_counts;
+    b->plan_counts = ref_plan_counts;
+    b->plan_fill = ref_plan_fill;
     b->route = ref_route;
     b->route_backward = ref_route_backward;
+    b->bias_update = ref_bias_update;
     b->dispatch_forward = ref_dispatch_forward;
     b->dispatch_backward = ref_dispatch_backward;
     b->combine_forward = ref_combine_forward;
     b->combine_backward = ref_combine_backward;
+    b->ffn_forward = ref_ffn_forward;
+    b->ffn_backward = ref_ffn_backward;
     b->experts_forward = ref_experts_forward;
     b->experts_backward = ref_experts_backward;
     b->lb_loss_forward = ref_lb_forward;
     b->lb_loss_backward = ref_lb_backward;
     b->z_loss_forward = ref_z_forward;
     b->z_loss_backward = ref_z_backward;
-    b->copy = ref_copy;
-    b->reserve = ref_reserve;
-    b->set_threads = ref_set_threads;
-    b->rowscale_forward = ref_rowscale_forward;
-    b->rowscale_backward = ref_rowscale_backward;
-    b->add = ref_add;
-    b->jitter_forward = ref_jitter_forward;
-    b->jitter_backward = ref_jitter_backward;
-    b->noisy_logits_forward = ref_noisy_logits_forward;
-    b->noisy_logits_backward = ref_noisy_logits_backward;
-    b->noisy_load_forward = ref_noisy_load_forward;
-    b->noisy_load_backward = ref_noisy_load_backward;
-    b->ffn_forward = ref_ffn_forward;
-    b->ffn_backward = ref_ffn_backward;
     b->importance_forward = ref_importance_forward;
     b->importance_backward = ref_importance_backward;
+    b->cv2_forward = ref_cv2_forward;
+    b->cv2_backward = ref_cv2_backward;
     b->mi_loss_forward = ref_mi_forward;
     b->mi_loss_backward = ref_mi_backward;
     b->destroy = ref_destroy;
-    moe_backend_ref_model_ops(b);
+    moe_ref_model_ops(b);
     *out = b;
     return MOE_OK;
-}
-
-moe_status moe_backend_create(const char *name, int threads, moe_backend **out)
-{
-    *out = NULL;
-    if (name && !strcmp(name, "ref"))
-        return moe_backend_ref_create(out);
-    if (name && !strcmp(name, "cpu"))
-        return moe_backend_cpu_create(threads, out);
-    return moe_error(MOE_ERR_ARG, "backend: unknown backend '%s' (ref or cpu)", name ? name : "(null)");
-}
-
-void moe_backend_free(moe_backend *b)
-{
-    if (b)
-        b->destroy(b);
 }

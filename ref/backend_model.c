@@ -3,28 +3,21 @@
  * ref/model_ops.h. The LM head with the weight in [N, K] layout and the bias add have no
  * twin there; they are the obvious loops, here.
  */
-#include "backend/backend.h"
+#include <math.h>
+
 #include "ref/model_ops.h"
+#include "ref/ref_backend.h"
 
-/* The ref backend's buffer (ref/backend.c): a plain array of double. */
-struct moe_buf {
-    int64_t n;
-    double *d;
-};
-
-#define D(t) ((t).buf ? (t).buf->d + (t).off : NULL)
-#define DOPT(t) ((t) ? D(*(t)) : NULL)
-
-static void embedding_forward(moe_backend *b, moe_tensor out, const int32_t *tokens, moe_tensor wte, int64_t N,
+static void embedding_forward(moe_backend *b, moe_tensor out, moe_tensor tokens, moe_tensor wte, int64_t N,
                               int64_t C)
 {
-    moe_ref_embedding_forward(D(out), tokens, D(wte), N, C);
+    moe_ref_embedding_forward(D(out), IDS(tokens), D(wte), N, C);
 }
 
-static void embedding_backward(moe_backend *b, moe_tensor dwte, moe_tensor dout, const int32_t *tokens, int64_t N,
+static void embedding_backward(moe_backend *b, moe_tensor dwte, moe_tensor dout, moe_tensor tokens, int64_t N,
                                int64_t C)
 {
-    moe_ref_embedding_backward(D(dwte), D(dout), tokens, N, C);
+    moe_ref_embedding_backward(D(dwte), D(dout), IDS(tokens), N, C);
 }
 
 static void rmsnorm_forward(moe_backend *b, moe_tensor out, moe_tensor rstd, moe_tensor x, moe_tensor w, double eps,
@@ -51,23 +44,33 @@ static void rope_backward(moe_backend *b, moe_tensor dx, moe_tensor dout, int64_
     moe_ref_rope_backward(D(dx), D(dout), pos0, theta, B, S, nh, hd);
 }
 
+/* the oracle saves the probabilities [B, H, S, S] */
+static int64_t attention_saved(moe_backend *b, int64_t B, int64_t S, int64_t H)
+{
+    return B * H * S * S;
+}
+
 static void attention_forward(moe_backend *b, moe_tensor out, moe_tensor att, moe_tensor q, moe_tensor k,
                               moe_tensor v, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd)
 {
     moe_ref_attention_forward(D(out), D(att), D(q), D(k), D(v), B, S, H, Hkv, hd);
 }
 
-static void attention_backward(moe_backend *b, moe_tensor dq, moe_tensor dk, moe_tensor dv, moe_tensor datt,
-                               moe_tensor dout, moe_tensor att, moe_tensor q, moe_tensor k, moe_tensor v, int64_t B,
+static void attention_backward(moe_backend *b, moe_tensor dq, moe_tensor dk, moe_tensor dv, moe_tensor dout,
+                               moe_tensor out, moe_tensor att, moe_tensor q, moe_tensor k, moe_tensor v, int64_t B,
                                int64_t S, int64_t H, int64_t Hkv, int64_t hd)
 {
-    moe_ref_attention_backward(D(dq), D(dk), D(dv), D(datt), D(dout), D(att), D(q), D(k), D(v), B, S, H, Hkv, hd);
+    double *datt = moe_ref_scratch(b, B * H * S * S, "attention_backward");
+    if (datt)
+        moe_ref_attention_backward(D(dq), D(dk), D(dv), datt, D(dout), D(att), D(q), D(k), D(v), B, S, H, Hkv, hd);
 }
 
-static void attention_decode(moe_backend *b, moe_tensor out, moe_tensor att, moe_tensor q, moe_tensor kc,
-                             moe_tensor vc, int64_t pos, int64_t H, int64_t Hkv, int64_t hd)
+static void attention_decode(moe_backend *b, moe_tensor out, moe_tensor q, moe_tensor kc, moe_tensor vc, int64_t pos,
+                             int64_t H, int64_t Hkv, int64_t hd)
 {
-    moe_ref_attention_decode(D(out), D(att), D(q), D(kc), D(vc), pos, H, Hkv, hd);
+    double *att = moe_ref_scratch(b, H * (pos + 1), "attention_decode");
+    if (att)
+        moe_ref_attention_decode(D(out), att, D(q), D(kc), D(vc), pos, H, Hkv, hd);
 }
 
 static void matmul_t_forward(moe_backend *b, moe_tensor out, moe_tensor x, moe_tensor w, int64_t T, int64_t K,
@@ -125,31 +128,45 @@ static void bias_backward(moe_backend *b, moe_tensor dbias, moe_tensor dy, int64
             db[n] += g[t * N + n];
 }
 
-static double crossentropy_forward(moe_backend *b, moe_tensor probs, moe_tensor logits, const int32_t *targets,
-                                   int64_t N, int64_t V)
+static void crossentropy_forward(moe_backend *b, moe_tensor loss, moe_tensor probs, moe_tensor logits,
+                                 moe_tensor targets, int64_t N, int64_t V)
 {
-    return moe_ref_crossentropy_forward(D(probs), D(logits), targets, N, V);
+    D(loss)[0] = moe_ref_crossentropy_forward(D(probs), D(logits), IDS(targets), N, V);
 }
 
-static void crossentropy_backward(moe_backend *b, moe_tensor dlogits, moe_tensor probs, const int32_t *targets,
+static void crossentropy_backward(moe_backend *b, moe_tensor dlogits, moe_tensor probs, moe_tensor targets,
                                   double dloss, int64_t N, int64_t V)
 {
-    moe_ref_crossentropy_backward(D(dlogits), D(probs), targets, dloss, N, V);
+    moe_ref_crossentropy_backward(D(dlogits), D(probs), IDS(targets), dloss, N, V);
 }
 
-static void adamw_step(moe_backend *b, moe_tensor p, moe_tensor m, moe_tensor v, moe_tensor g, double lr,
-                       double beta1, double beta2, double eps, double wd, double grad_scale, int64_t t, int64_t n)
+static void grad_sumsq(moe_backend *b, moe_tensor acc, moe_tensor g, int64_t n)
 {
-    moe_ref_adamw_step(D(p), D(m), D(v), D(g), lr, beta1, beta2, eps, wd, grad_scale, t, n);
+    D(acc)[0] += moe_ref_grad_sumsq(D(g), n);
 }
 
-static double grad_sumsq(moe_backend *b, moe_tensor g, int64_t n)
+static void clip_scale(moe_backend *b, moe_tensor scale, moe_tensor sumsq, double grad_scale, double max_norm)
 {
-    return moe_ref_grad_sumsq(D(g), n);
+    const double s2 = grad_scale * grad_scale * D(sumsq)[0];
+    D(scale)[0] = isfinite(s2) ? (grad_scale * moe_ref_clip_scale(s2, max_norm)) : NAN;
 }
 
-void moe_backend_ref_model_ops(moe_backend *b)
+static void adamw_step(moe_backend *b, moe_tensor p, moe_tensor *master, moe_tensor m, moe_tensor v, moe_tensor g,
+                       moe_tensor scale, double lr, double beta1, double beta2, double eps, double wd, int64_t t,
+                       int64_t n)
 {
+    const double sc = D(scale)[0];
+    if (!isfinite(sc)) /* a non-finite gradient norm: the step is skipped, the host reports it */
+        return;
+    moe_ref_adamw_step(master ? D(*master) : D(p), D(m), D(v), D(g), lr, beta1, beta2, eps, wd, sc, t, n);
+    if (master)
+        b->copy(b, p, *master, n);
+}
+
+void moe_ref_model_ops(moe_backend *b)
+{
+    b->attention_saved = attention_saved;
+    b->clip_scale = clip_scale;
     b->embedding_forward = embedding_forward;
     b->embedding_backward = embedding_backward;
     b->rmsnorm_forward = rmsnorm_forward;

@@ -70,6 +70,12 @@ static double *ptr(const moe_arena *a, const char *name)
  * parameters out with this too, so both name, shape and order them identically. */
 moe_status moe_layer_param_layout(const moe_layer_config *c, moe_arena *a)
 {
+    return moe_layer_param_layout_local(c, c->n_experts, a);
+}
+
+/* The same with the experts' tensors holding El of the E experts (an expert-parallel shard). */
+moe_status moe_layer_param_layout_local(const moe_layer_config *c, int64_t El, moe_arena *a)
+{
     const int64_t d = c->d_model, f = c->d_ff, E = c->n_experts;
     const int64_t Fs = c->n_shared * (c->d_ff_shared > 0 ? c->d_ff_shared : f);
     const int64_t Fd = c->residual ? (c->d_ff_dense > 0 ? c->d_ff_dense : f) : 0;
@@ -82,11 +88,11 @@ moe_status moe_layer_param_layout(const moe_layer_config *c, moe_arena *a)
     if (c->use_bias && !s)
         s = add(a, "router.bias", 1, E, 0, 0);
     if (!s)
-        s = add(a, "experts.w1", 3, E, d, f);
+        s = add(a, "experts.w1", 3, El, d, f);
     if (glu && !s)
-        s = add(a, "experts.w3", 3, E, d, f);
+        s = add(a, "experts.w3", 3, El, d, f);
     if (!s)
-        s = add(a, "experts.w2", 3, E, f, d);
+        s = add(a, "experts.w2", 3, El, f, d);
     if (Fs) {
         if (!s)
             s = add(a, "shared.w1", 2, d, Fs, 0);
@@ -398,19 +404,19 @@ static moe_status check_ids(const moe_ref_layer *l, const int32_t *token_ids, co
 }
 
 /* Logits, noise and scores: xr, z, zn, eps, h, s. */
-static void router_forward(moe_ref_layer *l, int64_t T, uint64_t step, int training)
+static void router_forward(moe_ref_layer *l, int64_t T, moe_key key, int training)
 {
     const moe_layer_config *c = &l->c;
     const int64_t d = l->d, E = l->E;
     l->jittered = training && c->jitter_eps > 0;
     if (l->jittered)
-        moe_ref_jitter_forward(l->xr, l->u, l->x, c->jitter_eps, c->seed, c->layer, step, T, d);
+        moe_ref_jitter_forward(l->xr, l->u, l->x, c->jitter_eps, c->seed, c->layer, key, T, d);
     else
         memcpy(l->xr, l->x, (size_t)(T * d) * sizeof *l->x);
     moe_ref_matmul_forward(l->z, l->xr, l->wr, T, d, E);
     if (c->router == MOE_ROUTER_NOISY_TOPK) {
         moe_ref_matmul_forward(l->zn, l->xr, l->wn, T, d, E);
-        moe_ref_noisy_logits_forward(l->h, l->eps, l->z, l->zn, training, c->seed, c->layer, step, T, E);
+        moe_ref_noisy_logits_forward(l->h, l->eps, l->z, l->zn, training, c->seed, c->layer, key, T, E);
     } else {
         memcpy(l->h, l->z, (size_t)(T * E) * sizeof *l->h);
     }
@@ -484,7 +490,7 @@ static void residual_forward(moe_ref_layer *l, double *y, int64_t T)
 }
 
 moe_status moe_ref_layer_forward(moe_ref_layer *l, double *y, const double *x, const int32_t *token_ids,
-                                 const int32_t *task_ids, int64_t T, uint64_t step, int training)
+                                 const int32_t *task_ids, int64_t T, moe_key key, int training)
 {
     if (!l || !y || !x)
         return moe_error(MOE_ERR_ARG, "layer forward: layer, y and x must not be NULL");
@@ -506,10 +512,10 @@ moe_status moe_ref_layer_forward(moe_ref_layer *l, double *y, const double *x, c
         memset(l->task, 0, (size_t)T * sizeof *l->task);
 
     if (l->router)
-        router_forward(l, T, step, training);
+        router_forward(l, T, key, training);
     l->plan->T = l->plan_T;
     l->plan->k = l->plan_k;
-    st = moe_ref_route(l->plan, l->s, l->h, l->bias, token_ids, c, step, T);
+    st = moe_ref_route(l->plan, l->s, l->h, l->bias, token_ids, c, key, T);
     if (st)
         return st;
     aux_forward(l, T);

@@ -23,10 +23,11 @@ void moe_ref_matmul_backward(double *dx /* [T, K] */, double *dw /* [K, N] */,
 
 /* ---- router (ref/router.c) ------------------------------------------------ */
 
-/* Switch's jitter: xr = x ⊙ u, u ~ U(1-eps, 1+eps) keyed (seed, JITTER|layer<<8, step, t, i). */
+/* Switch's jitter: xr = x ⊙ u, u ~ U(1-eps, 1+eps) keyed (seed, JITTER|layer|micro, step,
+ * token0 + t, i). */
 void moe_ref_jitter_forward(double *xr /* [T, d] */, double *u /* [T, d] saved */,
                             const double *x /* [T, d] */, double eps, uint64_t seed,
-                            int64_t layer, uint64_t step, int64_t T, int64_t d);
+                            int64_t layer, moe_key key, int64_t T, int64_t d);
 void moe_ref_jitter_backward(double *dx /* [T, d] */, const double *dxr /* [T, d] */,
                              const double *u /* [T, d] */, int64_t T, int64_t d);
 
@@ -38,11 +39,11 @@ void moe_ref_softmax_backward(double *dz /* [T, E] */, const double *ds /* [T, E
 void moe_ref_sigmoid_forward(double *s, const double *z, int64_t n);
 void moe_ref_sigmoid_backward(double *dz, const double *ds, const double *s, int64_t n);
 
-/* Noisy gating: h = z + ε·softplus(zn), ε ~ N(0,1) keyed (seed, NOISE|layer<<8, step, t, e).
+/* Noisy gating: h = z + ε·softplus(zn), ε ~ N(0,1) keyed (seed, NOISE|layer|micro, step, token0 + t, e).
  * Not training: h = z and eps is filled with 0. */
 void moe_ref_noisy_logits_forward(double *h /* [T, E] */, double *eps /* [T, E] saved */,
                                   const double *z /* [T, E] clean */, const double *zn /* [T, E] x·Wnoise */,
-                                  int training, uint64_t seed, int64_t layer, uint64_t step,
+                                  int training, uint64_t seed, int64_t layer, moe_key key,
                                   int64_t T, int64_t E);
 void moe_ref_noisy_logits_backward(double *dz, double *dzn, const double *dh,
                                    const double *eps, const double *zn, int64_t T, int64_t E);
@@ -69,7 +70,7 @@ void moe_ref_noisy_load_backward(double *dz, double *dzn, double *dh, const doub
  */
 moe_status moe_ref_route(moe_plan *p, const double *s /* [T, E] */, const double *h /* [T, E] */,
                          const double *bias /* [E] or NULL */, const int32_t *token_ids /* [T] or NULL */,
-                         const moe_layer_config *c, uint64_t step, int64_t T);
+                         const moe_layer_config *c, moe_key key, int64_t T);
 /* ds += ∂(Σ_i dweight_i·weight_i + Σ_tj dchoice_tj·choice_weight_tj)/∂s, through the
  * renormalisation when used. dweight [n] comes from combine, dchoice_weight [T, k] from
  * the importance loss; either may be NULL (dchoice_weight is ignored without choice arrays).
@@ -148,6 +149,10 @@ void moe_ref_combine_backward(double *dye /* [n, d] */, double *dweight /* [n] *
                               const double *ye /* [n, d] */, const moe_plan *p, int64_t d);
 
 /* ---- the composed layer (ref/moe_layer.c) --------------------------------- */
+
+/* moe_layer_param_layout (cmoe.h) with the experts' tensors holding local_experts of the
+ * config's experts: the shard of one rank under expert parallelism. */
+moe_status moe_layer_param_layout_local(const moe_layer_config *c, int64_t local_experts, moe_arena *a);
 
 /* A tensor the reference layer saved in its last forward, for tests and the oracle tool
  * (NULL when absent): "x", "router.xr", "router.z", "router.zn", "router.eps", "router.h",

@@ -30,15 +30,15 @@ static double sigmoid(double x)
 /* ---- jitter ------------------------------------------------------------- */
 
 void moe_ref_jitter_forward(double *xr, double *u, const double *x, double eps, uint64_t seed, int64_t layer,
-                            uint64_t step, int64_t T, int64_t d)
+                            moe_key key, int64_t T, int64_t d)
 {
     /* The draw is keyed by (t, i), not by thread or position in a loop, so any split
      * of the tokens (threads, ranks, backends) multiplies by the same numbers. */
-    const uint32_t stream = MOE_RNG_JITTER | (uint32_t)(layer << 8);
+    const uint32_t stream = moe_rng_stream(MOE_RNG_JITTER, layer, key);
 #pragma omp parallel for schedule(static) if (T * d >= PAR_MIN)
     for (int64_t t = 0; t < T; t++)
         for (int64_t i = 0; i < d; i++) {
-            double r = moe_rand_uniform(seed, stream, (uint32_t)step, (uint32_t)t, (uint32_t)i);
+            double r = moe_rand_uniform(seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, (uint32_t)i);
             double ui = 1.0 - eps + 2.0 * eps * r;
             u[t * d + i] = ui;
             xr[t * d + i] = x[t * d + i] * ui;
@@ -105,15 +105,15 @@ void moe_ref_sigmoid_backward(double *dz, const double *ds, const double *s, int
 /* ---- noisy gating ------------------------------------------------------------ */
 
 void moe_ref_noisy_logits_forward(double *h, double *eps, const double *z, const double *zn, int training,
-                                  uint64_t seed, int64_t layer, uint64_t step, int64_t T, int64_t E)
+                                  uint64_t seed, int64_t layer, moe_key key, int64_t T, int64_t E)
 {
-    const uint32_t stream = MOE_RNG_NOISE | (uint32_t)(layer << 8);
+    const uint32_t stream = moe_rng_stream(MOE_RNG_NOISE, layer, key);
 #pragma omp parallel for schedule(static) if (T * E >= PAR_MIN)
     for (int64_t t = 0; t < T; t++)
         for (int64_t e = 0; e < E; e++) {
             int64_t i = t * E + e;
             /* eps is saved (0 at inference) so backward needs no second draw. */
-            eps[i] = training ? moe_rand_normal(seed, stream, (uint32_t)step, (uint32_t)t, (uint32_t)e) : 0.0;
+            eps[i] = training ? moe_rand_normal(seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, (uint32_t)e) : 0.0;
             h[i] = z[i] + eps[i] * softplus(zn[i]);
         }
 }

@@ -155,21 +155,21 @@ static int sinkhorn(double *b /* [T, E] */, const double *h, int64_t iters, int6
 
 /* One token's choices into the plan's [T, k] arrays (before capacity). */
 static void choose_token(moe_plan *p, int64_t t, const double *st, const double *sel /* [E] selection values */,
-                         const double *ht, const moe_layer_config *c, uint64_t step, int64_t *idx)
+                         const double *ht, const moe_layer_config *c, moe_key key, int64_t *idx)
 {
     const int64_t E = p->E, k = p->k;
     const moe_second_policy pol = c->router == MOE_ROUTER_SINKHORN ? MOE_SECOND_ALL : c->second_policy;
     if (pol == MOE_SECOND_SAMPLING) {
         /* GShard: the second expert is drawn from softmax(h) over the others, by the
          * Gumbel-max trick; the draw is keyed (t, e) so it is the same on every backend. */
-        const uint32_t stream = MOE_RNG_GUMBEL | (uint32_t)(c->layer << 8);
+        const uint32_t stream = moe_rng_stream(MOE_RNG_GUMBEL, c->layer, key);
         topk(idx, sel, E, 1);
         int64_t best = -1;
         double bv = 0;
         for (int64_t e = 0; e < E; e++) {
             if (e == idx[0])
                 continue;
-            double u = moe_rand_uniform(c->seed, stream, (uint32_t)step, (uint32_t)t, (uint32_t)e);
+            double u = moe_rand_uniform(c->seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, (uint32_t)e);
             double v = ht[e] - log(-log(u));
             if (best < 0 || v > bv) {
                 best = e;
@@ -188,8 +188,8 @@ static void choose_token(moe_plan *p, int64_t t, const double *st, const double 
     }
     if (pol == MOE_SECOND_RANDOM) {
         /* Keep the second with probability min(1, 2·w2) (w2 <= 1/2 when renormalised). */
-        const uint32_t stream = MOE_RNG_RANDOM2 | (uint32_t)(c->layer << 8);
-        double u = moe_rand_uniform(c->seed, stream, (uint32_t)step, (uint32_t)t, 0);
+        const uint32_t stream = moe_rng_stream(MOE_RNG_RANDOM2, c->layer, key);
+        double u = moe_rand_uniform(c->seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, 0);
         if (!(2.0 * p->choice_weight[t * k + 1] > u)) {
             p->choice_expert[t * k + 1] = -1;
             p->choice_weight[t * k + 1] = 0.0;
@@ -276,7 +276,7 @@ static moe_status token_choice_plan(moe_plan *p, moe_drop_policy drop_policy, in
 }
 
 static moe_status route_token_choice(moe_plan *p, const double *s, const double *h, const double *bias,
-                                     const moe_layer_config *c, uint64_t step, int64_t C)
+                                     const moe_layer_config *c, moe_key key, int64_t C)
 {
     const int64_t T = p->T, E = p->E, k = p->k;
     double *bal = NULL;
@@ -304,7 +304,7 @@ static moe_status route_token_choice(moe_plan *p, const double *s, const double 
             const double *sel = bal ? bal + t * E : v;
             if (!bal)
                 biased_row(v, s + t * E, bias, E);
-            choose_token(p, t, s + t * E, sel, h ? h + t * E : NULL, c, step, idx);
+            choose_token(p, t, s + t * E, sel, h ? h + t * E : NULL, c, key, idx);
         }
         free(v);
         free(idx);
@@ -377,11 +377,11 @@ static moe_status route_expert_choice(moe_plan *p, const double *s, int64_t C)
 }
 
 /* Hash routing (Roller et al. 2021): a fixed expert per token id, weight 1, no drops. */
-static moe_status route_hash(moe_plan *p, const int32_t *token_ids)
+static moe_status route_hash(moe_plan *p, const int32_t *token_ids, uint32_t token0)
 {
     const int64_t T = p->T, E = p->E;
     for (int64_t t = 0; t < T; t++) {
-        uint32_t id = token_ids ? (uint32_t)token_ids[t] : (uint32_t)t;
+        uint32_t id = token_ids ? (uint32_t)token_ids[t] : token0 + (uint32_t)t;
         p->choice_expert[t] = (int32_t)(moe_hash_token(id) % (uint64_t)E);
         p->choice_weight[t] = 1.0;
         p->choice_kept[t] = 1;
@@ -390,7 +390,7 @@ static moe_status route_hash(moe_plan *p, const int32_t *token_ids)
 }
 
 moe_status moe_ref_route(moe_plan *p, const double *s, const double *h, const double *bias,
-                         const int32_t *token_ids, const moe_layer_config *c, uint64_t step, int64_t T)
+                         const int32_t *token_ids, const moe_layer_config *c, moe_key key, int64_t T)
 {
     if (!p || !c)
         return moe_error(MOE_ERR_ARG, "route: plan and config must not be NULL");
@@ -432,7 +432,7 @@ moe_status moe_ref_route(moe_plan *p, const double *s, const double *h, const do
     p->k = k;
     p->capacity = C;
     if (c->router == MOE_ROUTER_HASH)
-        return route_hash(p, token_ids);
+        return route_hash(p, token_ids, key.token0);
 
     if (!s)
         return moe_error(MOE_ERR_ARG, "route: %s routing needs the scores s", moe_router_name(c->router));
@@ -444,7 +444,7 @@ moe_status moe_ref_route(moe_plan *p, const double *s, const double *h, const do
                          c->router == MOE_ROUTER_SINKHORN ? "sinkhorn routing" : "second_expert_policy sampling");
     if (c->router == MOE_ROUTER_SINKHORN && c->sinkhorn_iters < 1)
         return moe_error(MOE_ERR_ARG, "route: sinkhorn_iters must be >= 1 (got %lld)", (long long)c->sinkhorn_iters);
-    return route_token_choice(p, s, h, bias, c, step, C);
+    return route_token_choice(p, s, h, bias, c, key, C);
 }
 
 /*

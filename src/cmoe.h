@@ -13,7 +13,7 @@
  *     }
  *     double *w = moe_ref_layer_param(L, "router.weight", NULL);   // [d_model, n_experts]
  *     ... fill parameters and x ...
- *     moe_ref_layer_forward(L, y, x, NULL, NULL, T, 0, 1);        // y [T, d_model]
+ *     moe_ref_layer_forward(L, y, x, NULL, NULL, T, MOE_KEY_STEP(0), 1);  // y [T, d_model]
  *     moe_ref_layer_backward(L, dx, dy);                          // grads accumulate
  *     double *gw = moe_ref_layer_grad(L, "router.weight", NULL);
  *     moe_ref_layer_free(L);
@@ -67,8 +67,8 @@ moe_status moe_cuda_device_info(char *buf, size_t n);
 /* One Philox-4x32-10 block: out = philox(ctr, key). Matches Random123. */
 void moe_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 
-/* Streams keep independent uses apart; the layer index is folded in by the caller
- * as stream | (layer << 8). */
+/* Streams keep independent uses apart; the layer and micro-batch are folded in by
+ * moe_rng_stream (below). */
 enum {
     MOE_RNG_JITTER = 1,  /* router input jitter */
     MOE_RNG_NOISE = 2,   /* noisy top-k gate noise */
@@ -78,6 +78,23 @@ enum {
     MOE_RNG_DATA = 6,    /* batch order */
     MOE_RNG_SAMPLE = 7,  /* sampling tokens */
 };
+
+/*
+ * Where a draw sits in training. Every random draw of a layer is keyed by (seed, what,
+ * layer, step, micro-batch, global token index, draw index), so the numbers do not depend
+ * on threads, ranks or how a batch is split over them.
+ */
+typedef struct {
+    uint64_t step;   /* optimizer step (its low 32 bits key the draws) */
+    uint32_t micro;  /* micro-batch of gradient accumulation, < 4096 */
+    uint32_t token0; /* global index of the call's first token within its micro-batch */
+} moe_key;
+#define MOE_KEY_STEP(s) ((moe_key){(uint64_t)(s), 0, 0})
+/* The stream word of a draw: what it is for (8 bits), the layer (12), the micro-batch (12). */
+static inline uint32_t moe_rng_stream(uint32_t what, int64_t layer, moe_key k)
+{
+    return what | ((uint32_t)layer & 0xFFFu) << 8 | (k.micro & 0xFFFu) << 20;
+}
 
 /* Uniform in (0, 1) with 53 random bits, from counter (i, j, step, stream) and key seed. */
 double moe_rand_uniform(uint64_t seed, uint32_t stream, uint32_t step, uint32_t i, uint32_t j);
@@ -250,13 +267,14 @@ void moe_ref_layer_zero_grad(moe_ref_layer *l);
 void moe_ref_layer_init(moe_ref_layer *l, double init_scale);
 
 /*
- * y = MoE(x) for T tokens. token_ids [T] feed the hash router (NULL: position t);
- * task_ids [T] feed the MI loss (NULL: task 0). step keys the random draws;
- * training = 0 turns off jitter and gate noise.
+ * y = MoE(x) for T tokens. token_ids [T] feed the hash router (NULL: the global position key.token0 + t);
+ * task_ids [T] feed the MI loss (NULL: task 0). key keys the random draws
+ * (MOE_KEY_STEP(step) outside a distributed or accumulated batch); training = 0 turns
+ * off jitter and gate noise.
  */
 moe_status moe_ref_layer_forward(moe_ref_layer *l, double *y /* [T, d] */,
                                  const double *x /* [T, d] */, const int32_t *token_ids,
-                                 const int32_t *task_ids, int64_t T, uint64_t step, int training);
+                                 const int32_t *task_ids, int64_t T, moe_key key, int training);
 /* dx = ∂(Σ dy·y + aux.total)/∂x (overwritten); parameter gradients accumulate (+=). */
 moe_status moe_ref_layer_backward(moe_ref_layer *l, double *dx /* [T, d] */,
                                   const double *dy /* [T, d] */);

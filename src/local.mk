@@ -2,6 +2,8 @@
 libcmoe_la_SOURCES += \
 	src/cmoe.h \
 	src/core/status.c \
+	src/core/dtype.h \
+	src/core/dtype.c \
 	src/core/version.c \
 	src/core/rng.c \
 	src/core/arena.c \
@@ -9,8 +11,8 @@ libcmoe_la_SOURCES += \
 	src/core/config.c \
 	src/core/config_json.c
 EXTRA_DIST += cmoe.pc.in
-# the backend table
-libcmoe_la_SOURCES += src/backend/backend.h
+# the backend table and its registry
+libcmoe_la_SOURCES += src/backend/backend.h src/backend/registry.c
 # the cpu backend: fp32, OpenBLAS + OpenMP; one file per op, named as its ref/ twin
 libcmoe_la_SOURCES += \
 	src/cpu/cpu.h \
@@ -22,16 +24,14 @@ libcmoe_la_SOURCES += \
 	src/cpu/aux_loss.c \
 	src/cpu/ffn.c \
 	src/cpu/dispatch.c \
-	src/cpu/matmul.c \
 	src/cpu/embedding.c \
-	src/cpu/residual.c \
 	src/cpu/rmsnorm.c \
 	src/cpu/rope.c \
 	src/cpu/attention.c \
 	src/cpu/crossentropy.c \
 	src/cpu/adamw.c
 # the MoE layer over the backend table
-libcmoe_la_SOURCES += src/layer/moe_layer.h src/layer/moe_layer.c
+libcmoe_la_SOURCES += src/layer/moe_layer.h src/layer/moe_layer.c src/layer/exchange.h src/layer/exchange.c
 # the MoE language model, its optimizer, token sampling, parameter/FLOP/memory counts
 libcmoe_la_SOURCES += src/model/model.h src/model/model.c src/model/model_config.c src/model/optim.c \
 	src/model/sample.h src/model/sample.c src/model/info.h src/model/info.c

@@ -30,7 +30,7 @@ static moe_plan *routed(const double *s, int64_t T, int64_t E, int64_t k, moe_ro
     int64_t kk = r == MOE_ROUTER_EXPERT_CHOICE ? moe_capacity(&c, T) : k;
     moe_plan *p;
     ck_assert_int_eq(moe_plan_create(r == MOE_ROUTER_EXPERT_CHOICE ? E * kk : T * kk, T, E, kk, &p), MOE_OK);
-    ck_assert_msg(moe_ref_route(p, s, NULL, NULL, NULL, &c, 0, T) == MOE_OK, "%s", moe_last_error());
+    ck_assert_msg(moe_ref_route(p, s, NULL, NULL, NULL, &c, MOE_KEY_STEP(0), T) == MOE_OK, "%s", moe_last_error());
     return p;
 }
 

@@ -38,8 +38,8 @@ typedef struct {
 static void rig_make(rig *r, const char *backend, uint64_t seed)
 {
     moe_model_config_tiny(&r->c);
-    ck_assert_int_eq(moe_backend_create(backend, 1, &r->b), MOE_OK);
-    ck_assert_int_eq(moe_model_create(&r->c, r->b, B, S, &r->m), MOE_OK);
+    ck_assert_int_eq(moe_backend_create(backend, &(moe_backend_options){.threads = 1}, &r->b), MOE_OK);
+    ck_assert_int_eq(moe_model_create(&r->c, r->b, NULL, B, S, &r->m), MOE_OK);
     ck_assert_int_eq(moe_model_init(r->m, seed), MOE_OK);
     moe_optim_config oc;
     moe_optim_config_default(&oc);
@@ -65,7 +65,7 @@ static double rig_step(rig *r, int64_t step)
     }
     moe_model_losses L;
     moe_model_zero_grad(r->m);
-    ck_assert_int_eq(moe_model_forward(r->m, in, tg, NULL, B, S, (uint64_t)step, 1, &L), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(r->m, in, tg, NULL, B, S, MOE_KEY_STEP((uint64_t)step), 1, &L), MOE_OK);
     ck_assert_int_eq(moe_model_backward(r->m), MOE_OK);
     ck_assert_int_eq(moe_optim_step(r->o, 1.0, NULL), MOE_OK);
     return L.total;
@@ -449,8 +449,8 @@ START_TEST(test_bad_files)
         moe_model_config c;
         moe_model_config_tiny(&c);
         c.moe_intermediate_size = 24;
-        ck_assert_int_eq(moe_backend_create("cpu", 1, &w.b), MOE_OK);
-        ck_assert_int_eq(moe_model_create(&c, w.b, B, S, &w.m), MOE_OK);
+        ck_assert_int_eq(moe_backend_create("cpu", &(moe_backend_options){.threads = 1}, &w.b), MOE_OK);
+        ck_assert_int_eq(moe_model_create(&c, w.b, NULL, B, S, &w.m), MOE_OK);
         ck_assert_int_eq(moe_model_init(w.m, 3), MOE_OK);
         moe_optim_config oc;
         moe_optim_config_default(&oc);

@@ -37,8 +37,12 @@ static moe_backend *R, *C;
 
 static void setup(void)
 {
-    ck_assert_int_eq(moe_backend_ref_create(&R), MOE_OK);
-    ck_assert_int_eq(moe_backend_cpu_create(2, &C), MOE_OK);
+    ck_assert_int_eq(moe_backend_create("ref", NULL, &R), MOE_OK);
+    ck_assert_int_eq(moe_backend_create("cpu", &(moe_backend_options){.threads = 2}, &C), MOE_OK);
+    /* the ops here run outside a layer: scratch for the largest shape of the table (1M floats) */
+    const moe_workload w = {.rows_ffn = 4096, .d_model = 64, .d_ff = 128};
+    ck_assert_int_eq(C->reserve(C, &w), MOE_OK);
+    ck_assert_int_eq(R->reserve(R, &w), MOE_OK);
 }
 
 static void teardown(void)
@@ -57,18 +61,18 @@ static void round_f(double *x, int64_t n)
 static pair mk(int64_t n, const double *host)
 {
     pair p = {NULL, NULL, n};
-    ck_assert_int_eq(R->alloc(R, n, &p.r), MOE_OK);
-    ck_assert_int_eq(C->alloc(C, n, &p.c), MOE_OK);
+    ck_assert_int_eq(R->alloc(R, R->float_type, n, &p.r), MOE_OK);
+    ck_assert_int_eq(C->alloc(C, C->float_type, n, &p.c), MOE_OK);
     double *h = tu_alloc(n);
     if (host) {
         memcpy(h, host, (size_t)n * sizeof *h);
         round_f(h, n);
-        R->upload(R, (moe_tensor){p.r, 0}, h, n);
-        C->upload(C, (moe_tensor){p.c, 0}, h, n);
+        moe_upload_f64(R, (moe_tensor){p.r, 0}, h, n);
+        moe_upload_f64(C, (moe_tensor){p.c, 0}, h, n);
     } else {
         tu_nan_fill(h, n);
-        R->upload(R, (moe_tensor){p.r, 0}, h, n);
-        C->upload(C, (moe_tensor){p.c, 0}, h, n);
+        moe_upload_f64(R, (moe_tensor){p.r, 0}, h, n);
+        moe_upload_f64(C, (moe_tensor){p.c, 0}, h, n);
     }
     free(h);
     return p;
@@ -86,12 +90,30 @@ static pair mk_rand(int64_t n, double scale, uint64_t seed)
 static void rel(pair p, const char *what, double tol)
 {
     double *a = tu_alloc(p.n), *r = tu_alloc(p.n);
-    ck_assert_int_eq(C->download(C, a, (moe_tensor){p.c, 0}, p.n), MOE_OK);
-    ck_assert_int_eq(R->download(R, r, (moe_tensor){p.r, 0}, p.n), MOE_OK);
+    ck_assert_msg(moe_download_f64(C, a, (moe_tensor){p.c, 0}, p.n) == MOE_OK, "%s: %s", what, moe_last_error());
+    ck_assert_msg(moe_download_f64(R, r, (moe_tensor){p.r, 0}, p.n) == MOE_OK, "%s: %s", what, moe_last_error());
     double e = tu_rel_err(a, r, p.n);
     ck_assert_msg(e <= tol, "%s: cpu vs ref rel err %.3e (n %lld)", what, e, (long long)p.n);
     free(a);
     free(r);
+}
+
+/* ids in i32 buffers on both sides */
+static pair mk_ids(const int32_t *ids, int64_t n)
+{
+    pair p = {NULL, NULL, n};
+    ck_assert_int_eq(R->alloc(R, MOE_I32, n, &p.r), MOE_OK);
+    ck_assert_int_eq(C->alloc(C, MOE_I32, n, &p.c), MOE_OK);
+    ck_assert_int_eq(R->upload(R, (moe_tensor){p.r, 0}, ids, MOE_I32, n), MOE_OK);
+    ck_assert_int_eq(C->upload(C, (moe_tensor){p.c, 0}, ids, MOE_I32, n), MOE_OK);
+    return p;
+}
+
+/* element 0 of a pair, as ref and cpu hold it */
+static void first(pair p, double *r, double *c)
+{
+    ck_assert_int_eq(moe_download_f64(R, r, (moe_tensor){p.r, 0}, 1), MOE_OK);
+    ck_assert_int_eq(moe_download_f64(C, c, (moe_tensor){p.c, 0}, 1), MOE_OK);
 }
 
 static void drop(pair p)
@@ -201,8 +223,8 @@ START_TEST(test_router_ops)
     }
     /* jitter */
     pair x = mk_rand(T * d, 1, 14), xr = mk(T * d, NULL), u = mk(T * d, NULL), dx = mk_rand(T * d, 1, 15);
-    R->jitter_forward(R, TR(xr), TR(u), TR(x), 0.1, 77, 3, 5, T, d);
-    C->jitter_forward(C, TC(xr), TC(u), TC(x), 0.1, 77, 3, 5, T, d);
+    R->jitter_forward(R, TR(xr), TR(u), TR(x), 0.1, 77, 3, MOE_KEY_STEP(5), T, d);
+    C->jitter_forward(C, TC(xr), TC(u), TC(x), 0.1, 77, 3, MOE_KEY_STEP(5), T, d);
     rel(xr, "jitter xr", TOL);
     rel(u, "jitter u", TOL);
     R->jitter_backward(R, TR(dx), TR(xr), TR(u), T, d);
@@ -211,8 +233,8 @@ START_TEST(test_router_ops)
     /* noisy logits and the smooth load */
     pair h = mk(T * E, NULL), eps = mk(T * E, NULL), load = mk(E, NULL);
     for (int training = 0; training < 2; training++) {
-        R->noisy_logits_forward(R, TR(h), TR(eps), TR(z), TR(zn), training, 9, 1, 2, T, E);
-        C->noisy_logits_forward(C, TC(h), TC(eps), TC(z), TC(zn), training, 9, 1, 2, T, E);
+        R->noisy_logits_forward(R, TR(h), TR(eps), TR(z), TR(zn), training, 9, 1, MOE_KEY_STEP(2), T, E);
+        C->noisy_logits_forward(C, TC(h), TC(eps), TC(z), TC(zn), training, 9, 1, MOE_KEY_STEP(2), T, E);
         rel(h, "noisy h", TOL);
         rel(eps, "noisy eps", TOL);
     }
@@ -232,24 +254,32 @@ START_TEST(test_router_ops)
     rel(dzn, "noisy load dzn", TOL);
     rel(dh, "noisy load dh", TOL);
     /* z-loss and MI */
-    double zr = R->z_loss_forward(R, TR(z), T, E), zc = C->z_loss_forward(C, TC(z), T, E);
+    pair out = mk(1, NULL);
+    double zr, zc;
+    R->z_loss_forward(R, TR(out), TR(z), T, E);
+    C->z_loss_forward(C, TC(out), TC(z), T, E);
+    first(out, &zr, &zc);
     ck_assert_msg(fabs(zr - zc) <= TOL * fabs(zr), "z loss %g vs %g", zc, zr);
     R->z_loss_backward(R, TR(dz), 0.3, TR(z), T, E);
     C->z_loss_backward(C, TC(dz), 0.3, TC(z), T, E);
     rel(dz, "z loss dz", TOL);
-    int32_t *task = malloc((size_t)T * sizeof *task);
+    int32_t *task_h = malloc((size_t)T * sizeof *task_h);
     for (int64_t t = 0; t < T; t++)
-        task[t] = (int32_t)(t * 7 % 3);
+        task_h[t] = (int32_t)(t * 7 % 3);
+    pair task = mk_ids(task_h, T);
     R->scores_forward(R, TR(sc), TR(z), MOE_SCORE_SOFTMAX, T, E);
     C->scores_forward(C, TC(sc), TC(z), MOE_SCORE_SOFTMAX, T, E);
-    double mr = R->mi_loss_forward(R, TR(sc), task, 3, T, E), mc = C->mi_loss_forward(C, TC(sc), task, 3, T, E);
+    double mr, mc;
+    R->mi_loss_forward(R, TR(out), TR(sc), TR(task), 3, T, E);
+    C->mi_loss_forward(C, TC(out), TC(sc), TC(task), 3, T, E);
+    first(out, &mr, &mc);
     ck_assert_msg(fabs(mr - mc) <= TOL * fabs(mr) + 1e-7, "mi loss %g vs %g", mc, mr);
-    R->mi_loss_backward(R, TR(dz), 0.7, TR(sc), task, 3, T, E);
-    C->mi_loss_backward(C, TC(dz), 0.7, TC(sc), task, 3, T, E);
+    R->mi_loss_backward(R, TR(dz), 0.7, TR(sc), TR(task), 3, T, E);
+    C->mi_loss_backward(C, TC(dz), 0.7, TC(sc), TC(task), 3, T, E);
     rel(dz, "mi loss ds", TOL);
-    free(task);
+    free(task_h);
     free(zh);
-    pair all[] = {z, zn, sc, x, xr, u, dx, h, eps, load, dh, dz, dzn, dload};
+    pair all[] = {z, zn, sc, x, xr, u, dx, h, eps, load, dh, dz, dzn, dload, out, task};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         drop(all[i]);
 }
@@ -341,11 +371,14 @@ START_TEST(test_route)
     moe_bplan *pr, *pc;
     ck_assert_int_eq(R->plan_create(R, &c, T, &pr), MOE_OK);
     ck_assert_int_eq(C->plan_create(C, &c, T, &pc), MOE_OK);
-    int32_t *ids = malloc((size_t)T * sizeof *ids);
+    int32_t *ids_h = malloc((size_t)T * sizeof *ids_h);
     for (int64_t t = 0; t < T; t++)
-        ids[t] = (int32_t)(t * 31 + 5);
-    ck_assert_int_eq(R->route(R, pr, TR(sc), TR(z), rc->bias ? &rb : NULL, ids, &c, 4, T), MOE_OK);
-    ck_assert_int_eq(C->route(C, pc, TC(sc), TC(z), rc->bias ? &cb : NULL, ids, &c, 4, T), MOE_OK);
+        ids_h[t] = (int32_t)(t * 31 + 5);
+    pair ids = mk_ids(ids_h, T);
+    moe_tensor rid = TR(ids), cid = TC(ids);
+    R->route(R, pr, TR(sc), TR(z), rc->bias ? &rb : NULL, &rid, &c, MOE_KEY_STEP(4), T);
+    C->route(C, pc, TC(sc), TC(z), rc->bias ? &cb : NULL, &cid, &c, MOE_KEY_STEP(4), T);
+    ck_assert_msg(R->sync(R) == MOE_OK && C->sync(C) == MOE_OK, "%s", moe_last_error());
     moe_plan *hr = host_plan(&c, T), *hc = host_plan(&c, T);
     ck_assert_int_eq(R->plan_download(R, hr, pr), MOE_OK);
     ck_assert_int_eq(C->plan_download(C, hc, pc), MOE_OK);
@@ -361,7 +394,11 @@ START_TEST(test_route)
     C->route_backward(C, TC(ds), &cdw, tc ? &cdc : NULL, pc, TC(sc), rc->bias ? &cb : NULL, &c);
     rel(ds, "route backward", TOL);
     /* plan-based losses */
-    double lr = R->lb_loss_forward(R, TR(sc), pr, T, E), lc = C->lb_loss_forward(C, TC(sc), pc, T, E);
+    pair out = mk(1, NULL);
+    double lr, lc;
+    R->lb_loss_forward(R, TR(out), TR(sc), pr, T, E);
+    C->lb_loss_forward(C, TC(out), TC(sc), pc, T, E);
+    first(out, &lr, &lc);
     ck_assert_msg(fabs(lr - lc) <= TOL * fabs(lr) + 1e-9, "lb %g vs %g", lc, lr);
     R->lb_loss_backward(R, TR(ds), 0.1, pr, T, E);
     C->lb_loss_backward(C, TC(ds), 0.1, pc, T, E);
@@ -376,14 +413,14 @@ START_TEST(test_route)
     if (tc)
         rel(dch, "importance dchoice", TOL);
 
-    free(ids);
+    free(ids_h);
     free(zh);
     free(bh);
     moe_plan_free(hr);
     moe_plan_free(hc);
     R->plan_free(R, pr);
     C->plan_free(C, pc);
-    pair all[] = {z, sc, bias, dw, dch, ds, imp, dimp};
+    pair all[] = {z, sc, bias, dw, dch, ds, imp, dimp, ids, out};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         drop(all[i]);
 }
@@ -405,7 +442,8 @@ START_TEST(test_experts)
     moe_bplan *pr, *pc;
     ck_assert_int_eq(R->plan_create(R, &c, T, &pr), MOE_OK);
     ck_assert_int_eq(C->plan_create(C, &c, T, &pc), MOE_OK);
-    ck_assert_int_eq(R->route(R, pr, TR(sc), TR(z), NULL, NULL, &c, 0, T), MOE_OK);
+    R->route(R, pr, TR(sc), TR(z), NULL, NULL, &c, MOE_KEY_STEP(0), T);
+    ck_assert_int_eq(R->sync(R), MOE_OK);
     moe_plan *hp = host_plan(&c, T);
     ck_assert_int_eq(R->plan_download(R, hp, pr), MOE_OK);
     ck_assert_int_eq(C->plan_upload(C, pc, hp), MOE_OK);

@@ -93,7 +93,7 @@ static void check_close(const char *what, const double *a, const double *r, int6
 typedef struct {
     moe_backend *b;
     moe_layer *L;
-    moe_buf *io;
+    moe_buf *io, *ids; /* x, y, dy, dx; token and task ids */
 } side;
 
 static void side_run(side *sd, moe_ref_layer *ref, const moe_layer_config *c, int64_t T, const double *x,
@@ -104,26 +104,32 @@ static void side_run(side *sd, moe_ref_layer *ref, const moe_layer_config *c, in
     const moe_arena *P = moe_ref_layer_params(ref);
     for (int i = 0; i < P->n; i++)
         ck_assert_int_eq(moe_layer_set_param(sd->L, P->views[i].name, moe_arena_ptr(P, &P->views[i])), MOE_OK);
-    ck_assert_int_eq(sd->b->alloc(sd->b, 4 * T * d, &sd->io), MOE_OK);
+    ck_assert_int_eq(sd->b->alloc(sd->b, sd->b->float_type, 4 * T * d, &sd->io), MOE_OK);
     moe_tensor tx = {sd->io, 0}, ty = {sd->io, T * d}, tdy = {sd->io, 2 * T * d}, tdx = {sd->io, 3 * T * d};
-    ck_assert_int_eq(sd->b->upload(sd->b, tx, x, T * d), MOE_OK);
-    ck_assert_int_eq(sd->b->upload(sd->b, tdy, dy, T * d), MOE_OK);
+    ck_assert_int_eq(moe_upload_f64(sd->b, tx, x, T * d), MOE_OK);
+    ck_assert_int_eq(moe_upload_f64(sd->b, tdy, dy, T * d), MOE_OK);
     double *nan = tu_alloc(T * d);
     tu_nan_fill(nan, T * d);
-    sd->b->upload(sd->b, ty, nan, T * d); /* poison */
-    sd->b->upload(sd->b, tdx, nan, T * d);
+    moe_upload_f64(sd->b, ty, nan, T * d); /* poison */
+    moe_upload_f64(sd->b, tdx, nan, T * d);
     free(nan);
+    ck_assert_int_eq(sd->b->alloc(sd->b, MOE_I32, 2 * T, &sd->ids), MOE_OK);
+    moe_tensor tid = {sd->ids, 0}, ttask = {sd->ids, T};
+    ck_assert_int_eq(sd->b->upload(sd->b, tid, ids, MOE_I32, T), MOE_OK);
+    ck_assert_int_eq(sd->b->upload(sd->b, ttask, tasks, MOE_I32, T), MOE_OK);
     moe_layer_zero_grad(sd->L);
-    ck_assert_msg(moe_layer_forward(sd->L, ty, tx, ids, tasks, T, 3, 1) == MOE_OK, "%s", moe_last_error());
+    ck_assert_msg(moe_layer_forward(sd->L, ty, tx, &tid, &ttask, T, MOE_KEY_STEP(3), 1) == MOE_OK, "%s",
+                  moe_last_error());
     ck_assert_msg(moe_layer_backward(sd->L, tdx, tdy) == MOE_OK, "%s", moe_last_error());
-    sd->b->download(sd->b, y, ty, T * d);
-    sd->b->download(sd->b, dx, tdx, T * d);
+    ck_assert_msg(moe_download_f64(sd->b, y, ty, T * d) == MOE_OK, "%s", moe_last_error());
+    moe_download_f64(sd->b, dx, tdx, T * d);
 }
 
 static void side_free(side *sd)
 {
     moe_layer_free(sd->L);
     sd->b->free(sd->b, sd->io);
+    sd->b->free(sd->b, sd->ids);
     moe_backend_free(sd->b);
 }
 
@@ -146,7 +152,8 @@ static void compare(side *sd, moe_ref_layer *ref, const moe_layer_config *c, int
         check_close(what, g, moe_arena_ptr(G, w), w->numel, tol, i);
         free(g);
     }
-    moe_aux_losses a = moe_layer_aux(sd->L), r = moe_ref_layer_aux(ref);
+    moe_aux_losses a, r = moe_ref_layer_aux(ref);
+    ck_assert_int_eq(moe_layer_aux(sd->L, &a), MOE_OK);
     const double av[] = {a.lb, a.importance, a.load, a.z, a.mi, a.total};
     const double rv[] = {r.lb, r.importance, r.load, r.z, r.mi, r.total};
     for (int q = 0; q < 6; q++)
@@ -202,14 +209,14 @@ START_TEST(test_layer)
         tasks[q] = q % 3;
     }
     moe_ref_layer_zero_grad(ref);
-    ck_assert_msg(moe_ref_layer_forward(ref, yr, x, ids, tasks, T, 3, 1) == MOE_OK, "%s", moe_last_error());
+    ck_assert_msg(moe_ref_layer_forward(ref, yr, x, ids, tasks, T, MOE_KEY_STEP(3), 1) == MOE_OK, "%s", moe_last_error());
     ck_assert_int_eq(moe_ref_layer_backward(ref, dxr, dy), MOE_OK);
 
     side sr = {0}, sc = {0};
-    ck_assert_int_eq(moe_backend_ref_create(&sr.b), MOE_OK);
+    ck_assert_int_eq(moe_backend_create("ref", NULL, &sr.b), MOE_OK);
     side_run(&sr, ref, &c, T, x, dy, ids, tasks, y, dx);
     compare(&sr, ref, &c, T, y, dx, yr, dxr, 1e-12, _i);
-    ck_assert_int_eq(moe_backend_cpu_create(2, &sc.b), MOE_OK);
+    ck_assert_int_eq(moe_backend_create("cpu", &(moe_backend_options){.threads = 2}, &sc.b), MOE_OK);
     side_run(&sc, ref, &c, T, x, dy, ids, tasks, y, dx);
     compare(&sc, ref, &c, T, y, dx, yr, dxr, 1e-5, _i);
 
@@ -242,7 +249,7 @@ START_TEST(test_bad_input)
     moe_layer_config c;
     moe_layer_config_default(&c);
     moe_backend *b;
-    ck_assert_int_eq(moe_backend_cpu_create(1, &b), MOE_OK);
+    ck_assert_int_eq(moe_backend_create("cpu", &(moe_backend_options){.threads = 1}, &b), MOE_OK);
     moe_layer *L = NULL;
     c.top_k = 9;
     ck_assert_int_eq(moe_layer_create(&c, b, 16, NULL, &L), MOE_ERR_ARG);
@@ -251,9 +258,9 @@ START_TEST(test_bad_input)
     ck_assert_int_eq(moe_layer_create(&c, b, 0, NULL, &L), MOE_ERR_ARG);
     ck_assert_int_eq(moe_layer_create(&c, b, 16, NULL, &L), MOE_OK);
     moe_buf *io;
-    ck_assert_int_eq(b->alloc(b, 64 * 64, &io), MOE_OK);
+    ck_assert_int_eq(b->alloc(b, b->float_type, 64 * 64, &io), MOE_OK);
     moe_tensor t = {io, 0};
-    ck_assert_int_eq(moe_layer_forward(L, t, t, NULL, NULL, 17, 0, 1), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_layer_forward(L, t, t, NULL, NULL, 17, MOE_KEY_STEP(0), 1), MOE_ERR_ARG);
     ck_assert_int_eq(moe_layer_backward(L, t, t), MOE_ERR_ARG); /* no forward yet */
     ck_assert_int_eq(moe_layer_set_param(L, "no.such", NULL), MOE_ERR_ARG);
     b->free(b, io);

@@ -58,8 +58,8 @@ static void qwen_cfg(moe_model_config *c)
 static moe_model *make(const moe_model_config *c, const char *backend, moe_backend **b, uint64_t seed)
 {
     moe_model *m;
-    ck_assert_int_eq(moe_backend_create(backend, 1, b), MOE_OK);
-    ck_assert_msg(moe_model_create(c, *b, 2, 8, &m) == MOE_OK, "%s", moe_last_error());
+    ck_assert_int_eq(moe_backend_create(backend, &(moe_backend_options){.threads = 1}, b), MOE_OK);
+    ck_assert_msg(moe_model_create(c, *b, NULL, 2, 8, &m) == MOE_OK, "%s", moe_last_error());
     if (seed)
         ck_assert_int_eq(moe_model_init(m, seed), MOE_OK);
     return m;
@@ -175,9 +175,9 @@ static void roundtrip(const moe_model_config *c, const char *name, moe_hf_arch w
         in[i] = (int32_t)((i * 11 + 3) % c->vocab_size);
     const int64_t nl = 16 * c->vocab_size;
     double *l1 = tu_alloc(nl), *l2 = tu_alloc(nl);
-    ck_assert_int_eq(moe_model_forward(m1, in, NULL, NULL, 2, 8, 0, 0, NULL), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(m1, in, NULL, NULL, 2, 8, MOE_KEY_STEP(0), 0, NULL), MOE_OK);
     ck_assert_int_eq(moe_model_get_logits(m1, l1), MOE_OK);
-    ck_assert_int_eq(moe_model_forward(m2, in, NULL, NULL, 2, 8, 0, 0, NULL), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(m2, in, NULL, NULL, 2, 8, MOE_KEY_STEP(0), 0, NULL), MOE_OK);
     ck_assert_int_eq(moe_model_get_logits(m2, l2), MOE_OK);
     ck_assert(!memcmp(l1, l2, (size_t)nl * sizeof *l1));
     free(l1);
@@ -298,9 +298,9 @@ START_TEST(test_qwen_names)
     ck_assert_msg(moe_hf_load_weights(tmp("qnames"), m2, a) == MOE_OK, "%s", moe_last_error());
     int32_t in[8] = {1, 5, 9, 2, 7, 31, 0, 4};
     double *l1 = tu_alloc(8 * 32), *l2 = tu_alloc(8 * 32);
-    moe_model_forward(m, in, NULL, NULL, 1, 8, 0, 0, NULL);
+    moe_model_forward(m, in, NULL, NULL, 1, 8, MOE_KEY_STEP(0), 0, NULL);
     moe_model_get_logits(m, l1);
-    moe_model_forward(m2, in, NULL, NULL, 1, 8, 0, 0, NULL);
+    moe_model_forward(m2, in, NULL, NULL, 1, 8, MOE_KEY_STEP(0), 0, NULL);
     moe_model_get_logits(m2, l2);
     ck_assert_double_le(tu_rel_err(l2, l1, 8 * 32), 1e-6); /* + 0 is exact; the order of sums may not be */
     free(l1);
@@ -400,7 +400,7 @@ START_TEST(test_refusals)
         /* export refuses before writing anything */
         moe_backend *b;
         moe_model *m;
-        if (moe_backend_create("ref", 1, &b) == MOE_OK && moe_model_create(&c, b, 1, 4, &m) == MOE_OK) {
+        if (moe_backend_create("ref", &(moe_backend_options){.threads = 1}, &b) == MOE_OK && moe_model_create(&c, b, NULL, 1, 4, &m) == MOE_OK) {
             char name[32];
             snprintf(name, sizeof name, "refused%zu", i);
             ck_assert_int_eq(moe_hf_export(m, tmp(name), MOE_ST_F32), MOE_ERR_UNSUPPORTED);
@@ -637,10 +637,10 @@ static void fixture(const char *name)
         ck_assert_msg(moe_hf_read_config(d, &c, &a) == MOE_OK, "%s", moe_last_error());
         moe_backend *b;
         moe_model *m;
-        ck_assert_int_eq(moe_backend_create(backends[k], 1, &b), MOE_OK);
-        ck_assert_int_eq(moe_model_create(&c, b, Bn, Sn, &m), MOE_OK);
+        ck_assert_int_eq(moe_backend_create(backends[k], &(moe_backend_options){.threads = 1}, &b), MOE_OK);
+        ck_assert_int_eq(moe_model_create(&c, b, NULL, Bn, Sn, &m), MOE_OK);
         ck_assert_msg(moe_hf_load_weights(d, m, a) == MOE_OK, "%s", moe_last_error());
-        ck_assert_int_eq(moe_model_forward(m, tok, NULL, NULL, Bn, Sn, 0, 0, NULL), MOE_OK);
+        ck_assert_int_eq(moe_model_forward(m, tok, NULL, NULL, Bn, Sn, MOE_KEY_STEP(0), 0, NULL), MOE_OK);
         ck_assert_int_eq(moe_model_get_logits(m, have), MOE_OK);
         double e = tu_rel_err(have, want, Bn * Sn * V);
         printf("hf: %s logits on %s vs the PyTorch reference: rel err %.2e\n", name, backends[k], e);

@@ -241,8 +241,8 @@ static void check_created(const moe_model_config *c, const char *what)
     ck_assert_msg(moe_model_info_compute(c, 0, &in) == MOE_OK, "%s: %s", what, moe_last_error());
     moe_backend *b = NULL;
     moe_model *m = NULL;
-    ck_assert(moe_backend_create("ref", 1, &b) == MOE_OK);
-    ck_assert_msg(moe_model_create(c, b, 1, 4, &m) == MOE_OK, "%s: %s", what, moe_last_error());
+    ck_assert(moe_backend_create("ref", &(moe_backend_options){.threads = 1}, &b) == MOE_OK);
+    ck_assert_msg(moe_model_create(c, b, NULL, 1, 4, &m) == MOE_OK, "%s: %s", what, moe_last_error());
     ck_assert_msg(moe_model_numel(m) == in.total_params, "%s: model has %lld parameters, info says %lld", what,
                   (long long)moe_model_numel(m), (long long)in.total_params);
     moe_model_free(m);

@@ -139,7 +139,7 @@ static int same(const snap *a, const snap *b)
 
 static double objective(fd_ctx *c)
 {
-    moe_status st = moe_ref_layer_forward(c->l, c->y, c->x, c->tok, c->task, c->T, c->step, c->training);
+    moe_status st = moe_ref_layer_forward(c->l, c->y, c->x, c->tok, c->task, c->T, MOE_KEY_STEP(c->step), c->training);
     ck_assert_msg(st == MOE_OK, "forward: %s", moe_last_error());
     double L = moe_ref_layer_aux(c->l).total;
     for (int64_t i = 0; i < c->T * D; i++)
@@ -458,7 +458,7 @@ START_TEST(test_forward_by_hand)
     double x[T0 * D], y[T0 * D];
     tu_randn(x, T0 * D, 1, 5);
     tu_nan_fill(y, T0 * D);
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, 0, 0), MOE_OK);
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, MOE_KEY_STEP(0), 0), MOE_OK);
     const double *wr = moe_ref_layer_param(l, "router.weight", NULL), *w1 = moe_ref_layer_param(l, "experts.w1", NULL),
                  *w3 = moe_ref_layer_param(l, "experts.w3", NULL), *w2 = moe_ref_layer_param(l, "experts.w2", NULL),
                  *sw1 = moe_ref_layer_param(l, "shared.w1", NULL), *sw3 = moe_ref_layer_param(l, "shared.w3", NULL),
@@ -528,7 +528,7 @@ START_TEST(test_aux_total_and_hash)
     double x[T0 * D], y[T0 * D];
     int32_t task[T0] = {0, 1, 2, 0, 1, 2, 2};
     tu_randn(x, T0 * D, 1, 6);
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, task, T0, 0, 1), MOE_OK);
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, task, T0, MOE_KEY_STEP(0), 1), MOE_OK);
     moe_aux_losses a = moe_ref_layer_aux(l);
     ck_assert(a.lb > 0 && a.importance >= 0 && a.load >= 0 && a.z > 0 && isfinite(a.mi));
     ck_assert_double_eq_tol(a.total, 0.3 * a.lb + 0.2 * a.importance + 0.25 * a.load + 0.1 * a.z + 0.5 * a.mi, 1e-14);
@@ -546,7 +546,7 @@ START_TEST(test_aux_total_and_hash)
     ck_assert_ptr_null(moe_ref_layer_plan(l));
     moe_ref_layer_init(l, 1.0);
     int32_t tok[T0] = {5, 9, 5, 1000, 0, 9, 77};
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, NULL, T0, 0, 1), MOE_OK);
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, NULL, T0, MOE_KEY_STEP(0), 1), MOE_OK);
     a = moe_ref_layer_aux(l);
     ck_assert(a.lb == 0 && a.importance == 0 && a.load == 0 && a.z == 0 && a.mi == 0 && a.total == 0);
     p = moe_ref_layer_plan(l);
@@ -556,7 +556,7 @@ START_TEST(test_aux_total_and_hash)
     /* weight 1: with equal rows of x, equal token ids give equal rows of y */
     for (int i = 0; i < D; i++)
         x[2 * D + i] = x[i];
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, NULL, T0, 0, 1), MOE_OK);
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, NULL, T0, MOE_KEY_STEP(0), 1), MOE_OK);
     ck_assert(memcmp(y + 0 * D, y + 2 * D, D * sizeof *y) == 0);
     for (int64_t i = 0; i < p->n; i++)
         ck_assert_double_eq(p->weight[i], 1.0);
@@ -602,9 +602,9 @@ START_TEST(test_batch_invariance)
             tokp[t] = tok[perm[t]];
             taskp[t] = task[perm[t]];
         }
-        ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, task, T0, 0, 0), MOE_OK);
+        ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, task, T0, MOE_KEY_STEP(0), 0), MOE_OK);
         moe_aux_losses a = moe_ref_layer_aux(l);
-        ck_assert_int_eq(moe_ref_layer_forward(l, yp, xp, tokp, taskp, T0, 0, 0), MOE_OK);
+        ck_assert_int_eq(moe_ref_layer_forward(l, yp, xp, tokp, taskp, T0, MOE_KEY_STEP(0), 0), MOE_OK);
         moe_aux_losses ap = moe_ref_layer_aux(l);
         for (int t = 0; t < T0; t++)
             ck_assert_msg(memcmp(yp + t * D, y + perm[t] * D, D * sizeof *y) == 0, "%s: row %d not permuted exactly",
@@ -641,8 +641,8 @@ START_TEST(test_fewer_tokens)
             tu_randn(x, T * D, 1, 30 + (uint64_t)i);
             tu_randn(dy, T * D, 1, 40 + (uint64_t)i);
             tu_nan_fill(y1, 12 * D);
-            ck_assert_int_eq(moe_ref_layer_forward(big, y1, x, NULL, NULL, T, 9, 1), MOE_OK);
-            ck_assert_int_eq(moe_ref_layer_forward(one, y2, x, NULL, NULL, T, 9, 1), MOE_OK);
+            ck_assert_int_eq(moe_ref_layer_forward(big, y1, x, NULL, NULL, T, MOE_KEY_STEP(9), 1), MOE_OK);
+            ck_assert_int_eq(moe_ref_layer_forward(one, y2, x, NULL, NULL, T, MOE_KEY_STEP(9), 1), MOE_OK);
             ck_assert(memcmp(y1, y2, (size_t)(T * D) * sizeof *y1) == 0);
             if (T < 12)
                 ck_assert(isnan(y1[T * D])); /* rows past T untouched */
@@ -685,18 +685,18 @@ START_TEST(test_bad_ids_and_sizes)
     int32_t tok[T0] = {1, 2, 3, -4, 5, 6, 7}, task[T0] = {0, 1, 2, 0, 1, 2, 0};
     /* backward before any forward */
     expect_arg(moe_ref_layer_backward(l, dx, y), "forward");
-    expect_arg(moe_ref_layer_forward(l, y, x, tok, task, T0, 0, 0), "token_ids[3]");
+    expect_arg(moe_ref_layer_forward(l, y, x, tok, task, T0, MOE_KEY_STEP(0), 0), "token_ids[3]");
     tok[3] = 4;
     task[2] = 3;
-    expect_arg(moe_ref_layer_forward(l, y, x, tok, task, T0, 0, 0), "task_ids[2]");
+    expect_arg(moe_ref_layer_forward(l, y, x, tok, task, T0, MOE_KEY_STEP(0), 0), "task_ids[2]");
     task[2] = -1;
-    expect_arg(moe_ref_layer_forward(l, y, x, tok, task, T0, 0, 0), "task_ids[2]");
+    expect_arg(moe_ref_layer_forward(l, y, x, tok, task, T0, MOE_KEY_STEP(0), 0), "task_ids[2]");
     task[2] = 2;
-    expect_arg(moe_ref_layer_forward(l, y, x, NULL, NULL, T0 + 1, 0, 0), "max_tokens");
-    expect_arg(moe_ref_layer_forward(l, y, x, NULL, NULL, 0, 0, 0), "T = 0");
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, task, T0, 0, 0), MOE_OK);
+    expect_arg(moe_ref_layer_forward(l, y, x, NULL, NULL, T0 + 1, MOE_KEY_STEP(0), 0), "max_tokens");
+    expect_arg(moe_ref_layer_forward(l, y, x, NULL, NULL, 0, MOE_KEY_STEP(0), 0), "T = 0");
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, tok, task, T0, MOE_KEY_STEP(0), 0), MOE_OK);
     /* a forward refused for its arguments changes nothing: the last one can still be differentiated */
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0 + 1, 0, 0), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0 + 1, MOE_KEY_STEP(0), 0), MOE_ERR_ARG);
     ck_assert_int_eq(moe_ref_layer_backward(l, dx, y), MOE_OK);
     moe_ref_layer_free(l);
     moe_ref_layer_free(NULL);
@@ -807,7 +807,7 @@ START_TEST(test_update_bias)
         ck_assert_double_eq(b[e], 0.0);
     double x[T0 * D], y[T0 * D], dx[T0 * D];
     tu_randn(x, T0 * D, 1, 10);
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, 0, 1), MOE_OK);
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, MOE_KEY_STEP(0), 1), MOE_OK);
     const moe_plan *p = moe_ref_layer_plan(l);
     double mean = (double)T0 / E, want[E];
     for (int e = 0; e < E; e++)
@@ -822,7 +822,7 @@ START_TEST(test_update_bias)
     for (int e = 0; e < E; e++)
         worst0 = p->selected[e] > worst0 ? p->selected[e] : worst0;
     for (int it = 0; it < 400; it++) {
-        ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, 0, 1), MOE_OK);
+        ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, MOE_KEY_STEP(0), 1), MOE_OK);
         int64_t m = 0;
         for (int e = 0; e < E; e++)
             m = p->selected[e] > m ? p->selected[e] : m;
@@ -856,7 +856,7 @@ START_TEST(test_backward_accumulates)
     double x[T0 * D], y[T0 * D], dy[T0 * D], dx1[T0 * D], dx2[T0 * D];
     tu_randn(x, T0 * D, 1, 12);
     tu_randn(dy, T0 * D, 1, 13);
-    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, 0, 1), MOE_OK);
+    ck_assert_int_eq(moe_ref_layer_forward(l, y, x, NULL, NULL, T0, MOE_KEY_STEP(0), 1), MOE_OK);
     moe_ref_layer_zero_grad(l);
     ck_assert_int_eq(moe_ref_layer_backward(l, dx1, dy), MOE_OK);
     const moe_arena *g = moe_ref_layer_grads(l);

@@ -61,9 +61,9 @@ static void tokens(int32_t *x, int64_t n, int64_t V, uint64_t seed)
 
 static moe_model *make(const moe_model_config *c, const char *backend, int64_t B, int64_t S, moe_backend **bp)
 {
-    ck_assert_int_eq(moe_backend_create(backend, 2, bp), MOE_OK);
+    ck_assert_int_eq(moe_backend_create(backend, &(moe_backend_options){.threads = 2}, bp), MOE_OK);
     moe_model *m = NULL;
-    moe_status s = moe_model_create(c, *bp, B, S, &m);
+    moe_status s = moe_model_create(c, *bp, NULL, B, S, &m);
     if (s)
         fprintf(stderr, "%s\n", moe_last_error());
     ck_assert_int_eq(s, MOE_OK);
@@ -99,8 +99,8 @@ static void cpu_vs_ref(void (*cfg)(moe_model_config *))
     tg[3] = -1;
     double *lc = tu_alloc(N * V), *lr = tu_alloc(N * V);
     tu_nan_fill(lc, N * V);
-    ck_assert_int_eq(moe_model_forward(mc, in, NULL, NULL, B, S, 3, 1, NULL), MOE_OK);
-    ck_assert_int_eq(moe_model_forward(mr, in, NULL, NULL, B, S, 3, 1, NULL), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(mc, in, NULL, NULL, B, S, MOE_KEY_STEP(3), 1, NULL), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(mr, in, NULL, NULL, B, S, MOE_KEY_STEP(3), 1, NULL), MOE_OK);
     ck_assert_int_eq(moe_model_get_logits(mc, lc), MOE_OK);
     ck_assert_int_eq(moe_model_get_logits(mr, lr), MOE_OK);
     double e = tu_rel_err(lc, lr, N * V);
@@ -110,8 +110,8 @@ static void cpu_vs_ref(void (*cfg)(moe_model_config *))
     moe_model_losses Lc, Lr;
     moe_model_zero_grad(mc);
     moe_model_zero_grad(mr);
-    ck_assert_int_eq(moe_model_forward(mc, in, tg, NULL, B, S, 3, 1, &Lc), MOE_OK);
-    ck_assert_int_eq(moe_model_forward(mr, in, tg, NULL, B, S, 3, 1, &Lr), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(mc, in, tg, NULL, B, S, MOE_KEY_STEP(3), 1, &Lc), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(mr, in, tg, NULL, B, S, MOE_KEY_STEP(3), 1, &Lr), MOE_OK);
     ck_assert_int_eq(Lr.n_targets, N - 1);
     ck_assert(Lr.aux > 0);
     printf("cpu vs ref: ce %.9f vs %.9f, aux %.3e vs %.3e\n", Lc.ce, Lr.ce, Lc.aux, Lr.aux);
@@ -188,7 +188,7 @@ static double fd_loss(void *vctx, int *ok)
     fd_ctx *x = vctx;
     ck_assert_int_eq(moe_model_set_param(x->m, x->pi, x->w), MOE_OK);
     moe_model_losses L;
-    ck_assert_int_eq(moe_model_forward(x->m, x->in, x->tg, NULL, x->B, x->S, 0, 1, &L), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(x->m, x->in, x->tg, NULL, x->B, x->S, MOE_KEY_STEP(0), 1, &L), MOE_OK);
     moe_backend *b = moe_model_backend(x->m);
     for (int64_t l = 0; l < moe_model_config_of(x->m)->num_hidden_layers; l++) {
         moe_layer *ly = moe_model_moe_layer(x->m, l);
@@ -218,7 +218,7 @@ START_TEST(test_fd)
     fd_ctx x = {.m = m, .in = in, .tg = tg, .B = B, .S = S};
     moe_model_losses L;
     moe_model_zero_grad(m);
-    ck_assert_int_eq(moe_model_forward(m, in, tg, NULL, B, S, 0, 1, &L), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(m, in, tg, NULL, B, S, MOE_KEY_STEP(0), 1, &L), MOE_OK);
     ck_assert_int_eq(moe_model_backward(m), MOE_OK);
     for (int64_t l = 0; l < c.num_hidden_layers; l++) {
         moe_layer *ly = moe_model_moe_layer(m, l);
@@ -318,7 +318,7 @@ static void train(const char *backend, int steps, double *losses, double *val)
         for (int micro = 0; micro < 2; micro++) { /* gradient accumulation over 2 micro-batches */
             ck_assert_int_eq(moe_dataset_batch(d, 7, step, micro, B, S, in, tg, task), MOE_OK);
             moe_model_losses L;
-            ck_assert_int_eq(moe_model_forward(m, in, tg, task, B, S, (uint64_t)step, 1, &L), MOE_OK);
+            ck_assert_int_eq(moe_model_forward(m, in, tg, task, B, S, MOE_KEY_STEP((uint64_t)step), 1, &L), MOE_OK);
             ck_assert_int_eq(moe_model_backward(m), MOE_OK);
             tot += L.total / 2;
         }
@@ -335,13 +335,13 @@ static void train(const char *backend, int steps, double *losses, double *val)
     double sum = 0, cnt = 0;
     while (moe_dataset_val_next(d, &it, B, S, in, tg, NULL, &n) == MOE_OK && n > 0) {
         moe_model_losses L;
-        ck_assert_int_eq(moe_model_forward(m, in, tg, NULL, B, S, 0, 0, &L), MOE_OK);
+        ck_assert_int_eq(moe_model_forward(m, in, tg, NULL, B, S, MOE_KEY_STEP(0), 0, &L), MOE_OK);
         sum += L.ce * (double)L.n_targets;
         cnt += (double)L.n_targets;
     }
     *val = sum / cnt;
     moe_model_stats ms;
-    ck_assert_int_eq(moe_model_get_stats(m, &ms), MOE_OK);
+    ck_assert_int_eq(moe_model_get_stats(m, MOE_SPAN_LAST, &ms), MOE_OK);
     ck_assert_int_eq(ms.n_moe_layers, 2);
     ck_assert(ms.load_max_over_mean >= 1.0);
     moe_optim_free(o);
@@ -397,7 +397,7 @@ static void decode_matches(const char *backend, double tol)
     int32_t in[12];
     tokens(in, S, V, 8);
     double *full = tu_alloc(S * V), *one = tu_alloc(V);
-    ck_assert_int_eq(moe_model_forward(m, in, NULL, NULL, 1, S, 0, 0, NULL), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(m, in, NULL, NULL, 1, S, MOE_KEY_STEP(0), 0, NULL), MOE_OK);
     ck_assert_int_eq(moe_model_get_logits(m, full), MOE_OK);
     double worst = 0;
     for (int64_t p = 0; p < S; p++) {
@@ -504,12 +504,12 @@ START_TEST(test_config)
     ck_assert_int_eq(moe_model_param(m, i)->decay, 1);
     /* bad ids are rejected */
     int32_t in[4] = {0, 1, 2, 32}, tg[4] = {0, 1, 2, -2};
-    ck_assert_int_ne(moe_model_forward(m, in, NULL, NULL, 1, 4, 0, 1, NULL), MOE_OK);
+    ck_assert_int_ne(moe_model_forward(m, in, NULL, NULL, 1, 4, MOE_KEY_STEP(0), 1, NULL), MOE_OK);
     ck_assert_ptr_nonnull(strstr(moe_last_error(), "inputs[3]"));
     in[3] = 3;
-    ck_assert_int_ne(moe_model_forward(m, in, tg, NULL, 1, 4, 0, 1, NULL), MOE_OK);
+    ck_assert_int_ne(moe_model_forward(m, in, tg, NULL, 1, 4, MOE_KEY_STEP(0), 1, NULL), MOE_OK);
     ck_assert_ptr_nonnull(strstr(moe_last_error(), "targets[3]"));
-    ck_assert_int_ne(moe_model_forward(m, in, NULL, NULL, 2, 4, 0, 1, NULL), MOE_OK);
+    ck_assert_int_ne(moe_model_forward(m, in, NULL, NULL, 2, 4, MOE_KEY_STEP(0), 1, NULL), MOE_OK);
     moe_model_free(m);
     moe_backend_free(b);
 }
@@ -599,10 +599,10 @@ START_TEST(test_accumulation)
     ck_assert_int_eq(moe_optim_create(m2, &oc, &o2), MOE_OK);
     moe_model_zero_grad(m1);
     moe_model_zero_grad(m2);
-    ck_assert_int_eq(moe_model_forward(m1, in, tg, NULL, 4, 6, 0, 1, NULL), MOE_OK);
+    ck_assert_int_eq(moe_model_forward(m1, in, tg, NULL, 4, 6, MOE_KEY_STEP(0), 1, NULL), MOE_OK);
     ck_assert_int_eq(moe_model_backward(m1), MOE_OK);
     for (int h = 0; h < 2; h++) {
-        ck_assert_int_eq(moe_model_forward(m2, in + 12 * h, tg + 12 * h, NULL, 2, 6, 0, 1, NULL), MOE_OK);
+        ck_assert_int_eq(moe_model_forward(m2, in + 12 * h, tg + 12 * h, NULL, 2, 6, MOE_KEY_STEP(0), 1, NULL), MOE_OK);
         ck_assert_int_eq(moe_model_backward(m2), MOE_OK);
     }
     moe_optim_result r1, r2;

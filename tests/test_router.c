@@ -59,14 +59,14 @@ START_TEST(jitter_values)
     double x[T * D], xr[T * D], u[T * D], xr2[T * D], u2[T * D];
     tu_randn(x, T * D, 1.0, 1);
     /* eps = 0 is the identity */
-    moe_ref_jitter_forward(xr, u, x, 0.0, 9, 2, 3, T, D);
+    moe_ref_jitter_forward(xr, u, x, 0.0, 9, 2, MOE_KEY_STEP(3), T, D);
     for (int i = 0; i < T * D; i++) {
         ck_assert_double_eq(u[i], 1.0);
         ck_assert_double_eq(xr[i], x[i]);
     }
     /* the documented draw, reproducible, and a new one at the next step */
     const double eps = 0.1;
-    moe_ref_jitter_forward(xr, u, x, eps, 9, 2, 3, T, D);
+    moe_ref_jitter_forward(xr, u, x, eps, 9, 2, MOE_KEY_STEP(3), T, D);
     for (int t = 0; t < T; t++)
         for (int i = 0; i < D; i++) {
             double r = moe_rand_uniform(9, MOE_RNG_JITTER | (2 << 8), 3, (uint32_t)t, (uint32_t)i);
@@ -74,9 +74,9 @@ START_TEST(jitter_values)
             ck_assert(u[t * D + i] > 1 - eps && u[t * D + i] < 1 + eps);
             ck_assert_double_eq(xr[t * D + i], x[t * D + i] * u[t * D + i]);
         }
-    moe_ref_jitter_forward(xr2, u2, x, eps, 9, 2, 3, T, D);
+    moe_ref_jitter_forward(xr2, u2, x, eps, 9, 2, MOE_KEY_STEP(3), T, D);
     ck_assert_mem_eq(u, u2, sizeof u);
-    moe_ref_jitter_forward(xr2, u2, x, eps, 9, 2, 4, T, D);
+    moe_ref_jitter_forward(xr2, u2, x, eps, 9, 2, MOE_KEY_STEP(4), T, D);
     ck_assert(tu_max_abs(u, u2, T * D) > 0);
 }
 END_TEST
@@ -88,12 +88,12 @@ START_TEST(noisy_logits_values)
     tu_randn(z, T * E, 1.0, 2);
     for (int i = 0; i < T * E; i++)
         zn[i] = 0; /* softplus(0) = log 2 */
-    moe_ref_noisy_logits_forward(h, eps, z, zn, 0, 5, 1, 7, T, E);
+    moe_ref_noisy_logits_forward(h, eps, z, zn, 0, 5, 1, MOE_KEY_STEP(7), T, E);
     for (int i = 0; i < T * E; i++) {
         ck_assert_double_eq(h[i], z[i]);
         ck_assert_double_eq(eps[i], 0.0);
     }
-    moe_ref_noisy_logits_forward(h, eps, z, zn, 1, 5, 1, 7, T, E);
+    moe_ref_noisy_logits_forward(h, eps, z, zn, 1, 5, 1, MOE_KEY_STEP(7), T, E);
     for (int t = 0; t < T; t++)
         for (int e = 0; e < E; e++) {
             double n = moe_rand_normal(5, MOE_RNG_NOISE | (1 << 8), 7, (uint32_t)t, (uint32_t)e);
@@ -102,7 +102,7 @@ START_TEST(noisy_logits_values)
         }
     /* softplus must not overflow for large inputs */
     zn[0] = 1000;
-    moe_ref_noisy_logits_forward(h, eps, z, zn, 1, 5, 1, 7, T, E);
+    moe_ref_noisy_logits_forward(h, eps, z, zn, 1, 5, 1, MOE_KEY_STEP(7), T, E);
     ck_assert_double_eq_tol(h[0], z[0] + eps[0] * 1000.0, 1e-9);
 }
 END_TEST
@@ -188,7 +188,7 @@ static double loss_jitter(void *vc, int *ok)
 {
     ctx_t *c = vc;
     (void)ok;
-    moe_ref_jitter_forward(c->out, c->eps, c->z, 0.2, 3, 1, 5, c->T, c->E);
+    moe_ref_jitter_forward(c->out, c->eps, c->z, 0.2, 3, 1, MOE_KEY_STEP(5), c->T, c->E);
     return dot(c->out, c->w, c->T * c->E);
 }
 
@@ -200,7 +200,7 @@ START_TEST(jitter_grad)
     double *dx = tu_alloc(n);
     tu_randn(c.z, n, 1.0, 30);
     tu_randn(c.w, n, 1.0, 31);
-    moe_ref_jitter_forward(c.out, c.eps, c.z, 0.2, 3, 1, 5, c.T, c.E);
+    moe_ref_jitter_forward(c.out, c.eps, c.z, 0.2, 3, 1, MOE_KEY_STEP(5), c.T, c.E);
     moe_ref_jitter_backward(dx, c.w, c.eps, c.T, c.E);
     tu_fd_stats st = {0};
     double err = tu_fd_check(c.z, n, dx, loss_jitter, &c, FD_H, &st);
@@ -214,7 +214,7 @@ static double loss_noisy_logits(void *vc, int *ok)
 {
     ctx_t *c = vc;
     (void)ok;
-    moe_ref_noisy_logits_forward(c->out, c->eps, c->z, c->zn, 1, 3, 2, 11, c->T, c->E);
+    moe_ref_noisy_logits_forward(c->out, c->eps, c->z, c->zn, 1, 3, 2, MOE_KEY_STEP(11), c->T, c->E);
     return dot(c->out, c->w, c->T * c->E);
 }
 
@@ -227,7 +227,7 @@ START_TEST(noisy_logits_grad)
     tu_randn(c.z, n, 1.0, 40);
     tu_randn(c.zn, n, 2.0, 41);
     tu_randn(c.w, n, 1.0, 42);
-    moe_ref_noisy_logits_forward(c.out, c.eps, c.z, c.zn, 1, 3, 2, 11, c.T, c.E);
+    moe_ref_noisy_logits_forward(c.out, c.eps, c.z, c.zn, 1, 3, 2, MOE_KEY_STEP(11), c.T, c.E);
     moe_ref_noisy_logits_backward(dz, dzn, c.w, c.eps, c.zn, c.T, c.E);
     tu_fd_stats st = {0};
     double e1 = tu_fd_check(c.z, n, dz, loss_noisy_logits, &c, FD_H, &st);

@@ -35,7 +35,7 @@ static moe_plan *make_plan(const moe_layer_config *c, int64_t T)
 static void route_ok(moe_plan *p, const double *s, const double *h, const double *bias, const int32_t *ids,
                      const moe_layer_config *c, uint64_t step, int64_t T)
 {
-    moe_status st = moe_ref_route(p, s, h, bias, ids, c, step, T);
+    moe_status st = moe_ref_route(p, s, h, bias, ids, c, MOE_KEY_STEP(step), T);
     ck_assert_msg(st == MOE_OK, "route failed: %s", moe_last_error());
     ck_assert_msg(moe_plan_check(p) == MOE_OK, "plan check: %s", moe_last_error());
 }
@@ -360,38 +360,38 @@ START_TEST(bad_plans)
     config(&c, MOE_ROUTER_TOPK, 4, 2);
     moe_plan *p;
     ck_assert_int_eq(moe_plan_create(15, 8, 4, 2, &p), MOE_OK); /* one assignment short */
-    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, 0, 8), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, MOE_KEY_STEP(0), 8), MOE_ERR_ARG);
     ck_assert_ptr_nonnull(strstr(moe_last_error(), "assignments"));
     moe_plan_free(p);
     ck_assert_int_eq(moe_plan_create(16, 4, 4, 2, &p), MOE_OK); /* choice arrays for T = 4 */
-    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, 0, 8), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, MOE_KEY_STEP(0), 8), MOE_ERR_ARG);
     ck_assert_ptr_nonnull(strstr(moe_last_error(), "choice arrays"));
     moe_plan_free(p);
     ck_assert_int_eq(moe_plan_create(16, 8, 3, 2, &p), MOE_OK); /* wrong E */
-    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, 0, 8), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, MOE_KEY_STEP(0), 8), MOE_ERR_ARG);
     ck_assert_ptr_nonnull(strstr(moe_last_error(), "n_experts"));
     moe_plan_free(p);
     /* with capacity 2 the plan needs only E·C = 8 */
     c.capacity_factor = 0.5;
     ck_assert_int_eq(moe_plan_create(8, 8, 4, 2, &p), MOE_OK);
-    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, 0, 8), MOE_OK);
+    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, MOE_KEY_STEP(0), 8), MOE_OK);
     ck_assert_int_eq(moe_plan_check(p), MOE_OK);
     moe_plan_free(p);
     /* expert choice: E·C = 4·2 */
     config(&c, MOE_ROUTER_EXPERT_CHOICE, 4, 1);
     c.capacity_factor = 1.0;
     ck_assert_int_eq(moe_plan_create(7, 8, 4, 2, &p), MOE_OK);
-    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, 0, 8), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, MOE_KEY_STEP(0), 8), MOE_ERR_ARG);
     moe_plan_free(p);
     /* sampling and sinkhorn need h; T must be positive */
     config(&c, MOE_ROUTER_TOPK, 4, 2);
     c.second_policy = MOE_SECOND_SAMPLING;
     ck_assert_int_eq(moe_plan_create(16, 8, 4, 2, &p), MOE_OK);
-    ck_assert_int_eq(moe_ref_route(p, s, NULL, NULL, NULL, &c, 0, 8), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_route(p, s, NULL, NULL, NULL, &c, MOE_KEY_STEP(0), 8), MOE_ERR_ARG);
     c.router = MOE_ROUTER_SINKHORN;
     c.second_policy = MOE_SECOND_ALL;
-    ck_assert_int_eq(moe_ref_route(p, s, NULL, NULL, NULL, &c, 0, 8), MOE_ERR_ARG);
-    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, 0, 0), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_route(p, s, NULL, NULL, NULL, &c, MOE_KEY_STEP(0), 8), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_ref_route(p, s, h, NULL, NULL, &c, MOE_KEY_STEP(0), 0), MOE_ERR_ARG);
     moe_plan_free(p);
 }
 END_TEST
@@ -613,7 +613,7 @@ static double loss_route(void *vc, int *ok)
 {
     fd_ctx *x = vc;
     int tc = x->c.router != MOE_ROUTER_EXPERT_CHOICE;
-    ck_assert_int_eq(moe_ref_route(x->p1, x->s, x->h, x->bias, NULL, &x->c, 3, x->T), MOE_OK);
+    ck_assert_int_eq(moe_ref_route(x->p1, x->s, x->h, x->bias, NULL, &x->c, MOE_KEY_STEP(3), x->T), MOE_OK);
     if (!same_plan(x->p0, x->p1, tc))
         *ok = 0;
     double l = 0;

@@ -1,32 +1,47 @@
 /*
  * backend.h — the table of operations that model and layer code are written against.
  *
- * A backend owns its buffers: model code holds moe_tensor handles (a buffer and an
+ * A backend owns its memory. Model code holds moe_tensor handles (a buffer and an
  * element offset) and never dereferences them; values cross to the host only through
- * upload/download. Three backends share this table: ref (double, the oracle in ref/),
- * cpu (fp32, OpenBLAS), cuda (device memory). ggml's backend split and llm.c's
- * forward/backward pairs are the models.
+ * upload and download, in the host's own element type (dtype.h), converted on the way.
+ * Backends register by name (moe_backend_register; ggml-backend-reg is the model):
+ * ref (double, the oracle in ref/), cpu (fp32, OpenBLAS + OpenMP), cuda (later).
  *
- * Ops follow ref/ref.h's conventions: outputs, saved buffers, inputs, parameters, sizes;
- * backward ops accumulate into gradients. A routing plan lives on the backend too
- * (moe_bplan) and is read back on the host with plan_download for statistics and tests,
- * or written from the host with plan_upload so two backends can run on the same plan.
+ * Types per tensor. Every buffer carries a dtype, chosen by whoever allocates it: the
+ * model asks for its parameters, activations, master weights and optimizer state in the
+ * types its precision policy names (model.h), and an op works on the types of the
+ * buffers it is given. cpu and ref each support one float type (f32, f64) plus i32 ids;
+ * a GPU backend adds bf16 beside an f32 router, master weights and moments.
  *
- * Every op exists on every backend so that every router and option of the reference
- * runs on each of them: jitter, noisy logits and their smooth load, every selection,
- * capacity and drop policy, the aux losses, the expert FFNs (routed, shared, dense).
- * Scalars that the layer needs on the host (loss values, per-expert vectors of E) are
- * returned or downloaded; E-sized math (cv², the bias update) is done on the host.
+ * Asynchronous by design. Ops are enqueued on the backend's current stream and return
+ * nothing: a failure is recorded (moe_backend_fail), sticky, and reported with the op
+ * that caused it by the next sync() or download(). cpu and ref run each op at once; the
+ * interface also allows a device stream plus a second (communication) stream with events
+ * between them. Nothing inside a training step needs the host: ids live in i32 buffers,
+ * losses and norms are written to scalar tensors, the clipping factor and the
+ * aux-loss-free bias update are computed on the backend, and the host reads a step's
+ * scalars once, for its log.
+ *
+ * Scratch. Ops take no scratch arguments: when a layer or model is built it tells the
+ * backend the largest shapes it will run (moe_workload), and the backend reserves what
+ * its own ops need (per instance, i.e. per stream). An op that finds too little is an
+ * error, never a silent skip. Ops never change process-wide settings (BLAS threads).
+ *
+ * Conventions (ref/ref.h's, llm.c's): outputs, saved buffers, inputs, parameters, sizes;
+ * backward ops ACCUMULATE (+=) into gradients; a shape comment on every tensor argument.
+ * Random draws are keyed by moe_key (cmoe.h), never by thread, rank or layout.
  */
 #ifndef CMOE_BACKEND_H
 #define CMOE_BACKEND_H
 
 #include "cmoe.h"
+#include "core/dtype.h"
 
 typedef struct moe_buf moe_buf;     /* backend memory, opaque */
 typedef struct moe_bplan moe_bplan; /* a routing plan in backend memory, opaque */
+typedef struct moe_event moe_event; /* a point in a stream, opaque */
 
-/* A view into a buffer: elements [off, off + n) of buf. Passed by value. */
+/* A view into a buffer: elements [off, ...) of buf. Passed by value. */
 typedef struct {
     moe_buf *buf;
     int64_t off;
@@ -38,29 +53,64 @@ static inline moe_tensor moe_tensor_at(moe_tensor t, int64_t off)
     return t;
 }
 
+/* Streams of a backend: ops go to the current one (set_stream). */
+enum { MOE_STREAM_COMPUTE, MOE_STREAM_COMM, MOE_NSTREAMS };
+
+/*
+ * The largest work a backend will be asked to do for one layer or model, given once when
+ * it is built, so that reserve() can size the ops' scratch. Unused fields are 0.
+ */
+typedef struct {
+    const moe_layer_config *layer; /* an MoE layer (with its d_model, d_ff, E, k) */
+    int64_t tokens;                /* T through that layer */
+    int64_t rows;                  /* routed rows its experts see (plan or received) */
+    int64_t batch, seq, heads, kv_heads, head_dim; /* attention */
+    int64_t rows_ffn, d_model, d_ff;               /* a dense FFN over rows_ffn rows */
+} moe_workload;
+
 typedef struct moe_backend moe_backend;
 
+/*
+ * The op table. Every entry is required: moe_backend_create refuses a backend that leaves
+ * one NULL, naming it (MOE_BACKEND_OPS lists them).
+ */
 struct moe_backend {
     const char *name;
-    size_t elem_size; /* bytes per element in backend memory */
+    moe_dtype float_type; /* its native float type: what it computes in (f64 ref, f32 cpu) */
+    void *impl;           /* the backend's own state */
+    /* the sticky error: the first failure since the last sync */
+    moe_status err;
+    char err_msg[512];
 
-    /* memory */
-    moe_status (*alloc)(moe_backend *b, int64_t n, moe_buf **out); /* zero-filled */
+    /* ---- memory, transfers, synchronisation ------------------------------------ */
+    /* n elements of type t, zero-filled; a type the backend does not store is MOE_ERR_ARG */
+    moe_status (*alloc)(moe_backend *b, moe_dtype t, int64_t n, moe_buf **out);
     void (*free)(moe_backend *b, moe_buf *buf);
-    moe_status (*upload)(moe_backend *b, moe_tensor dst, const double *src, int64_t n);
-    moe_status (*download)(moe_backend *b, double *dst, moe_tensor src, int64_t n);
+    moe_dtype (*dtype)(moe_backend *b, const moe_buf *buf);
+    /* host src (type st) → dst, converted; enqueued: src must stay valid until the next sync */
+    moe_status (*upload)(moe_backend *b, moe_tensor dst, const void *src, moe_dtype st, int64_t n);
+    /* src → host dst (type dt), converted; waits for every stream and returns the sticky error */
+    moe_status (*download)(moe_backend *b, void *dst, moe_dtype dt, moe_tensor src, int64_t n);
     void (*fill)(moe_backend *b, moe_tensor t, double v, int64_t n);
+    /* dst = src, converted when the buffers' types differ (master weights → working copy) */
     void (*copy)(moe_backend *b, moe_tensor dst, moe_tensor src, int64_t n);
-    /* Scratch the ops may need (elements); called when a layer is created so that no op
-     * allocates inside a training step. Backends without scratch return MOE_OK. */
-    moe_status (*reserve)(moe_backend *b, int64_t n);
-    /* Worker threads the backend uses (<= 0: leave as it is); returns the count in use. */
+    /* Waits for every stream; returns the sticky error (and clears it). */
+    moe_status (*sync)(moe_backend *b);
+    void (*set_stream)(moe_backend *b, int stream);
+    moe_status (*event_create)(moe_backend *b, moe_event **out);
+    void (*event_free)(moe_backend *b, moe_event *ev);
+    void (*event_record)(moe_backend *b, moe_event *ev); /* on the current stream */
+    void (*stream_wait)(moe_backend *b, moe_event *ev);  /* the current stream waits for ev */
+    /* Grow-only scratch for the ops of this workload (layer or model creation time). */
+    moe_status (*reserve)(moe_backend *b, const moe_workload *w);
+    /* Worker threads (<= 0: leave as it is); returns the count in use. */
     int (*set_threads)(moe_backend *b, int n);
 
-    /* dense: out = x·w; dx += dout·wᵀ, dw += xᵀ·dout */
+    /* ---- dense ------------------------------------------------------------------- */
+    /* out = x·w; dx += dout·wᵀ, dw += xᵀ·dout (either may be NULL) */
     void (*matmul_forward)(moe_backend *b, moe_tensor out /* [T, N] */, moe_tensor x /* [T, K] */,
                            moe_tensor w /* [K, N] */, int64_t T, int64_t K, int64_t N);
-    void (*matmul_backward)(moe_backend *b, moe_tensor *dx /* [T, K] or NULL */, moe_tensor *dw /* [K, N] or NULL */,
+    void (*matmul_backward)(moe_backend *b, moe_tensor *dx /* [T, K] */, moe_tensor *dw /* [K, N] */,
                             moe_tensor dout, moe_tensor x, moe_tensor w, int64_t T, int64_t K, int64_t N);
     /* y[t, :] += a[t·as]·v[t, :] — shared-expert gates and the Residual-MoE mix */
     void (*rowscale_forward)(moe_backend *b, moe_tensor y /* [T, d] */, moe_tensor v /* [T, d] */,
@@ -71,20 +121,19 @@ struct moe_backend {
     /* y += x */
     void (*add)(moe_backend *b, moe_tensor y, moe_tensor x, int64_t n);
 
-    /* router input jitter (Switch): xr = x ⊙ u, u saved */
+    /* ---- router -------------------------------------------------------------------- */
+    /* Switch's jitter: xr = x ⊙ u, u ~ U(1-eps, 1+eps) saved */
     void (*jitter_forward)(moe_backend *b, moe_tensor xr /* [T, d] */, moe_tensor u /* [T, d] */, moe_tensor x,
-                           double eps, uint64_t seed, int64_t layer, uint64_t step, int64_t T, int64_t d);
+                           double eps, uint64_t seed, int64_t layer, moe_key key, int64_t T, int64_t d);
     void (*jitter_backward)(moe_backend *b, moe_tensor dx, moe_tensor dxr, moe_tensor u, int64_t T, int64_t d);
-
-    /* router scores: s = softmax(h) or sigmoid(h), and back (dh +=) */
+    /* s = softmax(h) or sigmoid(h); dh += ∂/∂h */
     void (*scores_forward)(moe_backend *b, moe_tensor s /* [T, E] */, moe_tensor h /* [T, E] */,
                            moe_score_fn fn, int64_t T, int64_t E);
     void (*scores_backward)(moe_backend *b, moe_tensor dh, moe_tensor ds, moe_tensor s, moe_score_fn fn,
                             int64_t T, int64_t E);
-
     /* noisy gating (Shazeer): h = z + ε·softplus(zn), ε saved; and its smooth load [E] */
     void (*noisy_logits_forward)(moe_backend *b, moe_tensor h, moe_tensor eps, moe_tensor z, moe_tensor zn,
-                                 int training, uint64_t seed, int64_t layer, uint64_t step, int64_t T, int64_t E);
+                                 int training, uint64_t seed, int64_t layer, moe_key key, int64_t T, int64_t E);
     void (*noisy_logits_backward)(moe_backend *b, moe_tensor *dz, moe_tensor *dzn, moe_tensor dh, moe_tensor eps,
                                   moe_tensor zn, int64_t T, int64_t E);
     void (*noisy_load_forward)(moe_backend *b, moe_tensor load /* [E] */, moe_tensor z, moe_tensor zn,
@@ -93,23 +142,33 @@ struct moe_backend {
                                 moe_tensor dload /* [E] */, moe_tensor z, moe_tensor zn, moe_tensor h, int64_t k,
                                 int64_t T, int64_t E);
 
-    /* routing plans */
+    /* ---- routing plans ------------------------------------------------------------- */
     moe_status (*plan_create)(moe_backend *b, const moe_layer_config *c, int64_t max_tokens, moe_bplan **out);
     void (*plan_free)(moe_backend *b, moe_bplan *p);
+    /* The whole plan to the host (waits; tests, statistics, an exchange that needs it). */
     moe_status (*plan_download)(moe_backend *b, moe_plan *host, const moe_bplan *p);
+    /* A host plan to the backend, checked first (moe_plan_check): runs two backends on one plan. */
     moe_status (*plan_upload)(moe_backend *b, moe_bplan *p, const moe_plan *host);
-    /* The plan's sizes and per-expert counts (either array may be NULL), cheap to read. */
-    void (*plan_stats)(moe_backend *b, const moe_bplan *p, int64_t *n, int64_t *dropped,
-                       int64_t *count /* [E] */, int64_t *selected /* [E] */);
-    moe_status (*route)(moe_backend *b, moe_bplan *p, moe_tensor s /* [T, E] */, moe_tensor h /* [T, E] */,
-                        moe_tensor *bias /* [E] or NULL */, const int32_t *token_ids /* host [T] or NULL */,
-                        const moe_layer_config *c, uint64_t step, int64_t T);
+    /* An expert-side plan of rows that arrived through an exchange: expert e holds
+     * counts[e] rows, contiguous in expert order (offsets only; no tokens or weights). */
+    moe_status (*plan_set_counts)(moe_backend *b, moe_bplan *p, const int64_t *counts /* host [E] */);
+    /* out[0..E) kept per expert, out[E..2E) selected per expert, out[2E] = n, out[2E+1] = dropped */
+    void (*plan_counts)(moe_backend *b, moe_tensor out /* [2E + 2] */, const moe_bplan *p);
+    /* t[i] = v for the plan's n rows of width elements */
+    void (*plan_fill)(moe_backend *b, moe_tensor t /* [n, width] */, double v, const moe_bplan *p, int64_t width);
+    /* the plan from scores s and selection logits h (ref/ref.h: moe_ref_route) */
+    void (*route)(moe_backend *b, moe_bplan *p, moe_tensor s /* [T, E] */, moe_tensor h /* [T, E] */,
+                  moe_tensor *bias /* [E] or NULL */, moe_tensor *token_ids /* i32 [T] or NULL */,
+                  const moe_layer_config *c, moe_key key, int64_t T);
     /* ds += ∂/∂s of the plan's weights; dchoice [T, k] may be NULL; bias as given to route */
     void (*route_backward)(moe_backend *b, moe_tensor ds /* [T, E] */, moe_tensor *dweight /* [n] or NULL */,
                            moe_tensor *dchoice /* [T, k] or NULL */, const moe_bplan *p, moe_tensor s,
                            moe_tensor *bias, const moe_layer_config *c);
+    /* aux-loss-free balancing (DeepSeek-V3): bias_e += rate·sign(mean(counts) − counts_e) */
+    void (*bias_update)(moe_backend *b, moe_tensor bias /* [E] */, moe_tensor counts /* [E] */, double rate,
+                        int64_t E);
 
-    /* dispatch / combine over a plan: the pair that expert parallelism replaces */
+    /* ---- dispatch / combine (the pair an exchange carries across ranks) ------------- */
     void (*dispatch_forward)(moe_backend *b, moe_tensor xe /* [n, d] */, moe_tensor x /* [T, d] */,
                              const moe_bplan *p, int64_t d);
     void (*dispatch_backward)(moe_backend *b, moe_tensor dx, moe_tensor dxe, const moe_bplan *p, int64_t d);
@@ -118,7 +177,8 @@ struct moe_backend {
     void (*combine_backward)(moe_backend *b, moe_tensor dye, moe_tensor dweight /* [n] */, moe_tensor dy,
                              moe_tensor ye, const moe_bplan *p, int64_t d);
 
-    /* one FFN over n rows (shared experts, the dense residual branch); h1, h3, a saved [n, f] */
+    /* ---- feed-forward -------------------------------------------------------------- */
+    /* one FFN over n rows (shared experts, dense layers, the residual branch); h1, h3, a saved [n, f] */
     void (*ffn_forward)(moe_backend *b, moe_tensor out /* [n, d] */, moe_tensor h1, moe_tensor h3, moe_tensor a,
                         moe_tensor x /* [n, d] */, moe_tensor w1 /* [d, f] */, moe_tensor *w3 /* or NULL */,
                         moe_tensor w2 /* [f, d] */, moe_activation act, int64_t n, int64_t d, int64_t f);
@@ -126,7 +186,7 @@ struct moe_backend {
                          moe_tensor dw2, moe_tensor dout, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor x,
                          moe_tensor w1, moe_tensor *w3, moe_tensor w2, moe_activation act, int64_t n, int64_t d,
                          int64_t f);
-    /* grouped expert FFN over the plan's expert-contiguous rows; h1, h3, a saved [n, f] */
+    /* grouped expert FFN over a plan's expert-contiguous rows; h1, h3, a saved [n, f] */
     void (*experts_forward)(moe_backend *b, moe_tensor ye, moe_tensor h1, moe_tensor h3, moe_tensor a,
                             moe_tensor xe, moe_tensor w1 /* [E, d, f] */, moe_tensor *w3 /* or NULL */,
                             moe_tensor w2 /* [E, f, d] */, const moe_bplan *p, moe_activation act,
@@ -136,32 +196,30 @@ struct moe_backend {
                              moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *p,
                              moe_activation act, int64_t d, int64_t f);
 
-    /* losses: value returned to the host, gradient scaled by coef (= dloss) */
-    double (*lb_loss_forward)(moe_backend *b, moe_tensor s, const moe_bplan *p, int64_t T, int64_t E);
+    /* ---- aux losses: the unscaled value to out [1]; backward adds coef·∂ ------------ */
+    void (*lb_loss_forward)(moe_backend *b, moe_tensor out, moe_tensor s, const moe_bplan *p, int64_t T,
+                            int64_t E);
     void (*lb_loss_backward)(moe_backend *b, moe_tensor ds, double coef, const moe_bplan *p, int64_t T, int64_t E);
-    double (*z_loss_forward)(moe_backend *b, moe_tensor z, int64_t T, int64_t E);
+    void (*z_loss_forward)(moe_backend *b, moe_tensor out, moe_tensor z, int64_t T, int64_t E);
     void (*z_loss_backward)(moe_backend *b, moe_tensor dz, double coef, moe_tensor z, int64_t T, int64_t E);
-    /* importance [E] (see moe_ref_importance_forward); backward adds dimp to dweight or dchoice */
+    /* importance [E] (moe_ref_importance_forward); backward adds dimp to dweight or dchoice */
     void (*importance_forward)(moe_backend *b, moe_tensor imp /* [E] */, const moe_bplan *p);
     void (*importance_backward)(moe_backend *b, moe_tensor *dweight /* [n] */, moe_tensor *dchoice /* [T, k] */,
                                 moe_tensor dimp /* [E] */, const moe_bplan *p);
-    /* −MI(task; expert); task ids live on the host */
-    double (*mi_loss_forward)(moe_backend *b, moe_tensor s, const int32_t *task, int64_t n_tasks, int64_t T,
-                              int64_t E);
-    void (*mi_loss_backward)(moe_backend *b, moe_tensor ds, double coef, moe_tensor s, const int32_t *task,
+    /* cv² of a vector of E (importance, load) */
+    void (*cv2_forward)(moe_backend *b, moe_tensor out, moe_tensor v /* [E] */, int64_t E);
+    void (*cv2_backward)(moe_backend *b, moe_tensor dv /* [E] */, double coef, moe_tensor v, int64_t E);
+    /* −MI(task; expert) over task ids in [0, n_tasks) */
+    void (*mi_loss_forward)(moe_backend *b, moe_tensor out, moe_tensor s, moe_tensor task /* i32 [T] */,
+                            int64_t n_tasks, int64_t T, int64_t E);
+    void (*mi_loss_backward)(moe_backend *b, moe_tensor ds, double coef, moe_tensor s, moe_tensor task,
                              int64_t n_tasks, int64_t T, int64_t E);
 
-    void (*destroy)(moe_backend *b);
-    void *impl; /* the backend's own state */
-
-    /* ---- the language model's ops (src/model/model.c; ref/model_ops.h, src/cpu/model_ops.h) ----
-     * Filled by moe_backend_ref_model_ops / moe_backend_cpu_model_ops (ref/backend_model.c,
-     * src/cpu/backend_model.c). Layouts and semantics as ref/model_ops.h; token and target ids
-     * live on the host; backward ops accumulate. */
-    void (*embedding_forward)(moe_backend *b, moe_tensor out /* [N, C] */, const int32_t *tokens /* host [N] */,
+    /* ---- the language model (ref/model_ops.h, src/cpu/model_ops.h) ------------------ */
+    void (*embedding_forward)(moe_backend *b, moe_tensor out /* [N, C] */, moe_tensor tokens /* i32 [N] */,
                               moe_tensor wte /* [V, C] */, int64_t N, int64_t C);
     void (*embedding_backward)(moe_backend *b, moe_tensor dwte /* [V, C] */, moe_tensor dout /* [N, C] */,
-                               const int32_t *tokens /* host [N] */, int64_t N, int64_t C);
+                               moe_tensor tokens /* i32 [N] */, int64_t N, int64_t C);
     void (*rmsnorm_forward)(moe_backend *b, moe_tensor out /* [N, C] */, moe_tensor rstd /* [N] */,
                             moe_tensor x /* [N, C] */, moe_tensor w /* [C] */, double eps, int64_t N, int64_t C);
     void (*rmsnorm_backward)(moe_backend *b, moe_tensor *dx /* [N, C] or NULL */, moe_tensor *dw /* [C] or NULL */,
@@ -171,20 +229,21 @@ struct moe_backend {
                          double theta, int64_t B, int64_t S, int64_t nh, int64_t hd);
     void (*rope_backward)(moe_backend *b, moe_tensor dx /* [B, S, nh, hd] */, moe_tensor dout, int64_t pos0,
                           double theta, int64_t B, int64_t S, int64_t nh, int64_t hd);
-    void (*attention_forward)(moe_backend *b, moe_tensor out /* [B, S, H, hd] */, moe_tensor att /* [B, H, S, S] */,
+    /* Elements of the tensor that attention_forward saves for its backward: the [B, H, S, S]
+     * probabilities (cpu, ref), or only the rows' log-sum-exp [B, H, S] (a flash kernel). */
+    int64_t (*attention_saved)(moe_backend *b, int64_t B, int64_t S, int64_t H);
+    void (*attention_forward)(moe_backend *b, moe_tensor out /* [B, S, H, hd] */, moe_tensor saved,
                               moe_tensor q /* [B, S, H, hd] */, moe_tensor k /* [B, S, Hkv, hd] */,
                               moe_tensor v /* [B, S, Hkv, hd] */, int64_t B, int64_t S, int64_t H, int64_t Hkv,
                               int64_t hd);
-    void (*attention_backward)(moe_backend *b, moe_tensor dq, moe_tensor dk, moe_tensor dv,
-                               moe_tensor datt /* [B, H, S, S] scratch */, moe_tensor dout, moe_tensor att,
-                               moe_tensor q, moe_tensor k, moe_tensor v, int64_t B, int64_t S, int64_t H,
-                               int64_t Hkv, int64_t hd);
-    void (*attention_decode)(moe_backend *b, moe_tensor out /* [H, hd] */, moe_tensor att /* [H, pos+1] scratch */,
-                             moe_tensor q /* [H, hd] */, moe_tensor kcache /* [S_max, Hkv, hd] */,
-                             moe_tensor vcache /* [S_max, Hkv, hd] */, int64_t pos, int64_t H, int64_t Hkv,
-                             int64_t hd);
-    /* out = x·wᵀ with w [N, K] (the LM head in Hugging Face layout, tied or not);
-     * dx += dout·w, dw += doutᵀ·x (either may be NULL) */
+    void (*attention_backward)(moe_backend *b, moe_tensor dq, moe_tensor dk, moe_tensor dv, moe_tensor dout,
+                               moe_tensor out, moe_tensor saved, moe_tensor q, moe_tensor k, moe_tensor v, int64_t B,
+                               int64_t S, int64_t H, int64_t Hkv, int64_t hd);
+    /* one query position against a KV cache holding positions 0..pos */
+    void (*attention_decode)(moe_backend *b, moe_tensor out /* [H, hd] */, moe_tensor q /* [H, hd] */,
+                             moe_tensor kcache /* [S_max, Hkv, hd] */, moe_tensor vcache /* [S_max, Hkv, hd] */,
+                             int64_t pos, int64_t H, int64_t Hkv, int64_t hd);
+    /* out = x·wᵀ with w [N, K] (the LM head, HF layout); dx += dout·w, dw += doutᵀ·x */
     void (*matmul_t_forward)(moe_backend *b, moe_tensor out /* [T, N] */, moe_tensor x /* [T, K] */,
                              moe_tensor w /* [N, K] */, int64_t T, int64_t K, int64_t N);
     void (*matmul_t_backward)(moe_backend *b, moe_tensor *dx /* [T, K] */, moe_tensor *dw /* [N, K] */,
@@ -194,28 +253,95 @@ struct moe_backend {
     void (*bias_forward)(moe_backend *b, moe_tensor y /* [T, N] */, moe_tensor bias /* [N] */, int64_t T, int64_t N);
     void (*bias_backward)(moe_backend *b, moe_tensor dbias /* [N] */, moe_tensor dy /* [T, N] */, int64_t T,
                           int64_t N);
-    /* mean CE over targets != -1, probs may alias logits; dlogits += dloss·(probs − onehot)/n */
-    double (*crossentropy_forward)(moe_backend *b, moe_tensor probs /* [N, V] */, moe_tensor logits /* [N, V] */,
-                                   const int32_t *targets /* host [N] */, int64_t N, int64_t V);
+    /* loss [1] = mean CE over targets != −1 (probs may alias logits);
+     * dlogits += dloss·(probs − onehot)/n_counted */
+    void (*crossentropy_forward)(moe_backend *b, moe_tensor loss, moe_tensor probs /* [N, V] */,
+                                 moe_tensor logits /* [N, V] */, moe_tensor targets /* i32 [N] */, int64_t N,
+                                 int64_t V);
     void (*crossentropy_backward)(moe_backend *b, moe_tensor dlogits /* [N, V] */, moe_tensor probs,
-                                  const int32_t *targets /* host [N] */, double dloss, int64_t N, int64_t V);
-    void (*adamw_step)(moe_backend *b, moe_tensor p /* [n] */, moe_tensor m /* [n] */, moe_tensor v /* [n] */,
-                       moe_tensor g /* [n] */, double lr, double beta1, double beta2, double eps, double wd,
-                       double grad_scale, int64_t t, int64_t n);
-    /* Σ g² in a fixed order (the same on every run and thread count) */
-    double (*grad_sumsq)(moe_backend *b, moe_tensor g /* [n] */, int64_t n);
+                                  moe_tensor targets /* i32 [N] */, double dloss, int64_t N, int64_t V);
+
+    /* ---- optimizer ------------------------------------------------------------------ */
+    /* acc[0] += Σ g² (each tensor's sum in a fixed order, the same at any thread count) */
+    void (*grad_sumsq)(moe_backend *b, moe_tensor acc /* [1] */, moe_tensor g /* [n] */, int64_t n);
+    /* scale[0] = grad_scale · min(1, max_norm / (‖grad_scale·g‖ + 1e-6)) from sumsq = Σ g²
+     * (torch.nn.utils.clip_grad_norm_; max_norm <= 0: no clipping); NaN when the norm
+     * is not finite, which makes adamw_step leave everything as it is */
+    void (*clip_scale)(moe_backend *b, moe_tensor scale /* [1] */, moe_tensor sumsq /* [1] */, double grad_scale,
+                       double max_norm);
+    /* AdamW on master weights (f32, or the parameters themselves when master is NULL) with
+     * gradient g·scale[0]; then p = master (converted) when they differ */
+    void (*adamw_step)(moe_backend *b, moe_tensor p /* [n] */, moe_tensor *master /* [n] or NULL */,
+                       moe_tensor m /* [n] */, moe_tensor v /* [n] */, moe_tensor g /* [n] */,
+                       moe_tensor scale /* [1] */, double lr, double beta1, double beta2, double eps, double wd,
+                       int64_t t, int64_t n);
+
+    void (*destroy)(moe_backend *b);
 };
 
-/* The language-model ops of each backend (the table filler called by its create). */
-void moe_backend_ref_model_ops(moe_backend *b);
-void moe_backend_cpu_model_ops(moe_backend *b);
+/* Every op of the table, for the completeness check and for messages. */
+#define MOE_BACKEND_OPS(X)                                                                                       \
+    X(alloc) X(free) X(dtype) X(upload) X(download) X(fill) X(copy) X(sync) X(set_stream) X(event_create)         \
+    X(event_free) X(event_record) X(stream_wait) X(reserve) X(set_threads) X(matmul_forward) X(matmul_backward)  \
+    X(rowscale_forward) X(rowscale_backward) X(add) X(jitter_forward) X(jitter_backward) X(scores_forward)       \
+    X(scores_backward) X(noisy_logits_forward) X(noisy_logits_backward) X(noisy_load_forward)                    \
+    X(noisy_load_backward) X(plan_create) X(plan_free) X(plan_download) X(plan_upload) X(plan_set_counts)         \
+    X(plan_counts) X(plan_fill) X(route) X(route_backward) X(bias_update) X(dispatch_forward)                    \
+    X(dispatch_backward) X(combine_forward) X(combine_backward) X(ffn_forward) X(ffn_backward)                   \
+    X(experts_forward) X(experts_backward) X(lb_loss_forward) X(lb_loss_backward) X(z_loss_forward)              \
+    X(z_loss_backward) X(importance_forward) X(importance_backward) X(cv2_forward) X(cv2_backward)               \
+    X(mi_loss_forward) X(mi_loss_backward) X(embedding_forward) X(embedding_backward) X(rmsnorm_forward)         \
+    X(rmsnorm_backward) X(rope_forward) X(rope_backward) X(attention_saved) X(attention_forward)                  \
+    X(attention_backward) X(attention_decode) X(matmul_t_forward) X(matmul_t_backward) X(bias_forward)           \
+    X(bias_backward) X(crossentropy_forward) X(crossentropy_backward) X(grad_sumsq) X(clip_scale) X(adamw_step)  \
+    X(destroy)
 
-/* The oracle as a backend: buffers hold double, every op is the one in ref/. */
-moe_status moe_backend_ref_create(moe_backend **out);
-/* fp32, OpenBLAS and OpenMP; threads <= 0 takes OpenMP's default. */
-moe_status moe_backend_cpu_create(int threads, moe_backend **out);
-/* By name: "ref" or "cpu". */
-moe_status moe_backend_create(const char *name, int threads, moe_backend **out);
+/* ---- errors of enqueued ops ------------------------------------------------------- */
+
+/* Records the first failure since the last sync (later ones are dropped): "OP: message". */
+void moe_backend_fail(moe_backend *b, const char *op, moe_status s, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+/* The sticky error as a moe_status with its message (moe_last_error), then cleared;
+ * what a backend's sync() returns once its streams are idle. */
+moe_status moe_backend_take_error(moe_backend *b);
+
+/* Host transfers of doubles, for tests and tools. */
+static inline moe_status moe_upload_f64(moe_backend *b, moe_tensor dst, const double *src, int64_t n)
+{
+    return b->upload(b, dst, src, MOE_F64, n);
+}
+static inline moe_status moe_download_f64(moe_backend *b, double *dst, moe_tensor src, int64_t n)
+{
+    return b->download(b, dst, MOE_F64, src, n);
+}
+
+/* ---- the registry ------------------------------------------------------------------- */
+
+typedef struct {
+    int threads; /* worker threads; <= 0: the backend's default (OpenMP's) */
+    int device;  /* device index (GPU backends) */
+} moe_backend_options;
+
+typedef moe_status (*moe_backend_create_fn)(const moe_backend_options *o, moe_backend **out);
+
+/* Adds a backend under name (the built-in ones are there from the start); a name taken
+ * already is MOE_ERR_ARG. */
+moe_status moe_backend_register(const char *name, const char *about, moe_backend_create_fn create);
+int moe_backend_count(void);
+/* Name and one-line description of backend i (NULL outside [0, count)). */
+const char *moe_backend_name(int i);
+const char *moe_backend_about(int i);
+/* "ref, cpu" — the names this build has, for messages and --help. */
+const char *moe_backend_list(void);
+/* Creates a registered backend by name (o may be NULL); checks that it fills every op. */
+moe_status moe_backend_create(const char *name, const moe_backend_options *o, moe_backend **out);
 void moe_backend_free(moe_backend *b);
+
+/* The built-in backends' creators (registered by name in src/backend/registry.c). */
+moe_status moe_backend_ref_create(const moe_backend_options *o, moe_backend **out);
+moe_status moe_backend_cpu_create(const moe_backend_options *o, moe_backend **out);
 
 #endif

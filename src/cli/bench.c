@@ -314,9 +314,9 @@ static int run_layer(const bench_opts *o)
     double *host = NULL, *samples = NULL;
     int rc = EXIT_FAIL;
     const int64_t T = o->T, d = o->d;
-    if ((st = moe_backend_create(o->backend, (int)o->threads, &b)) ||
+    if ((st = moe_backend_create(o->backend, &(moe_backend_options){.threads = (int)o->threads}, &b)) ||
         (st = moe_layer_create(&c, b, T, NULL, &L)) || (st = moe_layer_init(L, 1.0)) ||
-        (st = b->alloc(b, 4 * T * d, &io)))
+        (st = b->alloc(b, b->float_type, 4 * T * d, &io)))
         goto done;
     const int threads = b->set_threads(b, 0);
     host = malloc((size_t)(T * d) * sizeof *host);
@@ -328,14 +328,15 @@ static int run_layer(const bench_opts *o)
     moe_tensor x = {io, 0}, y = {io, T * d}, dy = {io, 2 * T * d}, dx = {io, 3 * T * d};
     for (int64_t i = 0; i < T * d; i++)
         host[i] = moe_rand_normal(7, 99, 0, (uint32_t)i, (uint32_t)(i >> 32));
-    b->upload(b, x, host, T * d);
+    moe_upload_f64(b, x, host, T * d);
     for (int64_t i = 0; i < T * d; i++)
         host[i] = moe_rand_normal(8, 99, 0, (uint32_t)i, (uint32_t)(i >> 32)) / sqrt((double)T);
-    b->upload(b, dy, host, T * d);
+    moe_upload_f64(b, dy, host, T * d);
     moe_layer_zero_grad(L);
     for (long long it = 0; it < o->warmup + o->iters; it++) {
         double t0 = now();
-        if ((st = moe_layer_forward(L, y, x, NULL, NULL, T, (uint64_t)it, 1)) || (st = moe_layer_backward(L, dx, dy)))
+        if ((st = moe_layer_forward(L, y, x, NULL, NULL, T, MOE_KEY_STEP(it), 1)) ||
+            (st = moe_layer_backward(L, dx, dy)) || (st = b->sync(b)))
             goto done;
         double t = now() - t0;
         if (it >= o->warmup) {
@@ -346,8 +347,10 @@ static int run_layer(const bench_opts *o)
                 samples[o->iters * (p + 1) + q] = ph[p];
         }
     }
-    int64_t n = 0, dropped = 0;
-    b->plan_stats(b, moe_layer_plan(L), &n, &dropped, NULL, NULL);
+    double counts[2];
+    if ((st = moe_download_f64(b, counts, moe_tensor_at(moe_layer_stats(L), MOE_STAT_COUNTS + 2 * c.n_experts), 2)))
+        goto done;
+    const int64_t n = (int64_t)counts[0], dropped = (int64_t)counts[1];
     flop_count fc = count_flops(&c, T, n);
     double ms = 1e3 * median(samples, (int)o->iters), phase_ms[MOE_PH_COUNT];
     for (int p = 0; p < MOE_PH_COUNT; p++)

@@ -197,7 +197,7 @@ int cmd_import(int argc, char **argv)
     char *cfg_json = NULL;
     moe_status s = moe_hf_read_config(hf_dir, &c, &arch);
     /* the ref backend holds double: every F32/BF16/F16 value passes unchanged */
-    if (!s && !(s = moe_backend_create("ref", 1, &b)) && !(s = moe_model_create(&c, b, 1, 1, &m)) &&
+    if (!s && !(s = moe_backend_create("ref", NULL, &b)) && !(s = moe_model_create(&c, b, NULL, 1, 1, &m)) &&
         !(s = moe_hf_load_weights(hf_dir, m, arch)) && !(s = cli_mkdirs(run_dir)) &&
         !(s = moe_model_config_to_json(&c, 1, &cfg_json))) {
         FILE *f = NULL;

@@ -115,7 +115,7 @@ static moe_status evaluate(const eval_opts *o, cli_run *r)
             goto done;
         if (n == 0)
             break;
-        if ((s = moe_model_forward(r->model, in, tg, task, B, S, 0, 0, &L)))
+        if ((s = moe_model_forward(r->model, in, tg, task, B, S, MOE_KEY_STEP(0), 0, &L)))
             goto done;
         sum += L.ce * (double)L.n_targets;
         total += L.n_targets;

@@ -19,7 +19,7 @@
 void help_oracle(void)
 {
     printf("Usage: cmoe oracle --config LAYER.json --inputs IN.safetensors --out OUT.safetensors\n"
-           "                   [--step N] [--eval]\n"
+           "                   [--step N] [--micro M] [--token0 K] [--eval]\n"
            "       cmoe oracle --example-inputs IN.safetensors --config LAYER.json --tokens T [--seed S]\n"
            "\n"
            "Runs the reference MoE layer (plain C, double precision) on the tensors of IN and\n"
@@ -32,6 +32,9 @@ void help_oracle(void)
            "                         of the layer by name with its exact shape\n"
            "  --out FILE             where to write the results (safetensors, F64 unless integer)\n"
            "  --step N               step number keying the random draws (default 0)\n"
+           "  --micro M              micro-batch keying them (gradient accumulation; default 0)\n"
+           "  --token0 K             global index of the first token, as a rank holding tokens\n"
+           "                         K.. of a batch sees it (default 0)\n"
            "  --eval                 evaluation mode: no router jitter, no gate noise\n"
            "  --example-inputs FILE  write a valid inputs file instead: random x, dy, token_ids\n"
            "                         (and task_ids with num_tasks), initialised parameters\n"
@@ -78,7 +81,7 @@ static int parse_u64(const char *s, uint64_t max, uint64_t *out)
 
 typedef struct {
     const char *config, *inputs, *out, *example;
-    uint64_t step, seed, tokens;
+    uint64_t step, micro, token0, seed, tokens;
     int eval, have_step, have_seed, have_tokens;
 } oracle_opts;
 
@@ -297,7 +300,8 @@ static int run_oracle(const oracle_opts *o)
     moe_status s;
     if ((s = moe_layer_config_load(o->config, &r.cfg)) || (s = load_inputs(&r, o->inputs)))
         goto done;
-    if ((s = moe_ref_layer_forward(r.layer, r.y, r.x, r.token_ids, r.task_ids, r.T, o->step, !o->eval)))
+    if ((s = moe_ref_layer_forward(r.layer, r.y, r.x, r.token_ids, r.task_ids, r.T,
+                                   (moe_key){o->step, (uint32_t)o->micro, (uint32_t)o->token0}, !o->eval)))
         goto done;
     if (r.dy) {
         moe_ref_layer_zero_grad(r.layer);
@@ -383,7 +387,7 @@ done:
 
 /* ---- command line -------------------------------------------------------------- */
 
-enum { OPT_CONFIG = 256, OPT_INPUTS, OPT_OUT, OPT_STEP, OPT_EVAL, OPT_EXAMPLE, OPT_TOKENS, OPT_SEED, OPT_HELP };
+enum { OPT_CONFIG = 256, OPT_INPUTS, OPT_OUT, OPT_STEP, OPT_MICRO, OPT_TOKEN0, OPT_EVAL, OPT_EXAMPLE, OPT_TOKENS, OPT_SEED, OPT_HELP };
 
 int cmd_oracle(int argc, char **argv)
 {
@@ -392,6 +396,8 @@ int cmd_oracle(int argc, char **argv)
         {"inputs", required_argument, NULL, OPT_INPUTS},
         {"out", required_argument, NULL, OPT_OUT},
         {"step", required_argument, NULL, OPT_STEP},
+        {"micro", required_argument, NULL, OPT_MICRO},
+        {"token0", required_argument, NULL, OPT_TOKEN0},
         {"eval", no_argument, NULL, OPT_EVAL},
         {"example-inputs", required_argument, NULL, OPT_EXAMPLE},
         {"tokens", required_argument, NULL, OPT_TOKENS},
@@ -414,6 +420,16 @@ int cmd_oracle(int argc, char **argv)
         case OPT_STEP:
             if (!parse_u64(optarg, UINT32_MAX, &o.step))
                 return usage("--step: '%s' is not an integer in [0, %u]", optarg, (unsigned)UINT32_MAX);
+            o.have_step = 1;
+            break;
+        case OPT_MICRO:
+            if (!parse_u64(optarg, 4095, &o.micro))
+                return usage("--micro: '%s' is not an integer in [0, 4095]", optarg);
+            o.have_step = 1;
+            break;
+        case OPT_TOKEN0:
+            if (!parse_u64(optarg, UINT32_MAX, &o.token0))
+                return usage("--token0: '%s' is not an integer in [0, %u]", optarg, (unsigned)UINT32_MAX);
             o.have_step = 1;
             break;
         case OPT_TOKENS:

@@ -47,14 +47,7 @@ int cli_parse_double(const char *s, double *out)
 
 moe_status cli_backend_create(const char *name, int threads, moe_backend **out)
 {
-    *out = NULL;
-    if (strcmp(name, "cuda") == 0)
-        return moe_error(MOE_ERR_UNSUPPORTED,
-                         "backend 'cuda': the CUDA backend of the language model is not available yet in this "
-                         "build; use --backend cpu (fast) or --backend ref (the double-precision oracle)");
-    if (strcmp(name, "ref") != 0 && strcmp(name, "cpu") != 0)
-        return moe_error(MOE_ERR_ARG, "backend '%s': use cpu, ref (or cuda when built with CUDA)", name);
-    return moe_backend_create(name, threads, out);
+    return moe_backend_create(name, &(moe_backend_options){.threads = threads}, out);
 }
 
 moe_status cli_path(char *buf, size_t n, const char *dir, const char *name)
@@ -197,7 +190,7 @@ moe_status cli_run_build(cli_run *r, const char *backend, int threads, int64_t m
 {
     moe_status s;
     if ((s = cli_backend_create(backend, threads, &r->backend)) ||
-        (s = moe_model_create(&r->cfg, r->backend, max_batch, max_seq, &r->model)))
+        (s = moe_model_create(&r->cfg, r->backend, NULL, max_batch, max_seq, &r->model)))
         return s;
     return cli_run_load_into(r, r->model);
 }

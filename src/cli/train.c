@@ -247,12 +247,13 @@ static void acc_zero(step_acc *a)
     }
 }
 
+/* The step's statistics, summed over its micro-batches on the backend (one read). */
 static moe_status acc_add(step_acc *a, moe_model *m)
 {
     for (int i = 0; i < a->n; i++) {
         layer_acc *x = &a->l[i];
         moe_model_layer_stats st;
-        moe_status s = moe_model_get_layer_stats(m, x->layer, &st, a->scratch);
+        moe_status s = moe_model_get_layer_stats(m, x->layer, MOE_SPAN_STEP, &st, a->scratch);
         if (s)
             return s;
         for (int64_t e = 0; e < x->E; e++)
@@ -331,7 +332,7 @@ static moe_status validate(moe_model *m, const moe_dataset *d, int64_t B, int64_
         if (n == 0)
             break;
         moe_model_losses L;
-        if ((s = moe_model_forward(m, in, tg, task, B, S, 0, 0, &L)))
+        if ((s = moe_model_forward(m, in, tg, task, B, S, MOE_KEY_STEP(0), 0, &L)))
             return s;
         sum += L.ce * (double)L.n_targets;
         total += L.n_targets;
@@ -882,7 +883,7 @@ static moe_status setup(train_run *r)
     if ((s = moe_optim_config_validate(&r->oc)))
         return s;
     if ((s = cli_backend_create(o->backend, (int)o->threads, &r->b)) ||
-        (s = moe_model_create(&r->cfg, r->b, o->batch, o->seq, &r->m)) ||
+        (s = moe_model_create(&r->cfg, r->b, NULL, o->batch, o->seq, &r->m)) ||
         (s = moe_optim_create(r->m, &r->oc, &r->opt)) || (s = acc_create(&r->cfg, &r->acc)))
         return s;
     /* the state: a checkpoint (validated as a whole before anything is set or written),
@@ -926,29 +927,27 @@ static moe_status train_loop(train_run *r, int *stopped)
         printf("  resumed from %s at step %lld\n", r->ck_path, (long long)r->start_step);
     fflush(stdout);
     for (int64_t step = r->start_step; step < o->steps; step++) {
-        double t0 = now(), ce = 0, aux = 0, total = 0;
+        double t0 = now();
         moe_model_zero_grad(r->m);
         acc_zero(&r->acc);
+        /* nothing in the step waits for the backend until the optimizer's result is read */
         for (int64_t micro = 0; micro < o->accum; micro++) {
-            moe_model_losses L;
+            const moe_key key = {(uint64_t)step, (uint32_t)micro, 0};
             if ((s = moe_dataset_batch(r->d, o->seed, step, micro, o->batch, o->seq, r->in, r->tg, r->task)) ||
-                (s = moe_model_forward(r->m, r->in, r->tg, r->task, o->batch, o->seq, (uint64_t)step, 1, &L)) ||
-                (s = acc_add(&r->acc, r->m)) || (s = moe_model_backward(r->m)))
+                (s = moe_model_forward(r->m, r->in, r->tg, r->task, o->batch, o->seq, key, 1, NULL)) ||
+                (s = moe_model_backward(r->m)))
                 return s;
-            ce += L.ce;
-            aux += L.aux;
-            total += L.total;
         }
-        ce /= (double)o->accum;
-        aux /= (double)o->accum;
-        total /= (double)o->accum;
+        moe_optim_result res;
+        moe_model_stats ms;
+        if ((s = moe_optim_step(r->opt, 1.0 / (double)o->accum, &res)) ||
+            (s = moe_model_get_stats(r->m, MOE_SPAN_STEP, &ms)) || (s = acc_add(&r->acc, r->m)))
+            return s;
+        const double ce = ms.ce / (double)o->accum, aux = ms.aux_total / (double)o->accum, total = ce + aux;
         if (!isfinite(total))
             return moe_error(MOE_ERR_ARG, "the loss is %g at step %lld: training diverged; try a lower --lr (now %g)",
                              total, (long long)step + 1, r->oc.lr);
         last_loss = total;
-        moe_optim_result res;
-        if ((s = moe_optim_step(r->opt, 1.0 / (double)o->accum, &res)))
-            return s;
         double dt = now() - t0;
         train_time += dt;
         const int64_t done = step + 1;

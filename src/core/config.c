@@ -134,7 +134,7 @@ moe_status moe_layer_config_validate(const moe_layer_config *c, int64_t T)
     if (c->d_ff_shared < 0) BAD("config: shared_expert_intermediate_size must be >= 0 (got %lld)", (long long)c->d_ff_shared);
     if (c->shared_gate && c->n_shared == 0) BAD("config: shared_expert_gate needs n_shared_experts >= 1");
     if (c->d_ff_dense < 0) BAD("config: residual_intermediate_size must be >= 0 (got %lld)", (long long)c->d_ff_dense);
-    if (c->layer < 0 || c->layer > 0xFFFFFF) BAD("config: layer index %lld out of range", (long long)c->layer);
+    if (c->layer < 0 || c->layer > 0xFFF) BAD("config: layer index %lld outside [0, 4095]", (long long)c->layer);
     if (T <= 0) BAD("tokens: T must be > 0 (got %lld)", (long long)T);
     if (T > INT32_MAX) BAD("tokens: T = %lld exceeds the int32 token index", (long long)T);
     if (token_choice(c->router) && c->top_k > INT32_MAX / T)

@@ -22,22 +22,6 @@ static void gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, c
                 (blasint)N, (blasint)K, alpha, A, (blasint)lda, B, (blasint)ldb, beta, C, (blasint)ldc);
 }
 
-/* Debian's OpenBLAS is the pthreads build: called from every OpenMP thread at once it
- * would start its own threads on top of ours. The head loops use one BLAS thread each. */
-static int blas_single(void)
-{
-    int old = openblas_get_num_threads();
-    if (old > 1)
-        openblas_set_num_threads(1);
-    return old;
-}
-
-static void blas_restore(int old)
-{
-    if (old > 1)
-        openblas_set_num_threads(old);
-}
-
 /* causal softmax of row i of the scores in place; masked entries become exactly 0 */
 static void causal_softmax_row(float *p, int64_t i, int64_t S)
 {
@@ -61,7 +45,6 @@ void moe_cpu_attention_forward(float *out, float *att, const float *q, const flo
 {
     const int64_t group = H / Hkv, ldq = H * hd, ldk = Hkv * hd;
     const float scale = (float)(1.0 / sqrt((double)hd));
-    int old = blas_single();
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
@@ -78,7 +61,6 @@ void moe_cpu_attention_forward(float *out, float *att, const float *q, const flo
                 gemm(0, 0, r1 - r0, hd, r1, 1.0f, p + r0 * S, S, vg, ldk, 0.0f, oh + r0 * ldq, ldq); /* p·v */
             }
         }
-    blas_restore(old);
 }
 
 /*
@@ -92,7 +74,6 @@ void moe_cpu_attention_backward(float *dq, float *dk, float *dv, float *datt, co
 {
     const int64_t group = H / Hkv, ldq = H * hd, ldk = Hkv * hd;
     const float scale = (float)(1.0 / sqrt((double)hd));
-    int old = blas_single();
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
@@ -136,7 +117,6 @@ void moe_cpu_attention_backward(float *dq, float *dk, float *dv, float *datt, co
                          dkg + c0 * ldk, ldk); /* dk += dSᵀ·q */
                 }
             }
-    blas_restore(old);
 }
 
 /* A single query row: plain dot products beat BLAS calls on vectors this short. */

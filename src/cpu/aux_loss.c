@@ -20,7 +20,7 @@ static double lb_fraction(const moe_bplan *p, int64_t e, int64_t T)
     return p->n > 0 ? (double)p->count[e] / (double)p->n : 0.0;
 }
 
-static double cpu_lb_forward(moe_backend *b, moe_tensor s_t, const moe_bplan *p, int64_t T, int64_t E)
+static void cpu_lb_forward(moe_backend *b, moe_tensor out, moe_tensor s_t, const moe_bplan *p, int64_t T, int64_t E)
 {
     const float *s = F(s_t);
     double loss = 0;
@@ -30,13 +30,13 @@ static double cpu_lb_forward(moe_backend *b, moe_tensor s_t, const moe_bplan *p,
             P += s[t * E + e];
         loss += lb_fraction(p, e, T) * (P / (double)T);
     }
-    return (double)E * loss;
+    F(out)[0] = (float)((double)E * loss);
 }
 
 static void cpu_lb_backward(moe_backend *b, moe_tensor ds_t, double dloss, const moe_bplan *p, int64_t T, int64_t E)
 {
     float *ds = F(ds_t);
-    float *g = moe_cpu_scratch(b, E);
+    float *g = moe_cpu_scratch(b, E, "lb_loss_backward");
     if (!g)
         return;
     for (int64_t e = 0; e < E; e++)
@@ -57,16 +57,24 @@ static double logsumexp(const float *zt, int64_t E)
     return m + log(acc);
 }
 
-static double cpu_z_forward(moe_backend *b, moe_tensor z_t, int64_t T, int64_t E)
+/* Token blocks of the z-loss sum, added in block order: the same bits at any thread count
+ * (an OpenMP reduction adds the threads' parts in an order of its choosing). */
+#define Z_BLOCKS 64
+
+static void cpu_z_forward(moe_backend *b, moe_tensor out, moe_tensor z_t, int64_t T, int64_t E)
 {
     const float *z = F(z_t);
+    double part[Z_BLOCKS] = {0};
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < Z_BLOCKS; blk++)
+        for (int64_t t = T * blk / Z_BLOCKS; t < T * (blk + 1) / Z_BLOCKS; t++) {
+            double l = logsumexp(z + t * E, E);
+            part[blk] += l * l;
+        }
     double acc = 0;
-#pragma omp parallel for schedule(static) reduction(+ : acc)
-    for (int64_t t = 0; t < T; t++) {
-        double l = logsumexp(z + t * E, E);
-        acc += l * l;
-    }
-    return acc / (double)T;
+    for (int64_t blk = 0; blk < Z_BLOCKS; blk++)
+        acc += part[blk];
+    F(out)[0] = (float)(acc / (double)T);
 }
 
 static void cpu_z_backward(moe_backend *b, moe_tensor dz_t, double dloss, moe_tensor z_t, int64_t T, int64_t E)
@@ -85,7 +93,7 @@ static void cpu_z_backward(moe_backend *b, moe_tensor dz_t, double dloss, moe_te
 static void cpu_importance_forward(moe_backend *b, moe_tensor imp_t, const moe_bplan *p)
 {
     float *imp = F(imp_t);
-    double *acc = (double *)moe_cpu_scratch(b, 2 * p->E);
+    double *acc = (double *)moe_cpu_scratch(b, 2 * p->E, "importance_forward");
     if (!acc)
         return;
     for (int64_t e = 0; e < p->E; e++)
@@ -124,10 +132,10 @@ typedef struct {
 } mi_terms;
 
 static int mi_compute(moe_backend *b, mi_terms *m, const float *s, const int32_t *task, int64_t M, int64_t T,
-                      int64_t E)
+                      int64_t E, const char *op)
 {
     /* scratch: pm [M], q [M, E], sm [M], pe [E], g [M, E], gq [M] in doubles */
-    double *w = (double *)moe_cpu_scratch(b, 2 * (3 * M + 2 * M * E + E));
+    double *w = (double *)moe_cpu_scratch(b, 2 * (3 * M + 2 * M * E + E), op);
     if (!w)
         return 0;
     m->pm = w;
@@ -160,11 +168,12 @@ static int mi_compute(moe_backend *b, mi_terms *m, const float *s, const int32_t
     return 1;
 }
 
-static double cpu_mi_forward(moe_backend *b, moe_tensor s, const int32_t *task, int64_t M, int64_t T, int64_t E)
+static void cpu_mi_forward(moe_backend *b, moe_tensor out, moe_tensor s, moe_tensor task, int64_t M, int64_t T,
+                           int64_t E)
 {
     mi_terms m;
-    if (!mi_compute(b, &m, F(s), task, M, T, E))
-        return NAN;
+    if (!mi_compute(b, &m, F(s), I32(task), M, T, E, "mi_loss_forward"))
+        return;
     double mi = 0;
     for (int64_t a = 0; a < M; a++)
         for (int64_t e = 0; e < E; e++) {
@@ -172,14 +181,15 @@ static double cpu_mi_forward(moe_backend *b, moe_tensor s, const int32_t *task, 
             if (pme > 0)
                 mi += pme * (log(m.q[a * E + e]) - log(m.pe[e]));
         }
-    return -mi;
+    F(out)[0] = (float)-mi;
 }
 
-static void cpu_mi_backward(moe_backend *b, moe_tensor ds_t, double dloss, moe_tensor s, const int32_t *task,
+static void cpu_mi_backward(moe_backend *b, moe_tensor ds_t, double dloss, moe_tensor s, moe_tensor task_t,
                             int64_t M, int64_t T, int64_t E)
 {
     mi_terms m;
-    if (!mi_compute(b, &m, F(s), task, M, T, E))
+    const int32_t *task = I32(task_t);
+    if (!mi_compute(b, &m, F(s), task, M, T, E, "mi_loss_backward"))
         return;
     double *g = m.pe + E, *gq = g + M * E;
     for (int64_t a = 0; a < M; a++) {
@@ -203,8 +213,41 @@ static void cpu_mi_backward(moe_backend *b, moe_tensor ds_t, double dloss, moe_t
     }
 }
 
+/* cv² in double over a vector of E (moe_ref_cv2_forward's formula) */
+static void cv2_terms(const float *v, int64_t E, double *mean, double *var)
+{
+    double m = 0, s = 0;
+    for (int64_t e = 0; e < E; e++)
+        m += v[e];
+    m /= (double)E;
+    for (int64_t e = 0; e < E; e++)
+        s += ((double)v[e] - m) * ((double)v[e] - m);
+    *mean = m;
+    *var = s / (double)E;
+}
+
+static void cpu_cv2_forward(moe_backend *b, moe_tensor out, moe_tensor v, int64_t E)
+{
+    double mean, var;
+    cv2_terms(F(v), E, &mean, &var);
+    F(out)[0] = (float)(var / (mean * mean + 1e-10));
+}
+
+static void cpu_cv2_backward(moe_backend *b, moe_tensor dv_t, double dloss, moe_tensor v_t, int64_t E)
+{
+    const float *v = F(v_t);
+    float *dv = F(dv_t);
+    double mean, var;
+    cv2_terms(v, E, &mean, &var);
+    const double D = mean * mean + 1e-10;
+    for (int64_t e = 0; e < E; e++)
+        dv[e] += (float)(dloss * (2.0 * ((double)v[e] - mean) / (double)E / D - var * 2.0 * mean / (double)E / (D * D)));
+}
+
 void moe_cpu_aux_ops(moe_backend *b)
 {
+    b->cv2_forward = cpu_cv2_forward;
+    b->cv2_backward = cpu_cv2_backward;
     b->lb_loss_forward = cpu_lb_forward;
     b->lb_loss_backward = cpu_lb_backward;
     b->z_loss_forward = cpu_z_forward;

@@ -12,8 +12,9 @@
 #include "backend/backend.h"
 
 struct moe_buf {
+    moe_dtype type; /* MOE_F32, or MOE_I32 for ids */
     int64_t n;
-    float *d;
+    float *d;       /* the elements (int32_t for MOE_I32, same size) */
 };
 
 /*
@@ -45,30 +46,35 @@ struct moe_bplan {
 
 typedef struct {
     int threads;
-    float *scratch; /* grow-only workspace of the ops (experts backward, route backward) */
+    float *scratch; /* the ops' workspace, sized by reserve() from the workloads */
     int64_t scratch_n;
 } moe_cpu_state;
 
 #define F(t) ((t).buf ? (t).buf->d + (t).off : NULL)
 #define FOPT(t) ((t) ? F(*(t)) : NULL)
+#define I32(t) ((t).buf ? (const int32_t *)(t).buf->d + (t).off : NULL)
 
 static inline moe_cpu_state *moe_cpu(moe_backend *b)
 {
     return (moe_cpu_state *)b->impl;
 }
 
-/* Scratch of at least n floats; NULL if it cannot be had (the op then does nothing
- * and poisons its output where it can). Sized up front by reserve(). */
-float *moe_cpu_scratch(moe_backend *b, int64_t n);
+/* Scratch of at least n floats, as reserved; NULL (and the sticky error set, naming op)
+ * when the workloads given to reserve() did not ask for that much. */
+float *moe_cpu_scratch(moe_backend *b, int64_t n, const char *op);
 
-/* C = alpha·op(A)·op(B) + beta·C, row-major, one cblas_sgemm call. */
+/* C = alpha·op(A)·op(B) + beta·C, row-major, one single-threaded cblas_sgemm call. */
 void moe_cpu_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
-/* The same, split over nt OpenMP threads by blocks of rows (or columns) of C. */
+/*
+ * The same over the team: C is cut into blocks whose bounds depend on the shape only —
+ * never on the thread count — because OpenBLAS's result for an element depends on where
+ * the element's block starts; fixed blocks make every thread count give the same bits.
+ */
 void moe_cpu_sgemm_par(int nt, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                        int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
-/* BLAS threads for the next calls; returns the previous count. */
-int moe_cpu_blas_threads(int n);
+/* Rows per block of those splits (the experts' blocks too). */
+#define MOE_CPU_ROWS 64
 
 /* one table filler per file */
 void moe_cpu_router_ops(moe_backend *b);
@@ -76,5 +82,6 @@ void moe_cpu_select_ops(moe_backend *b);
 void moe_cpu_aux_ops(moe_backend *b);
 void moe_cpu_experts_ops(moe_backend *b);
 void moe_cpu_dispatch_ops(moe_backend *b);
+void moe_cpu_model_ops(moe_backend *b);
 
 #endif

@@ -156,18 +156,26 @@ typedef struct {
     int64_t e, lo, hi; /* expert, and a block [lo, hi) of its rows or of its f columns */
 } task;
 
+/* Task lists live on the stack; block_len keeps them within this. */
+#define MAX_TASKS 4096
+/* Columns of f per task of the weight-gradient pass. */
+#define COLS 64
+
 static int team_size(moe_backend *b)
 {
     int nt = moe_cpu(b)->threads;
     return nt > 0 ? nt : 1;
 }
 
-/* Block length so that total/len is about 8 tasks per thread, at least `floor`. */
-static int64_t block_len(int64_t total, int nt, int64_t floor)
+/* Block length: a fixed function of the shape, never of the thread count (an element's
+ * bits in OpenBLAS depend on where its block starts, cpu.h): `base`, doubled while the
+ * task list would overflow. */
+static int64_t block_len(int64_t total, int64_t E, int64_t base)
 {
-    int64_t len = (total + 8 * nt - 1) / (8 * nt);
-    len = (len + 15) / 16 * 16;
-    return len < floor ? floor : len;
+    int64_t len = base;
+    while ((total + len - 1) / len + E > MAX_TASKS)
+        len *= 2;
+    return len;
 }
 
 /* Splits each expert's [0, len_e) into blocks of `len`; tasks go into t (capacity given). */
@@ -185,9 +193,6 @@ static int64_t make_tasks(task *t, const int64_t *offsets, int64_t E, int64_t sp
     return n;
 }
 
-/* Task lists live on the stack when small; this bound covers E·blocks for the shapes
- * a layer makes (blocks <= 8·threads + E). */
-#define MAX_TASKS 4096
 
 /* ---- the engine ------------------------------------------------------------------ */
 
@@ -207,11 +212,7 @@ static void grouped_forward(moe_backend *b, const ffn_args *A)
         return;
     const int nt = team_size(b);
     task tasks[MAX_TASKS];
-    int64_t len = block_len(n, nt, 64);
-    while ((n + len - 1) / len + A->E > MAX_TASKS)
-        len *= 2;
-    int64_t nts = make_tasks(tasks, A->offsets, A->E, 0, len);
-    const int old = moe_cpu_blas_threads(1);
+    int64_t nts = make_tasks(tasks, A->offsets, A->E, 0, block_len(n, A->E, MOE_CPU_ROWS));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t q = 0; q < nts; q++) {
         const task tk = tasks[q];
@@ -224,7 +225,6 @@ static void grouped_forward(moe_backend *b, const ffn_args *A)
         act_forward(a, h1, h3, m * f, A->act);
         moe_cpu_sgemm(0, 0, m, d, f, 1.0f, a, f, w2, d, 0.0f, A->ye + r * d, d);
     }
-    moe_cpu_blas_threads(old);
 }
 
 typedef struct {
@@ -233,6 +233,7 @@ typedef struct {
     const int64_t *offsets;
     int64_t E, d, f;
     moe_activation act;
+    const char *op; /* for the scratch's message */
 } ffn_grad_args;
 
 static void grouped_backward(moe_backend *b, const ffn_grad_args *A)
@@ -241,7 +242,7 @@ static void grouped_backward(moe_backend *b, const ffn_grad_args *A)
     const int64_t d = A->d, f = A->f, E = A->E, n = A->offsets[E];
     if (n == 0)
         return;
-    float *G1 = moe_cpu_scratch(b, (glu ? 2 : 1) * n * f);
+    float *G1 = moe_cpu_scratch(b, (glu ? 2 : 1) * n * f, A->op);
     if (!G1)
         return;
     float *G3 = glu ? G1 + n * f : NULL;
@@ -249,11 +250,7 @@ static void grouped_backward(moe_backend *b, const ffn_grad_args *A)
     task tasks[MAX_TASKS];
 
     /* rows: da = dy·w2ᵀ, the activation's backward, dx += g1·w1ᵀ [+ g3·w3ᵀ] */
-    int64_t len = block_len(n, nt, 64);
-    while ((n + len - 1) / len + E > MAX_TASKS)
-        len *= 2;
-    int64_t nts = make_tasks(tasks, A->offsets, E, 0, len);
-    const int old = moe_cpu_blas_threads(1);
+    int64_t nts = make_tasks(tasks, A->offsets, E, 0, block_len(n, E, MOE_CPU_ROWS));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t q = 0; q < nts; q++) {
         const task tk = tasks[q];
@@ -272,7 +269,7 @@ static void grouped_backward(moe_backend *b, const ffn_grad_args *A)
     int64_t active = 0;
     for (int64_t e = 0; e < E; e++)
         active += A->offsets[e + 1] > A->offsets[e];
-    int64_t clen = block_len(f * active, nt, 64);
+    int64_t clen = COLS;
     while (((f + clen - 1) / clen) * active > MAX_TASKS)
         clen *= 2;
     nts = make_tasks(tasks, A->offsets, E, f, clen);
@@ -287,7 +284,6 @@ static void grouped_backward(moe_backend *b, const ffn_grad_args *A)
         moe_cpu_sgemm(1, 0, w, d, m, 1.0f, A->a + r * f + c, f, A->dye + r * d, d, 1.0f,
                       A->dw2 + tk.e * f * d + c * d, d);
     }
-    moe_cpu_blas_threads(old);
 }
 
 /* ---- the table's ops ------------------------------------------------------------ */
@@ -309,7 +305,7 @@ static void cpu_experts_backward(moe_backend *b, moe_tensor dxe, moe_tensor dw1,
 {
     const int glu = moe_act_is_glu(act);
     ffn_grad_args A = {F(dxe), F(dw1), glu ? FOPT(dw3) : NULL, F(dw2), F(dye), F(h1), glu ? F(h3) : NULL, F(a),
-                       F(xe), F(w1), glu ? FOPT(w3) : NULL, F(w2), p->offsets, p->E, d, f, act};
+                       F(xe), F(w1), glu ? FOPT(w3) : NULL, F(w2), p->offsets, p->E, d, f, act, "experts_backward"};
     grouped_backward(b, &A);
 }
 
@@ -331,7 +327,7 @@ static void cpu_ffn_backward(moe_backend *b, moe_tensor *dx, moe_tensor dw1, moe
     const int glu = moe_act_is_glu(act);
     const int64_t offsets[2] = {0, n};
     ffn_grad_args A = {FOPT(dx), F(dw1), glu ? FOPT(dw3) : NULL, F(dw2), F(dout), F(h1), glu ? F(h3) : NULL, F(a),
-                       F(x), F(w1), glu ? FOPT(w3) : NULL, F(w2), offsets, 1, d, f, act};
+                       F(x), F(w1), glu ? FOPT(w3) : NULL, F(w2), offsets, 1, d, f, act, "ffn_backward"};
     grouped_backward(b, &A);
 }
 

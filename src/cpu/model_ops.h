@@ -8,23 +8,13 @@
  * backward ACCUMULATES (+=). Nothing here allocates: scratch comes from the caller.
  * Reductions (dw of RMSNorm, the loss, the gradient norm) are summed in double in a
  * fixed order that does not depend on the thread count, so two runs are bitwise equal.
- * Attention runs one single-threaded sgemm per (batch, head) inside an OpenMP loop and
- * sets OpenBLAS to one thread for that loop (restoring it after).
+ * Attention runs single-threaded sgemms per (batch, head) inside an OpenMP loop (the
+ * backend keeps OpenBLAS at one thread, src/cpu/backend.c).
  */
 #ifndef CMOE_CPU_MODEL_OPS_H
 #define CMOE_CPU_MODEL_OPS_H
 
 #include "cmoe.h"
-
-/* ---- linear layer (src/cpu/matmul.c) ----------------------------------------- */
-
-/* out = x · w */
-void moe_cpu_matmul_forward(float *out /* [T, N] */, const float *x /* [T, K] */, const float *w /* [K, N] */,
-                            int64_t T, int64_t K, int64_t N);
-/* dx += dout · wᵀ, dw += xᵀ · dout; either may be NULL */
-void moe_cpu_matmul_backward(float *dx /* [T, K] */, float *dw /* [K, N] */, const float *dout /* [T, N] */,
-                             const float *x /* [T, K] */, const float *w /* [K, N] */, int64_t T, int64_t K,
-                             int64_t N);
 
 /* ---- token embedding (src/cpu/embedding.c) --------------------------------- */
 
@@ -34,13 +24,6 @@ void moe_cpu_embedding_forward(float *out /* [N, C] */, const int32_t *tokens /*
 /* dwte[tokens[t]] += dout[t] */
 void moe_cpu_embedding_backward(float *dwte /* [V, C] */, const float *dout /* [N, C] */,
                                 const int32_t *tokens /* [N] */, int64_t N, int64_t C);
-
-/* ---- elementwise (src/cpu/residual.c) -------------------------------------- */
-
-/* out = a + b (out may alias a or b): the residual connection */
-void moe_cpu_add_forward(float *out /* [n] */, const float *a /* [n] */, const float *b /* [n] */, int64_t n);
-/* da += dout, db += dout; either may be NULL */
-void moe_cpu_add_backward(float *da /* [n] */, float *db /* [n] */, const float *dout /* [n] */, int64_t n);
 
 /* ---- RMSNorm (src/cpu/rmsnorm.c) ------------------------------------------------ */
 

@@ -8,9 +8,6 @@
 #include <stdlib.h>
 
 #include "cpu/cpu.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 static float softplusf(float x)
 {
@@ -26,15 +23,15 @@ static float sigmoidf(float x)
 }
 
 static void cpu_jitter_forward(moe_backend *b, moe_tensor xr, moe_tensor u, moe_tensor x, double eps, uint64_t seed,
-                               int64_t layer, uint64_t step, int64_t T, int64_t d)
+                               int64_t layer, moe_key key, int64_t T, int64_t d)
 {
-    const uint32_t stream = MOE_RNG_JITTER | (uint32_t)(layer << 8);
+    const uint32_t stream = moe_rng_stream(MOE_RNG_JITTER, layer, key);
     float *xrr = F(xr), *uu = F(u);
     const float *xx = F(x);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++)
         for (int64_t i = 0; i < d; i++) {
-            double r = moe_rand_uniform(seed, stream, (uint32_t)step, (uint32_t)t, (uint32_t)i);
+            double r = moe_rand_uniform(seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, (uint32_t)i);
             float ui = (float)(1.0 - eps + 2.0 * eps * r);
             uu[t * d + i] = ui;
             xrr[t * d + i] = xx[t * d + i] * ui;
@@ -101,16 +98,16 @@ static void cpu_scores_backward(moe_backend *b, moe_tensor dh, moe_tensor ds, mo
 }
 
 static void cpu_noisy_logits_forward(moe_backend *b, moe_tensor h, moe_tensor eps, moe_tensor z, moe_tensor zn,
-                                     int training, uint64_t seed, int64_t layer, uint64_t step, int64_t T, int64_t E)
+                                     int training, uint64_t seed, int64_t layer, moe_key key, int64_t T, int64_t E)
 {
-    const uint32_t stream = MOE_RNG_NOISE | (uint32_t)(layer << 8);
+    const uint32_t stream = moe_rng_stream(MOE_RNG_NOISE, layer, key);
     float *hh = F(h), *ee = F(eps);
     const float *zz = F(z), *zzn = F(zn);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++)
         for (int64_t e = 0; e < E; e++) {
             int64_t i = t * E + e;
-            ee[i] = training ? (float)moe_rand_normal(seed, stream, (uint32_t)step, (uint32_t)t, (uint32_t)e) : 0.0f;
+            ee[i] = training ? (float)moe_rand_normal(seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, (uint32_t)e) : 0.0f;
             hh[i] = zz[i] + ee[i] * softplusf(zzn[i]);
         }
 }
@@ -167,42 +164,36 @@ static double norm_cdf(double x)
 /* Per-thread rows of thresholds need E int64 and E bytes; E is at most a few hundred,
  * so a VLA-free fixed split: experts beyond this many use the heap once per thread. */
 #define STACK_E 1024
+/* Token blocks of the load's sum (the scratch reserve() sizes: 2·512·E floats). */
+#define LOAD_BLOCKS 512
 
 static void cpu_noisy_load_forward(moe_backend *b, moe_tensor load, moe_tensor z, moe_tensor zn, moe_tensor h,
                                    int64_t k, int64_t T, int64_t E)
 {
     const float *zz = F(z), *zzn = F(zn), *hh = F(h);
     float *ld = F(load);
-    const int nt = moe_cpu(b)->threads > 0 ? moe_cpu(b)->threads : 1;
-    /* Per-thread partial loads over a static token split, added in thread order:
-     * the result depends on the thread count only through float rounding. */
-    double *part = (double *)moe_cpu_scratch(b, 2 * (int64_t)nt * E);
-    if (!part) {
-        for (int64_t e = 0; e < E; e++)
-            ld[e] = NAN;
+    /* Partial loads over LOAD_BLOCKS fixed token blocks, added in block order: the same
+     * bits at any thread count. */
+    double *part = (double *)moe_cpu_scratch(b, 2 * LOAD_BLOCKS * E, "noisy_load_forward");
+    if (!part)
         return;
-    }
-    for (int64_t i = 0; i < (int64_t)nt * E; i++)
+    for (int64_t i = 0; i < LOAD_BLOCKS * E; i++)
         part[i] = 0;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel
     {
-        int id = 0;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-#endif
         int64_t thr_s[STACK_E];
         unsigned char taken_s[STACK_E];
         int64_t *thr = E <= STACK_E ? thr_s : malloc((size_t)E * sizeof *thr);
         unsigned char *taken = E <= STACK_E ? taken_s : malloc((size_t)E);
-        double *acc = part + (int64_t)id * E;
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            if (!thr || !taken)
-                continue;
-            row_thresholds(thr, hh + t * E, E, k, taken);
-            for (int64_t e = 0; e < E; e++) {
-                int64_t i = t * E + e, j = thr[e];
-                acc[e] += j < 0 ? 1.0 : norm_cdf(((double)zz[i] - hh[t * E + j]) / softplusf(zzn[i]));
+        for (int64_t blk = 0; blk < LOAD_BLOCKS; blk++) {
+            double *acc = part + blk * E;
+            for (int64_t t = T * blk / LOAD_BLOCKS; t < T * (blk + 1) / LOAD_BLOCKS && thr && taken; t++) {
+                row_thresholds(thr, hh + t * E, E, k, taken);
+                for (int64_t e = 0; e < E; e++) {
+                    int64_t i = t * E + e, j = thr[e];
+                    acc[e] += j < 0 ? 1.0 : norm_cdf(((double)zz[i] - hh[t * E + j]) / softplusf(zzn[i]));
+                }
             }
         }
         if (E > STACK_E) {
@@ -212,8 +203,8 @@ static void cpu_noisy_load_forward(moe_backend *b, moe_tensor load, moe_tensor z
     }
     for (int64_t e = 0; e < E; e++) {
         double s = 0;
-        for (int q = 0; q < nt; q++)
-            s += part[(int64_t)q * E + e];
+        for (int64_t blk = 0; blk < LOAD_BLOCKS; blk++)
+            s += part[blk * E + e];
         ld[e] = (float)s;
     }
 }

@@ -149,6 +149,9 @@ static moe_status plan_download(moe_backend *b, moe_plan *h, const moe_bplan *p)
 
 static moe_status plan_upload(moe_backend *b, moe_bplan *p, const moe_plan *h)
 {
+    moe_status st = moe_plan_check(h);
+    if (st)
+        return st;
     const int ec = h->n > 0 && h->choice[0] < 0;
     if (h->E != p->E || h->n > p->cap_n || h->T > p->max_T || (!ec && h->T * h->k > p->max_T * p->max_k))
         return moe_error(MOE_ERR_ARG, "cpu backend: plan of %lld assignments, T = %lld, k = %lld does not fit",
@@ -178,17 +181,52 @@ static moe_status plan_upload(moe_backend *b, moe_bplan *p, const moe_plan *h)
     return MOE_OK;
 }
 
-static void plan_stats(moe_backend *b, const moe_bplan *p, int64_t *n, int64_t *dropped, int64_t *count,
-                       int64_t *selected)
+static moe_status plan_set_counts(moe_backend *b, moe_bplan *p, const int64_t *counts)
 {
-    if (n)
-        *n = p->n;
-    if (dropped)
-        *dropped = p->dropped;
-    if (count)
-        memcpy(count, p->count, (size_t)p->E * sizeof *count);
-    if (selected)
-        memcpy(selected, p->selected, (size_t)p->E * sizeof *selected);
+    int64_t n = 0;
+    for (int64_t e = 0; e < p->E; e++) {
+        if (counts[e] < 0 || counts[e] > p->cap_n - n)
+            return moe_error(MOE_ERR_ARG, "cpu backend: expert %lld's %lld rows do not fit a plan of %lld",
+                             (long long)e, (long long)counts[e], (long long)p->cap_n);
+        p->offsets[e] = n;
+        p->count[e] = p->selected[e] = counts[e];
+        n += counts[e];
+    }
+    p->offsets[p->E] = n;
+    p->n = n;
+    p->dropped = 0;
+    return MOE_OK;
+}
+
+static void plan_counts(moe_backend *b, moe_tensor out, const moe_bplan *p)
+{
+    float *o = F(out);
+    for (int64_t e = 0; e < p->E; e++) {
+        o[e] = (float)p->count[e];
+        o[p->E + e] = (float)p->selected[e];
+    }
+    o[2 * p->E] = (float)p->n;
+    o[2 * p->E + 1] = (float)p->dropped;
+}
+
+static void plan_fill(moe_backend *b, moe_tensor t, double v, const moe_bplan *p, int64_t width)
+{
+    b->fill(b, t, v, p->n * width);
+}
+
+/* aux-loss-free balancing: the sign of (mean − count) per expert, in the bias's type */
+static void bias_update(moe_backend *b, moe_tensor bias, moe_tensor counts, double rate, int64_t E)
+{
+    float *bb = F(bias);
+    const float *c = F(counts);
+    double mean = 0;
+    for (int64_t e = 0; e < E; e++)
+        mean += c[e];
+    mean /= (double)E;
+    for (int64_t e = 0; e < E; e++) {
+        const double err = mean - c[e];
+        bb[e] = (float)((double)bb[e] + rate * (double)((err > 0) - (err < 0)));
+    }
 }
 
 /* ---- stable radix sort by float, descending ----------------------------------- */
@@ -301,19 +339,19 @@ static void sinkhorn(moe_bplan *p, const float *h, int64_t iters, int64_t T, int
 
 /* Token t's choices into the [T, k] arrays, before capacity (ref's choose_token). */
 static void choose_token(moe_bplan *p, int64_t t, const float *st, const float *sel, const float *ht,
-                         const moe_layer_config *c, uint64_t step, int64_t *idx)
+                         const moe_layer_config *c, moe_key key, int64_t *idx)
 {
     const int64_t E = p->E, k = p->k;
     const moe_second_policy pol = c->router == MOE_ROUTER_SINKHORN ? MOE_SECOND_ALL : c->second_policy;
     if (pol == MOE_SECOND_SAMPLING) {
-        const uint32_t stream = MOE_RNG_GUMBEL | (uint32_t)(c->layer << 8);
+        const uint32_t stream = moe_rng_stream(MOE_RNG_GUMBEL, c->layer, key);
         topk(idx, sel, E, 1);
         int64_t best = -1;
         double bv = 0;
         for (int64_t e = 0; e < E; e++) {
             if (e == idx[0])
                 continue;
-            double u = moe_rand_uniform(c->seed, stream, (uint32_t)step, (uint32_t)t, (uint32_t)e);
+            double u = moe_rand_uniform(c->seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, (uint32_t)e);
             double v = (double)ht[e] - log(-log(u));
             if (best < 0 || v > bv) {
                 best = e;
@@ -337,8 +375,8 @@ static void choose_token(moe_bplan *p, int64_t t, const float *st, const float *
         p->choice_kept[t * k + j] = 1;
     }
     if (pol == MOE_SECOND_RANDOM) {
-        const uint32_t stream = MOE_RNG_RANDOM2 | (uint32_t)(c->layer << 8);
-        double u = moe_rand_uniform(c->seed, stream, (uint32_t)step, (uint32_t)t, 0);
+        const uint32_t stream = moe_rng_stream(MOE_RNG_RANDOM2, c->layer, key);
+        double u = moe_rand_uniform(c->seed, stream, (uint32_t)key.step, key.token0 + (uint32_t)t, 0);
         if (!(2.0 * (double)p->choice_weight[t * k + 1] > u)) {
             p->choice_expert[t * k + 1] = -1;
             p->choice_weight[t * k + 1] = 0.0f;
@@ -407,7 +445,7 @@ static void token_choice_plan(moe_bplan *p, moe_drop_policy drop_policy, int64_t
 #define ROW_MAX 512
 
 static void route_token_choice(moe_bplan *p, const float *s, const float *h, const float *bias,
-                               const moe_layer_config *c, uint64_t step, int64_t C)
+                               const moe_layer_config *c, moe_key key, int64_t C)
 {
     const int64_t T = p->T, E = p->E, k = p->k;
     if (c->router == MOE_ROUTER_SINKHORN)
@@ -433,7 +471,7 @@ static void route_token_choice(moe_bplan *p, const float *s, const float *h, con
             } else {
                 sel = st;
             }
-            choose_token(p, t, st, sel, h ? h + t * E : NULL, c, step, idx);
+            choose_token(p, t, st, sel, h ? h + t * E : NULL, c, key, idx);
         }
     }
     token_choice_plan(p, c->drop_policy, C);
@@ -472,11 +510,11 @@ static void route_expert_choice(moe_bplan *p, const float *s, int64_t C)
     p->dropped = 0;
 }
 
-static void route_hash(moe_bplan *p, const int32_t *token_ids)
+static void route_hash(moe_bplan *p, const int32_t *token_ids, uint32_t token0)
 {
     const int64_t T = p->T, E = p->E;
     for (int64_t t = 0; t < T; t++) {
-        uint32_t id = token_ids ? (uint32_t)token_ids[t] : (uint32_t)t;
+        uint32_t id = token_ids ? (uint32_t)token_ids[t] : token0 + (uint32_t)t;
         p->choice_expert[t] = (int32_t)(moe_hash_token(id) % (uint64_t)E);
         p->choice_weight[t] = 1.0f;
         p->choice_kept[t] = 1;
@@ -484,56 +522,59 @@ static void route_hash(moe_bplan *p, const int32_t *token_ids)
     token_choice_plan(p, MOE_DROP_POSITION, 0);
 }
 
-static moe_status route(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias,
-                        const int32_t *token_ids, const moe_layer_config *c, uint64_t step, int64_t T)
+#define FAIL(...)                                              \
+    do {                                                       \
+        moe_backend_fail(b, "route", MOE_ERR_ARG, __VA_ARGS__); \
+        return;                                                \
+    } while (0)
+
+static void route(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias, moe_tensor *token_ids,
+                  const moe_layer_config *c, moe_key key, int64_t T)
 {
-    if (!p || !c)
-        return moe_error(MOE_ERR_ARG, "route: plan and config must not be NULL");
     const int64_t E = c->n_experts;
     if (E != p->E)
-        return moe_error(MOE_ERR_ARG, "route: config has n_experts = %lld but the plan was made for E = %lld",
-                         (long long)E, (long long)p->E);
+        FAIL("config has n_experts = %lld but the plan was made for E = %lld", (long long)E, (long long)p->E);
     if (T <= 0 || T > p->max_T)
-        return moe_error(MOE_ERR_ARG, "route: T = %lld tokens outside [1, %lld] (the plan's size)", (long long)T,
-                         (long long)p->max_T);
+        FAIL("T = %lld tokens outside [1, %lld] (the plan's size)", (long long)T, (long long)p->max_T);
     const int64_t C = moe_capacity(c, T);
     if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
         if (E * C > p->cap_n)
-            return moe_error(MOE_ERR_ARG, "route: plan holds %lld assignments, expert choice needs E·C = %lld·%lld",
-                             (long long)p->cap_n, (long long)E, (long long)C);
+            FAIL("plan holds %lld assignments, expert choice needs E·C = %lld·%lld", (long long)p->cap_n,
+                 (long long)E, (long long)C);
+        if (!s.buf)
+            FAIL("expert choice needs the scores s");
         p->T = T;
         p->k = C;
         p->capacity = C;
-        if (!s.buf)
-            return moe_error(MOE_ERR_ARG, "route: expert choice needs the scores s");
         route_expert_choice(p, F(s), C);
         build_token_index(p);
-        return MOE_OK;
+        return;
     }
     const int64_t k = c->router == MOE_ROUTER_HASH ? 1 : c->top_k;
     if (k < 1 || k > E)
-        return moe_error(MOE_ERR_ARG, "route: top_k = %lld outside [1, n_experts = %lld]", (long long)k, (long long)E);
+        FAIL("top_k = %lld outside [1, n_experts = %lld]", (long long)k, (long long)E);
     if (T * k > p->max_T * p->max_k)
-        return moe_error(MOE_ERR_ARG, "route: plan's choice arrays hold %lld entries, T·k = %lld·%lld needs more",
-                         (long long)(p->max_T * p->max_k), (long long)T, (long long)k);
+        FAIL("plan's choice arrays hold %lld entries, T·k = %lld·%lld needs more", (long long)(p->max_T * p->max_k),
+             (long long)T, (long long)k);
     if (c->router != MOE_ROUTER_HASH && c->router != MOE_ROUTER_SINKHORN && c->second_policy != MOE_SECOND_ALL &&
         k != 2)
-        return moe_error(MOE_ERR_ARG, "route: second_expert_policy needs top_k = 2 (got %lld)", (long long)k);
+        FAIL("second_expert_policy needs top_k = 2 (got %lld)", (long long)k);
     if (c->router == MOE_ROUTER_SINKHORN && (c->sinkhorn_iters < 1 || !p->bal))
-        return moe_error(MOE_ERR_ARG, "route: sinkhorn routing needs sinkhorn_iters >= 1 and a plan made for it");
+        FAIL("sinkhorn routing needs sinkhorn_iters >= 1 and a plan made for it");
+    if (c->router != MOE_ROUTER_HASH &&
+        (!s.buf || (!h.buf && (c->router == MOE_ROUTER_SINKHORN || c->second_policy == MOE_SECOND_SAMPLING))))
+        FAIL("%s routing needs the scores s (and the logits h for Sinkhorn or sampling)", moe_router_name(c->router));
     p->T = T;
     p->k = k;
     p->capacity = C;
     if (c->router == MOE_ROUTER_HASH)
-        route_hash(p, token_ids);
-    else if (!s.buf || (!h.buf && (c->router == MOE_ROUTER_SINKHORN || c->second_policy == MOE_SECOND_SAMPLING)))
-        return moe_error(MOE_ERR_ARG, "route: %s routing needs the scores s (and the logits h for Sinkhorn or sampling)",
-                         moe_router_name(c->router));
+        route_hash(p, token_ids ? I32(*token_ids) : NULL, key.token0);
     else
-        route_token_choice(p, F(s), h.buf ? F(h) : NULL, bias ? F(*bias) : NULL, c, step, C);
+        route_token_choice(p, F(s), h.buf ? F(h) : NULL, bias ? F(*bias) : NULL, c, key, C);
     build_token_index(p);
-    return MOE_OK;
 }
+
+#undef FAIL
 
 /* ref's moe_ref_route_backward in fp32: see the derivation there. */
 static void route_backward(moe_backend *b, moe_tensor ds_t, moe_tensor *dweight_t, moe_tensor *dchoice_t,
@@ -550,7 +591,7 @@ static void route_backward(moe_backend *b, moe_tensor ds_t, moe_tensor *dweight_
                 ds[p->src[i]] += dweight[i];
         return;
     }
-    float *g = moe_cpu_scratch(b, T * k);
+    float *g = moe_cpu_scratch(b, T * k, "route_backward");
     if (!g)
         return;
     for (int64_t i = 0; i < T * k; i++)
@@ -596,7 +637,10 @@ void moe_cpu_select_ops(moe_backend *b)
     b->plan_free = plan_free;
     b->plan_download = plan_download;
     b->plan_upload = plan_upload;
-    b->plan_stats = plan_stats;
+    b->plan_set_counts = plan_set_counts;
+    b->plan_counts = plan_counts;
+    b->plan_fill = plan_fill;
+    b->bias_update = bias_update;
     b->route = route;
     b->route_backward = route_backward;
 }

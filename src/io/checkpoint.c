@@ -31,7 +31,7 @@ moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe
     if (!path || !m || !o || !st)
         return moe_error(MOE_ERR_ARG, "checkpoint save: path, model, optimizer and state must not be NULL");
     const moe_backend *b = moe_model_backend(m);
-    const moe_st_dtype dt = b->elem_size == 8 ? MOE_ST_F64 : MOE_ST_F32;
+    const moe_st_dtype dt = b->float_type == MOE_F64 ? MOE_ST_F64 : MOE_ST_F32;
     const int n = moe_model_n_params(m);
     int64_t big = 1;
     for (int i = 0; i < n; i++)

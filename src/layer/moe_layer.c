@@ -7,10 +7,16 @@
  *   moe = combine(experts(dispatch(x))) [+ sigmoid(x·g) ⊙] shared(x)
  *   y  = moe, or with Residual-MoE  c = softmax(x·coef), y = c0·moe + c1·mlp(x)
  *
- * Tensors live in three backend buffers laid out by arenas at create time (parameters,
- * gradients, saved activations + backward scratch) under the reference layer's names.
- * Only E-sized vectors cross to the host (importance, load, counts: the cv² losses and
- * the bias update are computed there), so the layer never dereferences backend memory.
+ * Tensors live in backend buffers laid out by arenas at create time (parameters,
+ * gradients, saved activations + backward scratch, the scalars) under the reference
+ * layer's names. Nothing crosses to the host inside forward or backward: the aux losses,
+ * the cv² of importance and load, the counts and the bias update are backend ops, and
+ * the layer never dereferences backend memory.
+ *
+ * The experts' rows travel through the exchange (exchange.h): dispatch gathers the
+ * source-side rows in plan order, the exchange moves each chunk to the expert side,
+ * the experts run on it while the next chunk travels, and the results come back the
+ * same way before combine. With the local exchange both sides are one buffer.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
@@ -20,40 +26,6 @@
 
 #include "layer/moe_layer.h"
 #include "ref/ref.h"
-
-/* ---- the local exchange ------------------------------------------------------- */
-
-static void local_dispatch_forward(const moe_exchange *ex, moe_backend *b, moe_tensor xe, moe_tensor x,
-                                   const moe_bplan *p, int64_t d)
-{
-    b->dispatch_forward(b, xe, x, p, d);
-}
-
-static void local_dispatch_backward(const moe_exchange *ex, moe_backend *b, moe_tensor dx, moe_tensor dxe,
-                                    const moe_bplan *p, int64_t d)
-{
-    b->dispatch_backward(b, dx, dxe, p, d);
-}
-
-static void local_combine_forward(const moe_exchange *ex, moe_backend *b, moe_tensor y, moe_tensor ye,
-                                  const moe_bplan *p, int64_t d)
-{
-    b->combine_forward(b, y, ye, p, d);
-}
-
-static void local_combine_backward(const moe_exchange *ex, moe_backend *b, moe_tensor dye, moe_tensor dweight,
-                                   moe_tensor dy, moe_tensor ye, const moe_bplan *p, int64_t d)
-{
-    b->combine_backward(b, dye, dweight, dy, ye, p, d);
-}
-
-static const moe_exchange local_exchange = {local_dispatch_forward, local_dispatch_backward, local_combine_forward,
-                                            local_combine_backward, NULL};
-
-const moe_exchange *moe_exchange_local(void)
-{
-    return &local_exchange;
-}
 
 const char *moe_layer_phase_name(int ph)
 {
@@ -66,36 +38,29 @@ const char *moe_layer_phase_name(int ph)
 
 /* ---- the layer ------------------------------------------------------------------ */
 
-typedef struct {
-    moe_tensor t;
-    int on;
-} opt_tensor;
-
 struct moe_layer {
     moe_layer_config c;
     moe_backend *b;
-    const moe_exchange *ex;
+    moe_exchange *ex, *own_ex; /* own_ex: the local exchange made when none was given */
+    moe_xstate *xs;
     int64_t max_T, T;        /* T: tokens of the last successful forward, 0: none */
-    int64_t d, f, E, Fs, Fd, k_tc;
+    int64_t d, f, E, El, Fs, Fd, k_tc, N, R; /* El local experts; N source rows, R expert-side rows */
     int glu, router, token_choice, jittered;
     moe_bplan *plan;
     moe_arena params, grads, acts; /* layouts only; the memory is the backend's */
     moe_buf *pbuf, *gbuf, *abuf;
-    int32_t *task;           /* [max_T] */
-    double *imp_h, *load_h, *dv_h; /* [E] host copies of importance and load, and scratch */
-    int64_t *sel_h;          /* [E] */
-    moe_aux_losses aux;
+    moe_tensor task;         /* the last forward's task ids (.buf NULL: none) */
     double phase[MOE_PH_COUNT];
 
     /* parameters and gradients; .buf NULL when the option is off */
     moe_tensor wr, wn, bias, w1, w3, w2, sw1, sw3, sw2, sgate, rw1, rw3, rw2, rcoef;
     moe_tensor gwr, gwn, gbias, gw1, gw3, gw2, gsw1, gsw3, gsw2, gsgate, grw1, grw3, grw2, grcoef;
-    /* saved */
-    moe_tensor x, xr, u, z, zn, eps, h, s, imp, load;
-    moe_tensor xe, eh1, eh3, ea, ye, moe;
+    /* saved: router, source side (plan order), expert side, shared and residual branches */
+    moe_tensor x, xr, u, z, zn, eps, h, s, imp, load, stats;
+    moe_tensor xsrc, ysrc, xe, eh1, eh3, ea, ye, moe;
     moe_tensor sh1, sh3, sa, sy, sgz, sg, rh1, rh3, ra, ry, rlogit, rc;
     /* backward scratch */
-    moe_tensor dmoe, dsy, dsg, dsgz, dry, drc, drlogit, dxe, dye, dweight, dchoice;
+    moe_tensor dmoe, dsy, dsg, dsgz, dry, drc, drlogit, dxsrc, dysrc, dxe, dye, dweight, dchoice;
     moe_tensor ds, dh, dz, dzn, dxr, dimp, dload;
 };
 
@@ -112,10 +77,10 @@ static moe_status add(moe_arena *a, const char *name, int ndim, int64_t d0, int6
     return moe_arena_add(a, name, ndim, shape);
 }
 
-static moe_status layout_acts(moe_arena *a, const moe_layer *l, int64_t N)
+static moe_status layout_acts(moe_arena *a, const moe_layer *l)
 {
-    const int64_t T = l->max_T, d = l->d, f = l->f, E = l->E;
-    const int sh = l->Fs > 0, gate = sh && l->c.shared_gate, res = l->Fd > 0;
+    const int64_t T = l->max_T, d = l->d, f = l->f, E = l->E, N = l->N, R = l->R;
+    const int sh = l->Fs > 0, gate = sh && l->c.shared_gate, res = l->Fd > 0, apart = !l->ex->in_place;
     const struct { const char *name; int64_t rows, cols; int on; } v[] = {
         {"x", T, d, 1},
         {"router.xr", T, d, l->router},
@@ -127,11 +92,15 @@ static moe_status layout_acts(moe_arena *a, const moe_layer *l, int64_t N)
         {"router.s", T, E, 1},
         {"aux.importance", 1, E, 1},
         {"aux.load", 1, E, 1},
-        {"experts.x", N, d, 1},
-        {"experts.h1", N, f, 1},
-        {"experts.h3", N, f, l->glu},
-        {"experts.a", N, f, 1},
-        {"experts.y", N, d, 1},
+        {"stats", 1, MOE_LAYER_NSTATS(E), 1},
+        /* the source side in plan order; the expert side is the same buffer when in place */
+        {"dispatch.x", N, d, apart},
+        {"combine.y", N, d, apart},
+        {"experts.x", R, d, 1},
+        {"experts.h1", R, f, 1},
+        {"experts.h3", R, f, l->glu},
+        {"experts.a", R, f, 1},
+        {"experts.y", R, d, 1},
         {"moe.y", T, d, 1},
         {"shared.h1", T, l->Fs, sh},
         {"shared.h3", T, l->Fs, sh && l->glu},
@@ -152,8 +121,10 @@ static moe_status layout_acts(moe_arena *a, const moe_layer *l, int64_t N)
         {"d.residual", T, d, res},
         {"d.residual.c", T, 2, res},
         {"d.residual.logit", T, 2, res},
-        {"d.experts.x", N, d, 1},
-        {"d.experts.y", N, d, 1},
+        {"d.dispatch.x", N, d, apart},
+        {"d.combine.y", N, d, apart},
+        {"d.experts.x", R, d, 1},
+        {"d.experts.y", R, d, 1},
         {"d.weight", 1, N, 1},
         {"d.choice", T, l->k_tc, l->token_choice},
         {"d.s", T, E, l->router},
@@ -202,6 +173,7 @@ static void bind(moe_layer *l)
 #define S(field, name) (l->field = at(A, l->abuf, name))
     S(x, "x"); S(xr, "router.xr"); S(u, "router.u"); S(z, "router.z"); S(zn, "router.zn");
     S(eps, "router.eps"); S(h, "router.h"); S(s, "router.s"); S(imp, "aux.importance"); S(load, "aux.load");
+    S(stats, "stats");
     S(xe, "experts.x"); S(eh1, "experts.h1"); S(eh3, "experts.h3"); S(ea, "experts.a"); S(ye, "experts.y");
     S(moe, "moe.y"); S(sh1, "shared.h1"); S(sh3, "shared.h3"); S(sa, "shared.a"); S(sy, "shared.y");
     S(sgz, "shared.gz"); S(sg, "shared.g"); S(rh1, "residual.h1"); S(rh3, "residual.h3"); S(ra, "residual.a");
@@ -210,26 +182,15 @@ static void bind(moe_layer *l)
     S(drc, "d.residual.c"); S(drlogit, "d.residual.logit"); S(dxe, "d.experts.x"); S(dye, "d.experts.y");
     S(dweight, "d.weight"); S(dchoice, "d.choice"); S(ds, "d.s"); S(dh, "d.h"); S(dz, "d.z"); S(dzn, "d.zn");
     S(dxr, "d.xr"); S(dimp, "d.importance"); S(dload, "d.load");
+    if (l->ex->in_place) { /* one buffer serves both sides */
+        l->xsrc = l->xe; l->ysrc = l->ye; l->dxsrc = l->dxe; l->dysrc = l->dye;
+    } else {
+        S(xsrc, "dispatch.x"); S(ysrc, "combine.y"); S(dxsrc, "d.dispatch.x"); S(dysrc, "d.combine.y");
+    }
 #undef S
 }
 
-/* Scratch (elements) the ops may ask for, at most, for this layer. */
-static int64_t scratch_need(const moe_layer *l, int64_t N)
-{
-    int64_t m = 2 * N * l->f;
-    if (2 * l->max_T * l->Fs > m)
-        m = 2 * l->max_T * l->Fs;
-    if (2 * l->max_T * l->Fd > m)
-        m = 2 * l->max_T * l->Fd;
-    if (l->max_T * l->k_tc > m)
-        m = l->max_T * l->k_tc;
-    const int64_t M = l->c.n_tasks > 0 ? l->c.n_tasks : 1;
-    int64_t mi = 2 * (3 * M + 2 * M * l->E + l->E), load = 2 * 512 * l->E;
-    m = mi > m ? mi : m;
-    return load > m ? load : m;
-}
-
-moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t max_tokens, const moe_exchange *ex,
+moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t max_tokens, moe_exchange *ex,
                             moe_layer **out)
 {
     if (!out)
@@ -240,16 +201,25 @@ moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t m
     moe_status st = moe_layer_config_validate(c, max_tokens);
     if (st)
         return st;
+    if (ex && (ex->shards < 1 || c->n_experts % ex->shards || ex->shard < 0 || ex->shard >= ex->shards))
+        return moe_error(MOE_ERR_ARG, "layer: %lld experts do not split over %lld expert-parallel ranks (use a "
+                         "divisor of %lld)", (long long)c->n_experts, (long long)ex->shards,
+                         (long long)c->n_experts);
     moe_layer *l = calloc(1, sizeof *l);
     if (!l)
         return moe_error(MOE_ERR_NOMEM, "layer: out of memory");
     l->c = *c;
     l->b = b;
-    l->ex = ex ? ex : moe_exchange_local();
+    if (!ex && (st = moe_exchange_local_create(&l->own_ex))) {
+        free(l);
+        return st;
+    }
+    l->ex = ex ? ex : l->own_ex;
     l->max_T = max_tokens;
     l->d = c->d_model;
     l->f = c->d_ff;
     l->E = c->n_experts;
+    l->El = l->E / l->ex->shards;
     l->glu = moe_act_is_glu(c->act);
     l->router = c->router != MOE_ROUTER_HASH;
     l->token_choice = c->router == MOE_ROUTER_TOPK || c->router == MOE_ROUTER_NOISY_TOPK ||
@@ -257,24 +227,23 @@ moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t m
     l->k_tc = c->top_k;
     l->Fs = c->n_shared * (c->d_ff_shared > 0 ? c->d_ff_shared : c->d_ff);
     l->Fd = c->residual ? (c->d_ff_dense > 0 ? c->d_ff_dense : c->d_ff) : 0;
-    const int64_t N = c->router == MOE_ROUTER_EXPERT_CHOICE ? l->E * moe_capacity(c, max_tokens)
-                                                             : max_tokens * (c->router == MOE_ROUTER_HASH ? 1 : c->top_k);
-    moe_arena_init(&l->params, b->elem_size);
-    moe_arena_init(&l->grads, b->elem_size);
-    moe_arena_init(&l->acts, b->elem_size);
-    l->task = calloc((size_t)max_tokens, sizeof *l->task);
-    l->imp_h = calloc((size_t)(3 * l->E), sizeof *l->imp_h);
-    l->sel_h = calloc((size_t)l->E, sizeof *l->sel_h);
-    if (!l->task || !l->imp_h || !l->sel_h) {
+    l->N = c->router == MOE_ROUTER_EXPERT_CHOICE ? l->E * moe_capacity(c, max_tokens)
+                                                  : max_tokens * (c->router == MOE_ROUTER_HASH ? 1 : c->top_k);
+    const moe_dtype ft = b->float_type;
+    moe_arena_init(&l->params, moe_dtype_size(ft));
+    moe_arena_init(&l->grads, moe_dtype_size(ft));
+    moe_arena_init(&l->acts, moe_dtype_size(ft));
+    if ((st = l->ex->state_create(l->ex, b, c, max_tokens, &l->xs))) {
         moe_layer_free(l);
-        return moe_error(MOE_ERR_NOMEM, "layer: out of memory");
+        return st;
     }
-    l->load_h = l->imp_h + l->E;
-    l->dv_h = l->load_h + l->E;
-    if ((st = b->plan_create(b, c, max_tokens, &l->plan)) || (st = moe_layer_param_layout(c, &l->params)) ||
-        (st = moe_layer_param_layout(c, &l->grads)) || (st = layout_acts(&l->acts, l, N)) ||
-        (st = b->alloc(b, l->params.numel, &l->pbuf)) || (st = b->alloc(b, l->grads.numel, &l->gbuf)) ||
-        (st = b->alloc(b, l->acts.numel, &l->abuf)) || (st = b->reserve(b, scratch_need(l, N)))) {
+    l->R = l->ex->in_place ? l->N : l->ex->expert_rows(l->xs);
+    const moe_workload w = {.layer = c, .tokens = max_tokens, .rows = l->N > l->R ? l->N : l->R};
+    if ((st = b->plan_create(b, c, max_tokens, &l->plan)) ||
+        (st = moe_layer_param_layout_local(c, l->El, &l->params)) ||
+        (st = moe_layer_param_layout_local(c, l->El, &l->grads)) || (st = layout_acts(&l->acts, l)) ||
+        (st = b->alloc(b, ft, l->params.numel, &l->pbuf)) || (st = b->alloc(b, ft, l->grads.numel, &l->gbuf)) ||
+        (st = b->alloc(b, ft, l->acts.numel, &l->abuf)) || (st = b->reserve(b, &w))) {
         moe_layer_free(l);
         return st;
     }
@@ -290,6 +259,9 @@ void moe_layer_free(moe_layer *l)
     moe_backend *b = l->b;
     if (l->plan)
         b->plan_free(b, l->plan);
+    if (l->xs)
+        l->ex->state_free(l->xs);
+    moe_exchange_free(l->own_ex);
     if (l->pbuf)
         b->free(b, l->pbuf);
     if (l->gbuf)
@@ -299,9 +271,6 @@ void moe_layer_free(moe_layer *l)
     moe_arena_free(&l->params);
     moe_arena_free(&l->grads);
     moe_arena_free(&l->acts);
-    free(l->task);
-    free(l->imp_h);
-    free(l->sel_h);
     free(l);
 }
 
@@ -327,21 +296,21 @@ moe_status moe_layer_set_param(moe_layer *l, const char *name, const double *v)
 {
     const moe_view *w;
     moe_status s = named(&l->params, name, &w);
-    return s ? s : l->b->upload(l->b, (moe_tensor){l->pbuf, w->offset}, v, w->numel);
+    return s ? s : moe_upload_f64(l->b, (moe_tensor){l->pbuf, w->offset}, v, w->numel);
 }
 
 moe_status moe_layer_get_param(moe_layer *l, const char *name, double *v)
 {
     const moe_view *w;
     moe_status s = named(&l->params, name, &w);
-    return s ? s : l->b->download(l->b, v, (moe_tensor){l->pbuf, w->offset}, w->numel);
+    return s ? s : moe_download_f64(l->b, v, (moe_tensor){l->pbuf, w->offset}, w->numel);
 }
 
 moe_status moe_layer_get_grad(moe_layer *l, const char *name, double *v)
 {
     const moe_view *w;
     moe_status s = named(&l->params, name, &w);
-    return s ? s : l->b->download(l->b, v, (moe_tensor){l->gbuf, w->offset}, w->numel);
+    return s ? s : moe_download_f64(l->b, v, (moe_tensor){l->gbuf, w->offset}, w->numel);
 }
 
 moe_status moe_layer_get_saved(moe_layer *l, const char *name, double *v, int64_t n)
@@ -353,29 +322,33 @@ moe_status moe_layer_get_saved(moe_layer *l, const char *name, double *v, int64_
     if (n > w->numel)
         return moe_error(MOE_ERR_ARG, "layer: '%s' holds %lld elements, %lld asked", name, (long long)w->numel,
                          (long long)n);
-    return l->b->download(l->b, v, (moe_tensor){l->abuf, w->offset}, n);
+    return moe_download_f64(l->b, v, (moe_tensor){l->abuf, w->offset}, n);
 }
 
 moe_status moe_layer_init(moe_layer *l, double scale)
 {
-    const uint32_t stream = MOE_RNG_INIT | (uint32_t)(l->c.layer << 8);
+    const uint32_t stream = moe_rng_stream(MOE_RNG_INIT, l->c.layer, MOE_KEY_STEP(0));
     for (int vi = 0; vi < l->params.n; vi++) {
         const moe_view *v = &l->params.views[vi];
         double *w = calloc((size_t)v->numel, sizeof *w);
         if (!w)
             return moe_error(MOE_ERR_NOMEM, "layer init: out of memory for '%s'", v->name);
+        /* a shard draws the elements it holds of the whole tensor: the same weights under any split */
+        const int64_t base = strncmp(v->name, "experts.", 8) ? 0 : l->ex->shard * v->numel;
         if (strcmp(v->name, "router.bias") != 0) {
             int64_t fan_in = v->ndim == 3 ? v->shape[1] : v->shape[0];
             double std = scale / sqrt((double)fan_in);
-            for (int64_t i = 0; i < v->numel; i++)
-                w[i] = std * moe_rand_normal(l->c.seed, stream, (uint32_t)vi, (uint32_t)i, (uint32_t)(i >> 32));
+            for (int64_t i = 0; i < v->numel; i++) {
+                const int64_t g = base + i;
+                w[i] = std * moe_rand_normal(l->c.seed, stream, (uint32_t)vi, (uint32_t)g, (uint32_t)(g >> 32));
+            }
         }
-        moe_status s = l->b->upload(l->b, (moe_tensor){l->pbuf, v->offset}, w, v->numel);
+        moe_status s = moe_upload_f64(l->b, (moe_tensor){l->pbuf, v->offset}, w, v->numel);
         free(w);
         if (s)
             return s;
     }
-    return MOE_OK;
+    return l->b->sync(l->b);
 }
 
 void moe_layer_zero_grad(moe_layer *l)
@@ -388,9 +361,27 @@ const moe_bplan *moe_layer_plan(const moe_layer *l)
     return l->T ? l->plan : NULL;
 }
 
-moe_aux_losses moe_layer_aux(const moe_layer *l)
+moe_tensor moe_layer_stats(const moe_layer *l)
 {
-    return l->aux;
+    return l->stats;
+}
+
+moe_aux_losses moe_layer_aux_of(const moe_layer_config *c, const double *st)
+{
+    moe_aux_losses a = {st[MOE_STAT_LB], st[MOE_STAT_IMPORTANCE], st[MOE_STAT_LOAD], st[MOE_STAT_Z], st[MOE_STAT_MI],
+                        0};
+    a.total = c->lb_coef * a.lb + c->importance_coef * a.importance + c->load_coef * a.load + c->z_coef * a.z +
+              c->mi_coef * a.mi;
+    return a;
+}
+
+moe_status moe_layer_aux(moe_layer *l, moe_aux_losses *out)
+{
+    double st[MOE_STAT_COUNTS];
+    moe_status s = moe_download_f64(l->b, st, l->stats, MOE_STAT_COUNTS);
+    if (!s)
+        *out = moe_layer_aux_of(&l->c, st);
+    return s;
 }
 
 const double *moe_layer_phase_seconds(const moe_layer *l)
@@ -405,59 +396,78 @@ static moe_tensor *opt(moe_tensor *t)
     return t->buf ? t : NULL;
 }
 
-static void router_forward(moe_layer *l, int64_t T, uint64_t step, int training)
+static moe_tensor stat(const moe_layer *l, int i)
+{
+    return moe_tensor_at(l->stats, i);
+}
+
+static void router_forward(moe_layer *l, int64_t T, moe_key key, int training)
 {
     moe_backend *b = l->b;
     const moe_layer_config *c = &l->c;
     const int64_t d = l->d, E = l->E;
     l->jittered = training && c->jitter_eps > 0;
     if (l->jittered)
-        b->jitter_forward(b, l->xr, l->u, l->x, c->jitter_eps, c->seed, c->layer, step, T, d);
+        b->jitter_forward(b, l->xr, l->u, l->x, c->jitter_eps, c->seed, c->layer, key, T, d);
     else
         b->copy(b, l->xr, l->x, T * d);
     b->matmul_forward(b, l->z, l->xr, l->wr, T, d, E);
     if (c->router == MOE_ROUTER_NOISY_TOPK) {
         b->matmul_forward(b, l->zn, l->xr, l->wn, T, d, E);
-        b->noisy_logits_forward(b, l->h, l->eps, l->z, l->zn, training, c->seed, c->layer, step, T, E);
+        b->noisy_logits_forward(b, l->h, l->eps, l->z, l->zn, training, c->seed, c->layer, key, T, E);
     } else {
         b->copy(b, l->h, l->z, T * E);
     }
     b->scores_forward(b, l->s, l->h, c->score, T, E);
 }
 
+/* The plan's counts, summed over every rank, then the aux losses into the stats. */
 static moe_status aux_forward(moe_layer *l, int64_t T)
 {
     moe_backend *b = l->b;
     const moe_layer_config *c = &l->c;
     const int64_t E = l->E;
-    moe_aux_losses a = {0};
-    moe_status st = MOE_OK;
-    if (l->router) {
-        a.lb = b->lb_loss_forward(b, l->s, l->plan, T, E);
-        b->importance_forward(b, l->imp, l->plan);
-        if ((st = b->download(b, l->imp_h, l->imp, E)))
-            return st;
-        a.importance = moe_ref_cv2_forward(l->imp_h, E);
-        if (c->router == MOE_ROUTER_NOISY_TOPK) {
-            b->noisy_load_forward(b, l->load, l->z, l->zn, l->h, c->top_k, T, E);
-            st = b->download(b, l->load_h, l->load, E);
-        } else { /* the selected counts: a plain count, no gradient */
-            b->plan_stats(b, l->plan, NULL, NULL, NULL, l->sel_h);
-            for (int64_t e = 0; e < E; e++)
-                l->load_h[e] = (double)l->sel_h[e];
-            st = b->upload(b, l->load, l->load_h, E);
-        }
-        if (st)
-            return st;
-        a.load = moe_ref_cv2_forward(l->load_h, E);
-        a.z = b->z_loss_forward(b, l->z, T, E);
-        if (c->n_tasks >= 1)
-            a.mi = b->mi_loss_forward(b, l->s, l->task, c->n_tasks, T, E);
-    }
-    a.total = c->lb_coef * a.lb + c->importance_coef * a.importance + c->load_coef * a.load + c->z_coef * a.z +
-              c->mi_coef * a.mi;
-    l->aux = a;
+    b->fill(b, l->stats, 0.0, MOE_STAT_COUNTS);
+    b->plan_counts(b, stat(l, MOE_STAT_COUNTS), l->plan);
+    moe_status st = l->ex->sum(l->ex, b, stat(l, MOE_STAT_COUNTS), 2 * E + 2);
+    if (st || !l->router)
+        return st;
+    b->lb_loss_forward(b, stat(l, MOE_STAT_LB), l->s, l->plan, T, E);
+    b->importance_forward(b, l->imp, l->plan);
+    b->cv2_forward(b, stat(l, MOE_STAT_IMPORTANCE), l->imp, E);
+    if (c->router == MOE_ROUTER_NOISY_TOPK) /* Shazeer's smooth estimator */
+        b->noisy_load_forward(b, l->load, l->z, l->zn, l->h, c->top_k, T, E);
+    else /* the selected counts: a plain count, no gradient */
+        b->copy(b, l->load, stat(l, MOE_STAT_COUNTS + E), E);
+    b->cv2_forward(b, stat(l, MOE_STAT_LOAD), l->load, E);
+    b->z_loss_forward(b, stat(l, MOE_STAT_Z), l->z, T, E);
+    if (c->n_tasks >= 1)
+        b->mi_loss_forward(b, stat(l, MOE_STAT_MI), l->s, l->task, c->n_tasks, T, E);
     return MOE_OK;
+}
+
+/* The experts on the rows of the last plan, through the exchange in chunks. */
+static moe_status experts_forward(moe_layer *l)
+{
+    moe_backend *b = l->b;
+    moe_exchange *ex = l->ex;
+    const int64_t d = l->d, f = l->f, D = ex->chunks;
+    moe_status st = MOE_OK;
+    for (int64_t c = 0; c < D; c++)
+        ex->to_experts_start(l->xs, c, l->xe, l->xsrc, d);
+    for (int64_t c = 0; c < D && !st; c++) {
+        if ((st = ex->to_experts_wait(l->xs, c)))
+            break;
+        const moe_xchunk ch = ex->chunk(l->xs, c);
+        moe_tensor h3 = moe_tensor_at(l->eh3, ch.row0 * f), w3 = l->w3;
+        b->experts_forward(b, moe_tensor_at(l->ye, ch.row0 * d), moe_tensor_at(l->eh1, ch.row0 * f),
+                           l->eh3.buf ? h3 : l->eh3, moe_tensor_at(l->ea, ch.row0 * f),
+                           moe_tensor_at(l->xe, ch.row0 * d), l->w1, opt(&w3), l->w2, ch.plan, l->c.act, d, f);
+        ex->to_sources_start(l->xs, c, l->ysrc, l->ye, d);
+    }
+    for (int64_t c = 0; c < D && !st; c++)
+        st = ex->to_sources_wait(l->xs, c);
+    return st;
 }
 
 /* moe += [sigmoid(x·gate) ⊙] shared(x) */
@@ -488,58 +498,53 @@ static void residual_forward(moe_layer *l, moe_tensor y, int64_t T)
     b->rowscale_forward(b, y, l->ry, moe_tensor_at(l->rc, 1), 2, T, d);
 }
 
-moe_status moe_layer_forward(moe_layer *l, moe_tensor y, moe_tensor x, const int32_t *token_ids,
-                             const int32_t *task_ids, int64_t T, uint64_t step, int training)
+moe_status moe_layer_forward(moe_layer *l, moe_tensor y, moe_tensor x, const moe_tensor *token_ids,
+                             const moe_tensor *task_ids, int64_t T, moe_key key, int training)
 {
     if (!l || !y.buf || !x.buf)
         return moe_error(MOE_ERR_ARG, "layer forward: layer, y and x must not be NULL");
     if (T <= 0 || T > l->max_T)
         return moe_error(MOE_ERR_ARG, "layer forward: T = %lld tokens outside [1, max_tokens = %lld]", (long long)T,
                          (long long)l->max_T);
+    if (key.micro > 0xFFF)
+        return moe_error(MOE_ERR_ARG, "layer forward: micro-batch %u outside [0, 4095]", key.micro);
     moe_status st = moe_layer_config_validate(&l->c, T);
     if (st)
         return st;
     const moe_layer_config *c = &l->c;
-    if (token_ids)
-        for (int64_t t = 0; t < T; t++)
-            if (token_ids[t] < 0)
-                return moe_error(MOE_ERR_ARG, "layer: token_ids[%lld] = %d is negative", (long long)t, token_ids[t]);
-    if (task_ids && c->n_tasks >= 1)
-        for (int64_t t = 0; t < T; t++)
-            if (task_ids[t] < 0 || task_ids[t] >= c->n_tasks)
-                return moe_error(MOE_ERR_ARG, "layer: task_ids[%lld] = %d outside [0, n_tasks = %lld)", (long long)t,
-                                 task_ids[t], (long long)c->n_tasks);
+    if (c->mi_coef > 0 && c->n_tasks >= 1 && !task_ids)
+        return moe_error(MOE_ERR_ARG, "layer forward: the mutual-information loss needs task ids (num_tasks = %lld)",
+                         (long long)c->n_tasks);
     moe_backend *b = l->b;
     const int64_t d = l->d;
     l->T = 0;
+    l->task = task_ids ? *task_ids : (moe_tensor){NULL, 0};
     for (int i = 0; i < MOE_PH_COUNT; i++)
         l->phase[i] = 0;
-    if (task_ids && c->n_tasks >= 1)
-        memcpy(l->task, task_ids, (size_t)T * sizeof *task_ids);
-    else
-        memset(l->task, 0, (size_t)T * sizeof *l->task);
 
     double t0 = now(), t1;
     b->copy(b, l->x, x, T * d);
     if (l->router)
-        router_forward(l, T, step, training);
+        router_forward(l, T, key, training);
     t1 = now();
     l->phase[MOE_PH_ROUTER] = t1 - t0;
-    if ((st = b->route(b, l->plan, l->s, l->h, opt(&l->bias), token_ids, c, step, T)))
-        return st;
+    b->route(b, l->plan, l->s, l->h, opt(&l->bias), (moe_tensor *)token_ids, c, key, T);
     t0 = now();
     l->phase[MOE_PH_PLAN] = t0 - t1;
     if ((st = aux_forward(l, T)))
         return st;
     t1 = now();
     l->phase[MOE_PH_AUX] = t1 - t0;
-    l->ex->dispatch_forward(l->ex, b, l->xe, l->x, l->plan, d);
+    b->dispatch_forward(b, l->xsrc, l->x, l->plan, d);
+    if ((st = l->ex->plan(l->xs, l->plan, T)))
+        return st;
     t0 = now();
     l->phase[MOE_PH_DISPATCH] = t0 - t1;
-    b->experts_forward(b, l->ye, l->eh1, l->eh3, l->ea, l->xe, l->w1, opt(&l->w3), l->w2, l->plan, c->act, d, l->f);
+    if ((st = experts_forward(l)))
+        return st;
     t1 = now();
     l->phase[MOE_PH_EXPERTS] = t1 - t0;
-    l->ex->combine_forward(l->ex, b, l->moe, l->ye, l->plan, d);
+    b->combine_forward(b, l->moe, l->ysrc, l->plan, d);
     t0 = now();
     l->phase[MOE_PH_COMBINE] = t0 - t1;
     if (l->Fs)
@@ -591,12 +596,37 @@ static void shared_backward(moe_layer *l, moe_tensor dx, moe_tensor dmoe, int64_
                     l->sw2, l->c.act, T, d, l->Fs);
 }
 
-static moe_status router_backward(moe_layer *l, moe_tensor dx, int64_t T)
+/* dye from the sources, the experts' backward per chunk, dxe back to the sources. */
+static moe_status experts_backward(moe_layer *l)
+{
+    moe_backend *b = l->b;
+    moe_exchange *ex = l->ex;
+    const int64_t d = l->d, f = l->f, D = ex->chunks;
+    moe_status st = MOE_OK;
+    for (int64_t c = 0; c < D; c++)
+        ex->to_experts_start(l->xs, c, l->dye, l->dysrc, d);
+    for (int64_t c = 0; c < D && !st; c++) {
+        if ((st = ex->to_experts_wait(l->xs, c)))
+            break;
+        const moe_xchunk ch = ex->chunk(l->xs, c);
+        moe_tensor dxe = moe_tensor_at(l->dxe, ch.row0 * d), h3 = moe_tensor_at(l->eh3, ch.row0 * f);
+        b->plan_fill(b, dxe, 0.0, ch.plan, d);
+        b->experts_backward(b, dxe, l->gw1, opt(&l->gw3), l->gw2, moe_tensor_at(l->dye, ch.row0 * d),
+                            moe_tensor_at(l->eh1, ch.row0 * f), l->eh3.buf ? h3 : l->eh3,
+                            moe_tensor_at(l->ea, ch.row0 * f), moe_tensor_at(l->xe, ch.row0 * d), l->w1,
+                            opt(&l->w3), l->w2, ch.plan, l->c.act, d, f);
+        ex->to_sources_start(l->xs, c, l->dxsrc, l->dxe, d);
+    }
+    for (int64_t c = 0; c < D && !st; c++)
+        st = ex->to_sources_wait(l->xs, c);
+    return st;
+}
+
+static void router_backward(moe_layer *l, moe_tensor dx, int64_t T)
 {
     moe_backend *b = l->b;
     const moe_layer_config *c = &l->c;
     const int64_t d = l->d, E = l->E;
-    moe_status st;
     b->fill(b, l->ds, 0.0, T * E);
     b->fill(b, l->dh, 0.0, T * E);
     b->fill(b, l->dz, 0.0, T * E);
@@ -607,17 +637,13 @@ static moe_status router_backward(moe_layer *l, moe_tensor dx, int64_t T)
     if (c->lb_coef > 0)
         b->lb_loss_backward(b, l->ds, c->lb_coef, l->plan, T, E);
     if (c->importance_coef > 0) {
-        memset(l->dv_h, 0, (size_t)E * sizeof *l->dv_h);
-        moe_ref_cv2_backward(l->dv_h, c->importance_coef, l->imp_h, E);
-        if ((st = b->upload(b, l->dimp, l->dv_h, E)))
-            return st;
+        b->fill(b, l->dimp, 0.0, E);
+        b->cv2_backward(b, l->dimp, c->importance_coef, l->imp, E);
         b->importance_backward(b, &l->dweight, opt(&l->dchoice), l->dimp, l->plan);
     }
     if (c->load_coef > 0 && c->router == MOE_ROUTER_NOISY_TOPK) {
-        memset(l->dv_h, 0, (size_t)E * sizeof *l->dv_h);
-        moe_ref_cv2_backward(l->dv_h, c->load_coef, l->load_h, E);
-        if ((st = b->upload(b, l->dload, l->dv_h, E)))
-            return st;
+        b->fill(b, l->dload, 0.0, E);
+        b->cv2_backward(b, l->dload, c->load_coef, l->load, E);
         b->noisy_load_backward(b, &l->dz, &l->dzn, &l->dh, l->dload, l->z, l->zn, l->h, c->top_k, T, E);
     }
     if (c->z_coef > 0)
@@ -637,7 +663,6 @@ static moe_status router_backward(moe_layer *l, moe_tensor dx, int64_t T)
         b->jitter_backward(b, dx, l->dxr, l->u, T, d);
     else
         b->add(b, dx, l->dxr, T * d);
-    return MOE_OK;
 }
 
 moe_status moe_layer_backward(moe_layer *l, moe_tensor dx, moe_tensor dy)
@@ -647,10 +672,7 @@ moe_status moe_layer_backward(moe_layer *l, moe_tensor dx, moe_tensor dy)
     if (!l->T)
         return moe_error(MOE_ERR_ARG, "layer backward: no successful forward to differentiate");
     moe_backend *b = l->b;
-    const moe_layer_config *c = &l->c;
     const int64_t T = l->T, d = l->d;
-    int64_t n = 0;
-    b->plan_stats(b, l->plan, &n, NULL, NULL, NULL);
 
     double t0 = now(), t1;
     b->fill(b, dx, 0.0, T * d);
@@ -659,42 +681,29 @@ moe_status moe_layer_backward(moe_layer *l, moe_tensor dx, moe_tensor dy)
         shared_backward(l, dx, dmoe, T);
     t1 = now();
     l->phase[MOE_PH_B_SHARED] = t1 - t0;
-    b->fill(b, l->dye, 0.0, n * d);
-    b->fill(b, l->dweight, 0.0, n);
-    b->fill(b, l->dxe, 0.0, n * d);
-    l->ex->combine_backward(l->ex, b, l->dye, l->dweight, dmoe, l->ye, l->plan, d);
+    b->plan_fill(b, l->dysrc, 0.0, l->plan, d);
+    b->plan_fill(b, l->dweight, 0.0, l->plan, 1);
+    b->combine_backward(b, l->dysrc, l->dweight, dmoe, l->ysrc, l->plan, d);
     t0 = now();
     l->phase[MOE_PH_B_COMBINE] = t0 - t1;
-    b->experts_backward(b, l->dxe, l->gw1, opt(&l->gw3), l->gw2, l->dye, l->eh1, l->eh3, l->ea, l->xe, l->w1,
-                        opt(&l->w3), l->w2, l->plan, c->act, d, l->f);
+    moe_status st = experts_backward(l);
+    if (st)
+        return st;
     t1 = now();
     l->phase[MOE_PH_B_EXPERTS] = t1 - t0;
-    l->ex->dispatch_backward(l->ex, b, dx, l->dxe, l->plan, d);
+    b->dispatch_backward(b, dx, l->dxsrc, l->plan, d);
     t0 = now();
     l->phase[MOE_PH_B_DISPATCH] = t0 - t1;
-    moe_status st = l->router ? router_backward(l, dx, T) : MOE_OK;
+    if (l->router)
+        router_backward(l, dx, T);
     l->phase[MOE_PH_B_ROUTER] = now() - t0;
-    return st;
+    return MOE_OK;
 }
 
 void moe_layer_update_bias(moe_layer *l)
 {
-    if (!l || !l->bias.buf || !l->T)
-        return;
-    const int64_t E = l->E;
-    moe_backend *b = l->b;
-    b->plan_stats(b, l->plan, NULL, NULL, NULL, l->sel_h);
-    if (b->download(b, l->dv_h, l->bias, E))
-        return;
-    double mean = 0;
-    for (int64_t e = 0; e < E; e++)
-        mean += (double)l->sel_h[e];
-    mean /= (double)E;
-    for (int64_t e = 0; e < E; e++) {
-        double err = mean - (double)l->sel_h[e];
-        l->dv_h[e] += l->c.bias_rate * (double)((err > 0) - (err < 0));
-    }
-    b->upload(b, l->bias, l->dv_h, E);
+    if (l && l->bias.buf && l->T) /* the selected counts, global since aux_forward summed them */
+        l->b->bias_update(l->b, l->bias, stat(l, MOE_STAT_COUNTS + l->E), l->c.bias_rate, l->E);
 }
 
 void moe_layer_buffers(const moe_layer *l, moe_tensor *params, moe_tensor *grads)

@@ -21,7 +21,7 @@ typedef struct {
 typedef struct {
     int64_t E; /* 0: dense FFN */
     moe_layer *moe;
-    int64_t *counts; /* [E] host scratch for statistics */
+    int64_t stat0;   /* where its stats sit in the model's scalars */
     /* parameters and gradients (model-owned); .buf NULL when absent */
     moe_tensor ln1, wq, wk, wv, bq, bk, bv, wo, ln2, w1, w3, w2;
     moe_tensor gln1, gwq, gwk, gwv, gbq, gbk, gbv, gwo, gln2, gw1, gw3, gw2;
@@ -33,6 +33,7 @@ typedef struct {
 struct moe_model {
     moe_model_config c;
     moe_backend *b;
+    moe_exchange *ex;
     int64_t maxB, maxS, maxN;
     int64_t V, C, H, Hkv, hd, F, L, qd, kvd; /* qd = H·hd, kvd = Hkv·hd */
     int glu;
@@ -44,8 +45,15 @@ struct moe_model {
     int64_t numel;
     moe_tensor wte, gwte, normf, gnormf, lmw, glmw;
     moe_tensor xf, nf, rstdf, logits;
-    moe_tensor dlogits, dx, dmid, dn, dffn, dao, dq, dk, dv, dqp, dkp, datt;
-    int32_t *in, *tg, *task; /* host copies of the last forward's ids [maxN] */
+    moe_tensor dlogits, dx, dmid, dn, dffn, dao, dq, dk, dv, dqp, dkp;
+    moe_buf *ibuf;           /* i32: the last forward's ids */
+    moe_tensor in, tg, task; /* [maxN] each */
+    moe_buf *sbuf;           /* the step's scalars: last forward [ns], step sums [ns], optimizer [2] */
+    int64_t ns, n_scalars;   /* ns: CE, then every MoE layer's stats */
+    int64_t forwards;        /* since the last zero_grad */
+    double *shost;           /* their last read */
+    int shost_fresh;         /* shost is what the backend holds */
+    int64_t n_targets;       /* of the last forward */
     int64_t B, S, N;         /* of the last forward */
     int have_task;
     int can_backward;        /* the last forward had targets and nothing overwrote it */
@@ -80,6 +88,8 @@ static moe_status push_param(moe_model *m, const char *name, int ndim, const int
     }
     mparam *p = &m->par[m->npar++];
     memset(p, 0, sizeof *p);
+    p->info.expert = !strncmp(name, "model.layers.", 13) && strstr(name, ".block_sparse_moe.experts.") != NULL;
+    p->info.shard = p->info.expert && m->ex ? m->ex->shard : 0;
     if (strlen(name) >= sizeof p->info.name)
         return moe_error(MOE_ERR_ARG, "model: parameter name '%s' too long", name);
     snprintf(p->info.name, sizeof p->info.name, "%s", name);
@@ -105,7 +115,7 @@ static moe_status own(moe_model *m, const char *name, int ndim, int64_t d0, int6
 static moe_status layout(moe_model *m)
 {
     const int64_t C = m->C, V = m->V, N = m->maxN, F = m->F;
-    const int64_t att = m->maxB * m->H * m->maxS * m->maxS;
+    const int64_t att = m->b->attention_saved(m->b, m->maxB, m->maxS, m->H);
     char nm[128];
     moe_status s;
 #define OWN(ndim, d0, d1, ...) \
@@ -178,7 +188,6 @@ static moe_status layout(moe_model *m)
     ACT(N, m->kvd, "d.v");
     ACT(N, m->qd, "d.qp");
     ACT(N, m->kvd, "d.kp");
-    ACT(1, att, "d.att");
 #undef OWN
 #undef ACT
     return MOE_OK;
@@ -232,7 +241,7 @@ static void bind(moe_model *m)
 #define S(field, name) (m->field = at(A, m->abuf, name))
     S(xf, "xf"); S(nf, "nf"); S(rstdf, "rstdf"); S(logits, "logits"); S(dlogits, "d.logits"); S(dx, "d.x");
     S(dmid, "d.mid"); S(dn, "d.n"); S(dffn, "d.ffn"); S(dao, "d.ao"); S(dq, "d.q"); S(dk, "d.k"); S(dv, "d.v");
-    S(dqp, "d.qp"); S(dkp, "d.kp"); S(datt, "d.att");
+    S(dqp, "d.qp"); S(dkp, "d.kp");
 #undef S
     /* the table's tensors: model-owned views, or the MoE layers' buffers */
     for (int i = 0; i < m->npar; i++) {
@@ -258,8 +267,8 @@ static void bind(moe_model *m)
 
 /* ---- create / free --------------------------------------------------------------- */
 
-moe_status moe_model_create(const moe_model_config *c, moe_backend *b, int64_t max_batch, int64_t max_seq,
-                            moe_model **out)
+moe_status moe_model_create(const moe_model_config *c, moe_backend *b, moe_exchange *ex, int64_t max_batch,
+                            int64_t max_seq, moe_model **out)
 {
     if (!out)
         return moe_error(MOE_ERR_ARG, "model: out must not be NULL");
@@ -269,8 +278,6 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, int64_t m
     moe_status s = moe_model_config_validate(c);
     if (s)
         return s;
-    if (!b->embedding_forward || !b->adamw_step)
-        return moe_error(MOE_ERR_UNSUPPORTED, "model: backend '%s' has no language-model ops", b->name);
     if (max_batch < 1 || max_seq < 1 || max_seq > c->max_position_embeddings)
         return moe_error(MOE_ERR_ARG, "model: batch %lld and sequence %lld must be >= 1, sequence <= "
                          "max_position_embeddings (%lld)", (long long)max_batch, (long long)max_seq,
@@ -283,6 +290,7 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, int64_t m
         return moe_error(MOE_ERR_NOMEM, "model: out of memory");
     m->c = *c;
     m->b = b;
+    m->ex = ex;
     m->maxB = max_batch;
     m->maxS = max_seq;
     m->maxN = max_batch * max_seq;
@@ -298,37 +306,44 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, int64_t m
     m->glu = moe_act_is_glu(c->moe.act);
     m->c.moe.d_model = m->C;
     m->c.moe.d_ff = c->moe_intermediate_size;
-    moe_arena_init(&m->P, b->elem_size);
-    moe_arena_init(&m->A, b->elem_size);
+    const moe_dtype ft = b->float_type;
+    moe_arena_init(&m->P, moe_dtype_size(ft));
+    moe_arena_init(&m->A, moe_dtype_size(ft));
     m->blk = calloc((size_t)m->L, sizeof *m->blk);
-    m->in = calloc((size_t)m->maxN, sizeof *m->in);
-    m->tg = calloc((size_t)m->maxN, sizeof *m->tg);
-    m->task = calloc((size_t)m->maxN, sizeof *m->task);
-    if (!m->blk || !m->in || !m->tg || !m->task) {
+    if (!m->blk) {
         moe_model_free(m);
         return moe_error(MOE_ERR_NOMEM, "model: out of memory");
     }
-    int64_t scratch = 2 * m->maxN * m->F;
+    m->ns = 1; /* the cross-entropy */
     for (int64_t l = 0; l < m->L; l++) {
         mblock *k = &m->blk[l];
         k->E = moe_model_layer_experts(c, l);
         if (!k->E)
             continue;
         moe_layer_config lc;
-        if ((s = moe_model_layer_config(c, l, &lc)) || (s = moe_layer_create(&lc, b, m->maxN, NULL, &k->moe))) {
+        if ((s = moe_model_layer_config(c, l, &lc)) || (s = moe_layer_create(&lc, b, m->maxN, ex, &k->moe))) {
             moe_model_free(m);
             return s;
         }
-        if (!(k->counts = calloc((size_t)k->E, sizeof *k->counts))) {
-            moe_model_free(m);
-            return moe_error(MOE_ERR_NOMEM, "model: out of memory");
-        }
+        k->stat0 = m->ns;
+        m->ns += MOE_LAYER_NSTATS(k->E);
     }
-    if ((s = layout(m)) || (s = b->alloc(b, m->P.numel, &m->pbuf)) || (s = b->alloc(b, m->P.numel, &m->gbuf)) ||
-        (s = b->alloc(b, m->A.numel, &m->abuf)) || (s = b->reserve(b, scratch))) {
+    m->n_scalars = 2 * m->ns + 2;
+    const moe_workload w = {.batch = m->maxB, .seq = m->maxS, .heads = m->H, .kv_heads = m->Hkv, .head_dim = m->hd,
+                            .rows_ffn = m->maxN, .d_model = m->C, .d_ff = m->F};
+    if (!(m->shost = calloc((size_t)m->n_scalars, sizeof *m->shost))) {
+        moe_model_free(m);
+        return moe_error(MOE_ERR_NOMEM, "model: out of memory");
+    }
+    if ((s = layout(m)) || (s = b->alloc(b, ft, m->P.numel, &m->pbuf)) || (s = b->alloc(b, ft, m->P.numel, &m->gbuf)) ||
+        (s = b->alloc(b, ft, m->A.numel, &m->abuf)) || (s = b->alloc(b, MOE_I32, 3 * m->maxN, &m->ibuf)) ||
+        (s = b->alloc(b, ft, m->n_scalars, &m->sbuf)) || (s = b->reserve(b, &w))) {
         moe_model_free(m);
         return s;
     }
+    m->in = (moe_tensor){m->ibuf, 0};
+    m->tg = (moe_tensor){m->ibuf, m->maxN};
+    m->task = (moe_tensor){m->ibuf, 2 * m->maxN};
     bind(m);
     *out = m;
     return MOE_OK;
@@ -339,23 +354,23 @@ void moe_model_free(moe_model *m)
     if (!m)
         return;
     moe_backend *b = m->b;
-    for (int64_t l = 0; m->blk && l < m->L; l++) {
+    for (int64_t l = 0; m->blk && l < m->L; l++)
         moe_layer_free(m->blk[l].moe);
-        free(m->blk[l].counts);
-    }
     if (m->pbuf)
         b->free(b, m->pbuf);
     if (m->gbuf)
         b->free(b, m->gbuf);
     if (m->abuf)
         b->free(b, m->abuf);
+    if (m->ibuf)
+        b->free(b, m->ibuf);
+    if (m->sbuf)
+        b->free(b, m->sbuf);
     moe_arena_free(&m->P);
     moe_arena_free(&m->A);
     free(m->blk);
     free(m->par);
-    free(m->in);
-    free(m->tg);
-    free(m->task);
+    free(m->shost);
     free(m);
 }
 
@@ -404,19 +419,25 @@ static moe_status check_index(const moe_model *m, int i)
 moe_status moe_model_get_param(moe_model *m, int i, double *dst)
 {
     moe_status s = check_index(m, i);
-    return s ? s : m->b->download(m->b, dst, m->par[i].p, m->par[i].info.numel);
+    return s ? s : moe_download_f64(m->b, dst, m->par[i].p, m->par[i].info.numel);
 }
 
 moe_status moe_model_set_param(moe_model *m, int i, const double *src)
 {
     moe_status s = check_index(m, i);
-    return s ? s : m->b->upload(m->b, m->par[i].p, src, m->par[i].info.numel);
+    return s ? s : moe_upload_f64(m->b, m->par[i].p, src, m->par[i].info.numel);
+}
+
+moe_status moe_model_set_param_raw(moe_model *m, int i, const void *src, moe_dtype type)
+{
+    moe_status s = check_index(m, i);
+    return s ? s : m->b->upload(m->b, m->par[i].p, src, type, m->par[i].info.numel);
 }
 
 moe_status moe_model_get_grad(moe_model *m, int i, double *dst)
 {
     moe_status s = check_index(m, i);
-    return s ? s : m->b->download(m->b, dst, m->par[i].g, m->par[i].info.numel);
+    return s ? s : moe_download_f64(m->b, dst, m->par[i].g, m->par[i].info.numel);
 }
 
 moe_status moe_model_param_tensors(moe_model *m, int i, moe_tensor *param, moe_tensor *grad)
@@ -434,6 +455,9 @@ moe_status moe_model_param_tensors(moe_model *m, int i, moe_tensor *param, moe_t
 void moe_model_zero_grad(moe_model *m)
 {
     m->b->fill(m->b, (moe_tensor){m->gbuf, 0}, 0.0, m->P.numel);
+    m->b->fill(m->b, (moe_tensor){m->sbuf, m->ns}, 0.0, m->ns); /* a new step's sums */
+    m->forwards = 0;
+    m->shost_fresh = 0;
     for (int64_t l = 0; l < m->L; l++)
         if (m->blk[l].moe)
             moe_layer_zero_grad(m->blk[l].moe);
@@ -481,9 +505,12 @@ moe_status moe_model_init(moe_model *m, uint64_t seed)
         const int norm = ends_with(p->name, "norm.weight");
         const int zero = ends_with(p->name, ".bias");
         const double sd = sw > 0 ? sqrt(sw / (double)fan_in(p)) : m->c.initializer_range;
-        for (int64_t e = 0; e < p->numel; e++) {
+        /* an expert shard draws its elements of the whole tensor: the same weights under any split */
+        const int64_t base = p->shard * p->numel;
+        for (int64_t j = 0; j < p->numel; j++) {
+            const int64_t e = base + j;
             if (norm || zero) {
-                w[e] = norm ? 1.0 : 0.0;
+                w[j] = norm ? 1.0 : 0.0;
                 continue;
             }
             double z = 0;
@@ -493,12 +520,12 @@ moe_status moe_model_init(moe_model *m, uint64_t seed)
                 if (sw <= 0 || fabs(z) <= 2.0)
                     break;
             }
-            w[e] = sd * z;
+            w[j] = sd * z;
         }
-        s = m->b->upload(m->b, m->par[i].p, w, p->numel);
+        s = moe_upload_f64(m->b, m->par[i].p, w, p->numel);
     }
     free(w);
-    return s;
+    return s ? s : m->b->sync(m->b);
 }
 
 /* ---- forward ------------------------------------------------------------------------ */
@@ -530,14 +557,18 @@ static void attn_forward(moe_model *m, mblock *k, int64_t B, int64_t S)
 }
 
 /* fo = FFN(rmsnorm(mid)), dense or MoE */
-static moe_status ffn_forward(moe_model *m, mblock *k, const int32_t *tokens, const int32_t *task, int64_t N,
-                              uint64_t step, int training)
+static moe_status ffn_forward(moe_model *m, mblock *k, const moe_tensor *task, int64_t N, moe_key key, int training)
 {
     moe_backend *b = m->b;
     const int64_t C = m->C;
     b->rmsnorm_forward(b, k->n2, k->rstd2, k->mid, k->ln2, m->c.rms_norm_eps, N, C);
-    if (k->moe)
-        return moe_layer_forward(k->moe, k->fo, k->n2, tokens, task, N, step, training);
+    if (k->moe) {
+        moe_status s = moe_layer_forward(k->moe, k->fo, k->n2, &m->in, task, N, key, training);
+        if (!s) /* the layer's scalars join the step's, for the one read */
+            b->copy(b, moe_tensor_at((moe_tensor){m->sbuf, 0}, k->stat0), moe_layer_stats(k->moe),
+                    MOE_LAYER_NSTATS(k->E));
+        return s;
+    }
     b->ffn_forward(b, k->fo, k->h1, k->h3, k->a, k->n2, k->w1, opt(&k->w3), k->w2, m->c.moe.act, N, C, m->F);
     return MOE_OK;
 }
@@ -557,58 +588,100 @@ static moe_status check_ids(const moe_model *m, const int32_t *ids, int64_t n, i
 }
 
 moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t *targets, const int32_t *task_ids,
-                             int64_t B, int64_t S, uint64_t step, int training, moe_model_losses *losses)
+                             int64_t B, int64_t S, moe_key key, int training, moe_model_losses *losses)
 {
     if (!m || !inputs)
         return moe_error(MOE_ERR_ARG, "model forward: model and inputs must not be NULL");
     if (B < 1 || B > m->maxB || S < 1 || S > m->maxS)
         return moe_error(MOE_ERR_ARG, "model forward: batch %lld × sequence %lld outside [1, %lld] × [1, %lld]",
                          (long long)B, (long long)S, (long long)m->maxB, (long long)m->maxS);
-    const int64_t N = B * S, C = m->C;
+    const int64_t N = B * S, C = m->C, M = m->c.moe.n_tasks;
     moe_status s;
     if ((s = check_ids(m, inputs, N, 0, "inputs")) || (targets && (s = check_ids(m, targets, N, -1, "targets"))))
         return s;
+    for (int64_t i = 0; task_ids && M >= 1 && i < N; i++)
+        if (task_ids[i] < 0 || task_ids[i] >= M)
+            return moe_error(MOE_ERR_ARG, "model: task_ids[%lld] = %d outside [0, num_tasks = %lld)", (long long)i,
+                             task_ids[i], (long long)M);
     moe_backend *b = m->b;
     m->can_backward = 0;
     m->have_logits = 0;
-    memcpy(m->in, inputs, (size_t)N * sizeof *inputs);
-    if (targets)
-        memcpy(m->tg, targets, (size_t)N * sizeof *targets);
+    m->shost_fresh = 0;
+    m->forwards++;
     m->have_task = task_ids != NULL;
-    if (task_ids)
-        memcpy(m->task, task_ids, (size_t)N * sizeof *task_ids);
+    if ((s = b->upload(b, m->in, inputs, MOE_I32, N)) || (targets && (s = b->upload(b, m->tg, targets, MOE_I32, N))) ||
+        (task_ids && (s = b->upload(b, m->task, task_ids, MOE_I32, N))))
+        return s;
+    m->n_targets = 0;
+    for (int64_t i = 0; targets && i < N; i++)
+        m->n_targets += targets[i] >= 0;
     m->B = B;
     m->S = S;
     m->N = N;
 
+    b->fill(b, (moe_tensor){m->sbuf, 0}, 0.0, m->ns);
     b->embedding_forward(b, m->blk[0].x, m->in, m->wte, N, C);
-    double aux = 0;
     for (int64_t l = 0; l < m->L; l++) {
         mblock *k = &m->blk[l];
         attn_forward(m, k, B, S);
-        if ((s = ffn_forward(m, k, m->in, task_ids ? m->task : NULL, N, step, training)))
+        if ((s = ffn_forward(m, k, task_ids ? &m->task : NULL, N, key, training)))
             return s;
-        if (k->moe)
-            aux += moe_layer_aux(k->moe).total;
         moe_tensor nx = next_x(m, l);
         b->copy(b, nx, k->mid, N * C);
         b->add(b, nx, k->fo, N * C);
     }
     b->rmsnorm_forward(b, m->nf, m->rstdf, m->xf, m->normf, m->c.rms_norm_eps, N, C);
     b->matmul_t_forward(b, m->logits, m->nf, m->lmw, N, C, m->V);
-    moe_model_losses L = {0};
-    L.aux = aux;
     if (targets) {
-        for (int64_t i = 0; i < N; i++)
-            L.n_targets += targets[i] >= 0;
-        L.ce = b->crossentropy_forward(b, m->logits, m->logits, m->tg, N, m->V);
+        b->crossentropy_forward(b, (moe_tensor){m->sbuf, 0}, m->logits, m->logits, m->tg, N, m->V);
         m->can_backward = 1;
     } else {
         m->have_logits = 1;
     }
+    b->add(b, (moe_tensor){m->sbuf, m->ns}, (moe_tensor){m->sbuf, 0}, m->ns); /* into the step's sums */
+    return losses ? moe_model_get_losses(m, losses) : MOE_OK;
+}
+
+moe_tensor moe_model_scalar(const moe_model *m, int which)
+{
+    return (moe_tensor){m->sbuf, 2 * m->ns + which};
+}
+
+double moe_model_host_scalar(const moe_model *m, int which)
+{
+    return m->shost[2 * m->ns + which];
+}
+
+moe_status moe_model_read_scalars(moe_model *m)
+{
+    if (m->shost_fresh)
+        return MOE_OK;
+    moe_status s = moe_download_f64(m->b, m->shost, (moe_tensor){m->sbuf, 0}, m->n_scalars);
+    m->shost_fresh = s == MOE_OK;
+    return s;
+}
+
+/* Σ over MoE layers of each layer's aux.total, from the host copy of the scalars v. */
+static double aux_total(const moe_model *m, const double *v)
+{
+    double aux = 0;
+    for (int64_t l = 0; l < m->L; l++)
+        if (m->blk[l].moe)
+            aux += moe_layer_aux_of(moe_layer_config_of(m->blk[l].moe), v + m->blk[l].stat0).total;
+    return aux;
+}
+
+moe_status moe_model_get_losses(moe_model *m, moe_model_losses *out)
+{
+    moe_status s = moe_model_read_scalars(m);
+    if (s)
+        return s;
+    moe_model_losses L = {0};
+    L.ce = m->can_backward ? m->shost[0] : 0.0;
+    L.aux = aux_total(m, m->shost);
     L.total = L.ce + L.aux;
-    if (losses)
-        *losses = L;
+    L.n_targets = m->can_backward ? m->n_targets : 0;
+    *out = L;
     return MOE_OK;
 }
 
@@ -616,7 +689,7 @@ moe_status moe_model_get_logits(moe_model *m, double *dst)
 {
     if (!m->have_logits)
         return moe_error(MOE_ERR_ARG, "model: no logits (the last forward had targets, or there was none)");
-    return m->b->download(m->b, dst, m->logits, m->N * m->V);
+    return moe_download_f64(m->b, dst, m->logits, m->N * m->V);
 }
 
 /* ---- backward ------------------------------------------------------------------------ */
@@ -644,7 +717,7 @@ static moe_status block_backward(moe_model *m, mblock *k)
     b->fill(b, m->dq, 0.0, N * m->qd);
     b->fill(b, m->dk, 0.0, N * m->kvd);
     b->fill(b, m->dv, 0.0, N * m->kvd);
-    b->attention_backward(b, m->dq, m->dk, m->dv, m->datt, m->dao, k->att, k->q, k->k, k->v, B, S, m->H, m->Hkv,
+    b->attention_backward(b, m->dq, m->dk, m->dv, m->dao, k->ao, k->att, k->q, k->k, k->v, B, S, m->H, m->Hkv,
                           m->hd);
     b->fill(b, m->dqp, 0.0, N * m->qd);
     b->fill(b, m->dkp, 0.0, N * m->kvd);
@@ -702,7 +775,10 @@ moe_status moe_model_decode(moe_model *m, int32_t token, int64_t pos, double *lo
     const double theta = m->c.rope_theta;
     m->can_backward = 0;
     m->have_logits = 0;
-    m->in[0] = token;
+    m->shost_fresh = 0;
+    moe_status s = b->upload(b, m->in, &token, MOE_I32, 1); /* read before the download below returns */
+    if (s)
+        return s;
     b->embedding_forward(b, m->blk[0].x, m->in, m->wte, 1, C);
     for (int64_t l = 0; l < m->L; l++) {
         mblock *k = &m->blk[l];
@@ -719,11 +795,10 @@ moe_status moe_model_decode(moe_model *m, int32_t token, int64_t pos, double *lo
         b->rope_forward(b, k->k, k->k, pos, theta, 1, 1, m->Hkv, m->hd);
         b->copy(b, moe_tensor_at(k->kc, pos * m->kvd), k->k, m->kvd);
         b->copy(b, moe_tensor_at(k->vc, pos * m->kvd), k->v, m->kvd);
-        b->attention_decode(b, k->ao, k->att, k->q, k->kc, k->vc, pos, m->H, m->Hkv, m->hd);
+        b->attention_decode(b, k->ao, k->q, k->kc, k->vc, pos, m->H, m->Hkv, m->hd);
         b->matmul_forward(b, k->mid, k->ao, k->wo, 1, m->qd, C);
         b->add(b, k->mid, k->x, C);
-        moe_status s = ffn_forward(m, k, m->in, NULL, 1, 0, 0);
-        if (s)
+        if ((s = ffn_forward(m, k, NULL, 1, MOE_KEY_STEP(0), 0)))
             return s;
         moe_tensor nx = next_x(m, l);
         b->copy(b, nx, k->mid, C);
@@ -731,12 +806,13 @@ moe_status moe_model_decode(moe_model *m, int32_t token, int64_t pos, double *lo
     }
     b->rmsnorm_forward(b, m->nf, m->rstdf, m->xf, m->normf, m->c.rms_norm_eps, 1, C);
     b->matmul_t_forward(b, m->logits, m->nf, m->lmw, 1, C, m->V);
-    return b->download(b, logits, m->logits, m->V);
+    return moe_download_f64(b, logits, m->logits, m->V);
 }
 
 /* ---- statistics ------------------------------------------------------------------------ */
 
-moe_status moe_model_get_layer_stats(moe_model *m, int64_t layer, moe_model_layer_stats *st, int64_t *counts)
+moe_status moe_model_get_layer_stats(moe_model *m, int64_t layer, moe_span span, moe_model_layer_stats *st,
+                                     int64_t *counts)
 {
     if (!m || !st || layer < 0 || layer >= m->L)
         return moe_error(MOE_ERR_ARG, "model: layer %lld outside [0, %lld)", (long long)layer,
@@ -746,33 +822,41 @@ moe_status moe_model_get_layer_stats(moe_model *m, int64_t layer, moe_model_laye
     if (!k->moe)
         return MOE_OK;
     st->n_experts = k->E;
-    const moe_bplan *p = moe_layer_plan(k->moe);
-    if (!p)
+    if (!moe_layer_plan(k->moe))
         return MOE_OK;
-    st->aux = moe_layer_aux(k->moe);
-    m->b->plan_stats(m->b, p, &st->assignments, &st->dropped, k->counts, NULL);
+    moe_status s = moe_model_read_scalars(m);
+    if (s)
+        return s;
+    const double *v = m->shost + (span == MOE_SPAN_STEP ? m->ns : 0) + k->stat0, *count = v + MOE_STAT_COUNTS;
+    st->aux = moe_layer_aux_of(moe_layer_config_of(k->moe), v);
+    st->assignments = (int64_t)count[2 * k->E];
+    st->dropped = (int64_t)count[2 * k->E + 1];
     double mx = 0, sum = 0;
     for (int64_t e = 0; e < k->E; e++) {
-        sum += (double)k->counts[e];
-        if ((double)k->counts[e] > mx)
-            mx = (double)k->counts[e];
+        sum += count[e];
+        mx = count[e] > mx ? count[e] : mx;
+        if (counts)
+            counts[e] = (int64_t)count[e];
     }
     st->load_max = mx;
     st->load_mean = sum / (double)k->E;
-    if (counts)
-        memcpy(counts, k->counts, (size_t)k->E * sizeof *counts);
     return MOE_OK;
 }
 
-moe_status moe_model_get_stats(moe_model *m, moe_model_stats *st)
+moe_status moe_model_get_stats(moe_model *m, moe_span span, moe_model_stats *st)
 {
     if (!m || !st)
         return moe_error(MOE_ERR_ARG, "model stats: model and stats must not be NULL");
     memset(st, 0, sizeof *st);
+    moe_status s0 = moe_model_read_scalars(m);
+    if (s0)
+        return s0;
+    st->ce = m->shost[span == MOE_SPAN_STEP ? m->ns : 0];
+    st->forwards = span == MOE_SPAN_STEP ? m->forwards : 1;
     double kept = 0, dropped = 0, ratio = 0;
     for (int64_t l = 0; l < m->L; l++) {
         moe_model_layer_stats ls;
-        moe_status s = moe_model_get_layer_stats(m, l, &ls, NULL);
+        moe_status s = moe_model_get_layer_stats(m, l, span, &ls, NULL);
         if (s)
             return s;
         if (!ls.n_experts)

@@ -5,8 +5,8 @@
  *     moe_model_config c;
  *     moe_model_config_default(&c);                    // the laptop preset (configs/laptop.json)
  *     // or moe_model_config_load("configs/tiny.json", &c)
- *     moe_backend *b;  moe_backend_create("cpu", 2, &b);
- *     moe_model *m;    moe_model_create(&c, b, B, S, &m);
+ *     moe_backend *b;  moe_backend_create("cpu", &(moe_backend_options){.threads = 2}, &b);
+ *     moe_model *m;    moe_model_create(&c, b, NULL, B, S, &m);       // NULL: one process
  *     moe_model_init(m, seed);
  *     moe_optim_config oc;  moe_optim_config_default(&oc);  oc.total_steps = steps;
  *     moe_optim *opt;  moe_optim_create(m, &oc, &opt);
@@ -14,13 +14,13 @@
  *         moe_model_zero_grad(m);
  *         for (micro = 0; micro < accum; micro++) {
  *             moe_dataset_batch(d, seed, step, micro, B, S, in, tg, task);
- *             moe_model_losses L;
- *             moe_model_forward(m, in, tg, task, B, S, step, 1, &L);   // L.ce, L.aux, L.total
+ *             moe_key key = {step, micro, 0};
+ *             moe_model_forward(m, in, tg, task, B, S, key, 1, NULL); // nothing waits
  *             moe_model_backward(m);                                 // grads += ∂L.total
  *         }
  *         moe_optim_result r;
- *         moe_optim_step(opt, 1.0 / accum, &r);                      // r.lr, r.grad_norm
- *         moe_model_stats st; moe_model_get_stats(m, &st);            // expert load, dropped
+ *         moe_optim_step(opt, 1.0 / accum, &r);       // r.lr, r.grad_norm: the step's one read
+ *         moe_model_stats st; moe_model_get_stats(m, &st);  // loss, expert load, dropped (same read)
  *     }
  *     // sampling: one token at a time through the KV cache
  *     for (pos = 0; ...; pos++) moe_model_decode(m, tok, pos, logits);  // logits [V] on host
@@ -68,10 +68,12 @@
  * layer's aux.total (each aux loss times its coefficient). All reported separately.
  *
  * Memory: every buffer (parameters, gradients, activations for max_batch × max_seq
- * tokens, the KV cache, the ops' scratch) is allocated by moe_model_create; forward,
- * backward, decode and the optimizer step allocate nothing. The model never dereferences
- * backend memory: values reach the host only through get_param / get_grad / decode.
- * Same seed, same backend → bitwise-identical losses on every run.
+ * tokens, the ids, the KV cache, the ops' scratch) is allocated by moe_model_create;
+ * forward, backward, decode and the optimizer step allocate nothing. The model never
+ * dereferences backend memory, and a training step never waits for the backend: the
+ * step's scalars (losses, aux losses, expert counts, gradient norm) gather in one
+ * backend buffer that the host reads once, when it asks (losses, stats, optim result).
+ * Same seed and backend → bitwise-identical losses at any thread count.
  */
 #ifndef CMOE_MODEL_H
 #define CMOE_MODEL_H
@@ -148,9 +150,10 @@ moe_status moe_layer_config_from_json_obj(void *json_object, moe_layer_config *c
 typedef struct moe_model moe_model;
 
 /* Sized for forward/backward of up to max_batch × max_seq tokens (max_seq <=
- * max_position_embeddings; decode positions < max_seq). The backend must outlive it. */
-moe_status moe_model_create(const moe_model_config *c, moe_backend *b, int64_t max_batch, int64_t max_seq,
-                            moe_model **out);
+ * max_position_embeddings; decode positions < max_seq). Every MoE layer moves its rows
+ * through ex (NULL: one process). The backend and ex must outlive it. */
+moe_status moe_model_create(const moe_model_config *c, moe_backend *b, moe_exchange *ex, int64_t max_batch,
+                            int64_t max_seq, moe_model **out);
 void moe_model_free(moe_model *m);
 const moe_model_config *moe_model_config_of(const moe_model *m);
 moe_backend *moe_model_backend(const moe_model *m);
@@ -171,15 +174,35 @@ typedef struct {
 
 /*
  * inputs, targets, task_ids: host [B, S] (targets: −1 ignored; NULL → no loss, and the
- * logits stay readable with moe_model_get_logits; task_ids NULL → task 0). step keys the
- * MoE layers' random draws (jitter, noise); training = 0 turns them off. losses may be
- * NULL. Errors name the bad argument (token id outside [0, V), B or S too large, ...).
+ * logits stay readable with moe_model_get_logits; task_ids NULL → task 0). key keys the
+ * MoE layers' random draws (jitter, noise: step, micro-batch, and the global index of
+ * this batch's first token); training = 0 turns them off. losses NULL: nothing waits for
+ * the backend; else the losses are read (one wait). Errors name the bad argument (token
+ * id outside [0, V), B or S too large, ...).
  */
 moe_status moe_model_forward(moe_model *m, const int32_t *inputs /* [B, S] */, const int32_t *targets /* [B, S] */,
-                             const int32_t *task_ids /* [B, S] */, int64_t B, int64_t S, uint64_t step,
+                             const int32_t *task_ids /* [B, S] */, int64_t B, int64_t S, moe_key key,
                              int training, moe_model_losses *losses);
 /* Gradients += ∂(losses.total)/∂parameters of the last forward (which needs targets). */
 moe_status moe_model_backward(moe_model *m);
+/* The last forward's losses (reads the step's scalars if they are not read yet). */
+moe_status moe_model_get_losses(moe_model *m, moe_model_losses *out);
+
+/*
+ * The step's scalars live in one backend buffer, read by the host at most once per step
+ * (when it asks for losses, stats or the optimizer's result): the last forward's
+ * cross-entropy and each MoE layer's moe_layer_stats, their sums over every forward
+ * since moe_model_zero_grad (a step's micro-batches), and the optimizer's Σ g² and
+ * clipping scale.
+ */
+enum { MOE_SCALAR_GRAD_SUMSQ, MOE_SCALAR_CLIP };
+/* The optimizer's scalar `which` on the backend (written by moe_optim_step). */
+moe_tensor moe_model_scalar(const moe_model *m, int which);
+/* Reads the scalars to the host if anything wrote them since the last read, and reports
+ * any failure of the backend's ops since then (the sticky error). */
+moe_status moe_model_read_scalars(moe_model *m);
+/* As last read: the optimizer's scalar `which`. */
+double moe_model_host_scalar(const moe_model *m, int which);
 void moe_model_zero_grad(moe_model *m);
 /* Logits [B·S, V] of the last forward made without targets. */
 moe_status moe_model_get_logits(moe_model *m, double *dst /* [B·S, V] */);
@@ -198,16 +221,23 @@ moe_status moe_model_decode(moe_model *m, int32_t token, int64_t pos, double *lo
 typedef struct {
     int64_t n_experts;   /* 0: a dense layer (the rest is zero) */
     moe_aux_losses aux;  /* each aux loss unscaled, and aux.total (coefficients applied) */
-    int64_t assignments; /* kept (token, expert) pairs */
-    int64_t dropped;     /* selected but dropped by capacity */
+    int64_t assignments; /* kept (token, expert) pairs, over every rank */
+    int64_t dropped;     /* selected but dropped by capacity, over every rank */
     double load_max;     /* max over experts of the kept count */
     double load_mean;    /* mean over experts of the kept count */
 } moe_model_layer_stats;
 
-/* counts [n_experts] (may be NULL): kept assignments per expert. */
-moe_status moe_model_get_layer_stats(moe_model *m, int64_t layer, moe_model_layer_stats *s, int64_t *counts);
+/* What statistics cover: the last forward, or the sum over every forward since
+ * moe_model_zero_grad (a step's micro-batches). */
+typedef enum { MOE_SPAN_LAST, MOE_SPAN_STEP } moe_span;
+
+/* counts [n_experts] (may be NULL): kept assignments per expert. Reads the scalars once. */
+moe_status moe_model_get_layer_stats(moe_model *m, int64_t layer, moe_span span, moe_model_layer_stats *s,
+                                     int64_t *counts);
 
 typedef struct {
+    double ce;                 /* cross-entropy (summed over the span's forwards) */
+    int64_t forwards;          /* forwards in the span */
     int64_t n_moe_layers;
     double load_max_over_mean; /* mean over MoE layers of load_max / load_mean (1 = balanced) */
     double load_max, load_mean; /* summed over MoE layers, for "max/mean" displays */
@@ -216,7 +246,7 @@ typedef struct {
     double aux_total;          /* Σ coef·aux (= losses.aux) */
 } moe_model_stats;
 
-moe_status moe_model_get_stats(moe_model *m, moe_model_stats *s);
+moe_status moe_model_get_stats(moe_model *m, moe_span span, moe_model_stats *s);
 /* The MoE layer of layer l (its plan, phase timings, saved tensors); NULL for a dense layer. */
 moe_layer *moe_model_moe_layer(moe_model *m, int64_t layer);
 
@@ -229,6 +259,10 @@ typedef struct {
     int64_t numel;
     int decay;                   /* 1: AdamW weight decay applies (matrices); 0 for norm
                                   * weights, biases and the router bias */
+    int expert;                  /* 1: an expert's weights (experts.*): this rank holds shard
+                                  * `shard` of them, and data-parallel replicas of that shard
+                                  * reduce its gradient; 0: every rank holds it all */
+    int64_t shard;               /* the expert shard (0 when expert is 0) */
 } moe_param_info;
 
 int moe_model_n_params(const moe_model *m);
@@ -240,6 +274,8 @@ int64_t moe_model_numel(const moe_model *m);
 /* Host copies of parameter i (numel elements) and of its gradient. */
 moe_status moe_model_get_param(moe_model *m, int i, double *dst);
 moe_status moe_model_set_param(moe_model *m, int i, const double *src);
+/* The same from host data of any dtype (a checkpoint's tensor as it is in the file). */
+moe_status moe_model_set_param_raw(moe_model *m, int i, const void *src, moe_dtype type);
 moe_status moe_model_get_grad(moe_model *m, int i, double *dst);
 /* The backend tensors of parameter i and its gradient (for the optimizer). */
 moe_status moe_model_param_tensors(moe_model *m, int i, moe_tensor *param, moe_tensor *grad);

@@ -1,7 +1,10 @@
 /*
  * AdamW over the model's parameter table (model.h): moments in two backend buffers laid
- * out like the table, the global-norm clip summed on the host in table order (so the
- * same on every run), and the warmup + cosine schedule as a pure function of the step.
+ * out like the table (f32, or the backend's float type when it computes in f64), and
+ * master weights of their own when the parameters are stored narrower (bf16). The
+ * global-norm clip is summed on the backend in table order (the same on every run) and
+ * applied there, so a step never waits for the host; the warmup + cosine schedule is a
+ * pure function of the step.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -13,7 +16,7 @@ struct moe_optim {
     moe_model *m;
     moe_optim_config c;
     int64_t t;           /* steps taken */
-    moe_buf *mbuf, *vbuf;
+    moe_buf *mbuf, *vbuf, *wbuf; /* moments; master weights (NULL: the parameters are their own) */
     int64_t *off;        /* [n params] offset of each parameter in mbuf / vbuf */
     int n;
 };
@@ -92,9 +95,20 @@ moe_status moe_optim_create(moe_model *m, const moe_optim_config *c, moe_optim *
     for (int i = 0; i < o->n; i++)
         o->off[i + 1] = o->off[i] + moe_model_param(m, i)->numel;
     moe_backend *b = moe_model_backend(m);
-    if ((s = b->alloc(b, o->off[o->n], &o->mbuf)) || (s = b->alloc(b, o->off[o->n], &o->vbuf))) {
+    /* optimizer state in f32 at least (the oracle keeps its f64) */
+    const moe_dtype st = b->float_type == MOE_F64 ? MOE_F64 : MOE_F32;
+    moe_tensor p0;
+    moe_model_param_tensors(m, 0, &p0, NULL);
+    const int narrow = o->n > 0 && b->dtype(b, p0.buf) != st;
+    if ((s = b->alloc(b, st, o->off[o->n], &o->mbuf)) || (s = b->alloc(b, st, o->off[o->n], &o->vbuf)) ||
+        (narrow && (s = b->alloc(b, st, o->off[o->n], &o->wbuf)))) {
         moe_optim_free(o);
         return s;
+    }
+    for (int i = 0; narrow && i < o->n; i++) { /* the master weights start as the parameters */
+        moe_tensor p;
+        moe_model_param_tensors(m, i, &p, NULL);
+        b->copy(b, (moe_tensor){o->wbuf, o->off[i]}, p, o->off[i + 1] - o->off[i]);
     }
     *out = o;
     return MOE_OK;
@@ -109,6 +123,8 @@ void moe_optim_free(moe_optim *o)
         b->free(b, o->mbuf);
     if (o->vbuf)
         b->free(b, o->vbuf);
+    if (o->wbuf)
+        b->free(b, o->wbuf);
     free(o->off);
     free(o);
 }
@@ -118,36 +134,41 @@ moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
     if (!o || !isfinite(grad_scale) || grad_scale <= 0)
         return moe_error(MOE_ERR_ARG, "optimizer step: grad_scale must be a finite number > 0 (got %g)", grad_scale);
     moe_backend *b = moe_model_backend(o->m);
-    double sumsq = 0;
-    for (int i = 0; i < o->n; i++) {
+    moe_tensor sumsq = moe_model_scalar(o->m, MOE_SCALAR_GRAD_SUMSQ), scale = moe_model_scalar(o->m, MOE_SCALAR_CLIP);
+    b->fill(b, sumsq, 0.0, 1);
+    for (int i = 0; i < o->n; i++) { /* in table order: the same sum on every run */
         moe_tensor g;
         moe_model_param_tensors(o->m, i, NULL, &g);
-        sumsq += b->grad_sumsq(b, g, moe_model_param(o->m, i)->numel);
+        b->grad_sumsq(b, sumsq, g, moe_model_param(o->m, i)->numel);
     }
-    const double norm = grad_scale * sqrt(sumsq);
-    if (!isfinite(norm))
-        return moe_error(MOE_ERR_ARG, "optimizer step: the gradient norm is not finite (step %lld); "
-                         "lower the learning rate", (long long)o->t);
-    /* as torch.nn.utils.clip_grad_norm_ */
-    double clip = 1.0;
-    if (o->c.grad_clip > 0 && norm > o->c.grad_clip)
-        clip = o->c.grad_clip / (norm + 1e-6);
+    /* grad_scale · the clip factor, or NaN when the norm is not finite: AdamW then skips */
+    b->clip_scale(b, scale, sumsq, grad_scale, o->c.grad_clip);
     const double lr = moe_lr_at(&o->c, o->t);
     const int64_t t = o->t + 1;
     for (int i = 0; i < o->n; i++) {
         const moe_param_info *p = moe_model_param(o->m, i);
-        moe_tensor pt, g;
+        moe_tensor pt, g, w = {o->wbuf, o->off[i]};
         moe_model_param_tensors(o->m, i, &pt, &g);
-        b->adamw_step(b, pt, (moe_tensor){o->mbuf, o->off[i]}, (moe_tensor){o->vbuf, o->off[i]}, g, lr, o->c.beta1,
-                      o->c.beta2, o->c.eps, p->decay ? o->c.weight_decay : 0.0, grad_scale * clip, t, p->numel);
+        b->adamw_step(b, pt, o->wbuf ? &w : NULL, (moe_tensor){o->mbuf, o->off[i]}, (moe_tensor){o->vbuf, o->off[i]},
+                      g, scale, lr, o->c.beta1, o->c.beta2, o->c.eps, p->decay ? o->c.weight_decay : 0.0, t,
+                      p->numel);
     }
     o->t = t;
     moe_model_update_bias(o->m);
-    if (r) {
-        r->lr = lr;
-        r->grad_norm = norm;
-        r->clip_scale = clip;
+    if (!r)
+        return MOE_OK;
+    moe_status s = moe_model_read_scalars(o->m);
+    if (s)
+        return s;
+    const double norm = grad_scale * sqrt(moe_model_host_scalar(o->m, MOE_SCALAR_GRAD_SUMSQ));
+    if (!isfinite(norm)) {
+        o->t = t - 1; /* AdamW left the parameters and moments as they were */
+        return moe_error(MOE_ERR_ARG, "optimizer step: the gradient norm is not finite (step %lld); "
+                         "lower the learning rate", (long long)t);
     }
+    r->lr = lr;
+    r->grad_norm = norm;
+    r->clip_scale = moe_model_host_scalar(o->m, MOE_SCALAR_CLIP) / grad_scale;
     return MOE_OK;
 }
 
@@ -180,8 +201,8 @@ moe_status moe_optim_get_moments(moe_optim *o, int i, double *m, double *v)
         return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
     moe_backend *b = moe_model_backend(o->m);
     const int64_t n = o->off[i + 1] - o->off[i];
-    moe_status s = m ? b->download(b, m, (moe_tensor){o->mbuf, o->off[i]}, n) : MOE_OK;
-    return s || !v ? s : b->download(b, v, (moe_tensor){o->vbuf, o->off[i]}, n);
+    moe_status s = m ? moe_download_f64(b, m, (moe_tensor){o->mbuf, o->off[i]}, n) : MOE_OK;
+    return s || !v ? s : moe_download_f64(b, v, (moe_tensor){o->vbuf, o->off[i]}, n);
 }
 
 moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const double *v)
@@ -190,6 +211,6 @@ moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const dou
         return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
     moe_backend *b = moe_model_backend(o->m);
     const int64_t n = o->off[i + 1] - o->off[i];
-    moe_status s = m ? b->upload(b, (moe_tensor){o->mbuf, o->off[i]}, m, n) : MOE_OK;
-    return s || !v ? s : b->upload(b, (moe_tensor){o->vbuf, o->off[i]}, v, n);
+    moe_status s = m ? moe_upload_f64(b, (moe_tensor){o->mbuf, o->off[i]}, m, n) : MOE_OK;
+    return s || !v ? s : moe_upload_f64(b, (moe_tensor){o->vbuf, o->off[i]}, v, n);
 }
