@@ -272,19 +272,19 @@ static moe_status ref_plan_upload(moe_backend *b, moe_bplan *bp, const moe_plan 
     return ref_plan_download(b, bp->p, &(moe_bplan){(moe_plan *)h, h->T, h->k});
 }
 
-static moe_status ref_plan_set_counts(moe_backend *b, moe_bplan *bp, const int64_t *counts)
+static moe_status ref_plan_set_segments(moe_backend *b, moe_bplan *bp, const int64_t *begin, const int64_t *rows)
 {
     moe_plan *p = bp->p;
     int64_t n = 0;
     for (int64_t e = 0; e < p->E; e++) {
-        if (counts[e] < 0 || counts[e] > p->cap_n - n)
-            return moe_error(MOE_ERR_ARG, "ref backend: expert %lld's %lld rows do not fit a plan of %lld",
-                             (long long)e, (long long)counts[e], (long long)p->cap_n);
-        p->offsets[e] = n;
-        p->count[e] = p->selected[e] = counts[e];
-        n += counts[e];
+        if (begin[e] < 0 || rows[e] < 0 || rows[e] > p->cap_n - n)
+            return moe_error(MOE_ERR_ARG, "ref backend: expert %lld's %lld rows at %lld do not fit a plan of %lld",
+                             (long long)e, (long long)rows[e], (long long)begin[e], (long long)p->cap_n);
+        p->offsets[e] = begin[e];
+        p->count[e] = p->selected[e] = rows[e];
+        n += rows[e];
     }
-    p->offsets[p->E] = n;
+    p->offsets[p->E] = -1; /* segments need not be contiguous: there is no end offset */
     p->n = n;
     p->dropped = 0;
     return MOE_OK;
@@ -302,9 +302,10 @@ static void ref_plan_counts(moe_backend *b, moe_tensor out, const moe_bplan *bp)
     o[2 * p->E + 1] = (double)p->dropped;
 }
 
-static void ref_plan_fill(moe_backend *b, moe_tensor t, double v, const moe_bplan *p, int64_t width)
+static void ref_plan_fill(moe_backend *b, moe_tensor t, double v, const moe_bplan *bp, int64_t width)
 {
-    ref_fill(b, t, v, p->p->n * width);
+    for (int64_t e = 0; e < bp->p->E; e++)
+        ref_fill(b, moe_tensor_at(t, bp->p->offsets[e] * width), v, bp->p->count[e] * width);
 }
 
 static void ref_bias_update(moe_backend *b, moe_tensor bias, moe_tensor counts, double rate, int64_t E)
@@ -350,21 +351,47 @@ static void ref_combine_backward(moe_backend *b, moe_tensor dye, moe_tensor dwei
     moe_ref_combine_backward(D(dye), D(dweight), D(dy), D(ye), p->p, d);
 }
 
+/* The experts run over each expert's segment of the plan, one reference FFN each. */
 static void ref_experts_forward(moe_backend *b, moe_tensor ye, moe_tensor h1, moe_tensor h3, moe_tensor a,
-                                moe_tensor xe, moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *p,
+                                moe_tensor xe, moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *bp,
                                 moe_activation act, int64_t d, int64_t f)
 {
-    moe_ref_experts_forward(D(ye), D(h1), D(h3), D(a), D(xe), D(w1), w3 ? D(*w3) : NULL, D(w2), p->p->offsets,
-                            act, p->p->E, d, f);
+    const moe_plan *p = bp->p;
+    const int glu = moe_act_is_glu(act);
+    for (int64_t e = 0; e < p->E; e++) {
+        const int64_t r = p->offsets[e];
+        moe_ref_ffn_forward(D(ye) + r * d, D(h1) + r * f, glu ? D(h3) + r * f : NULL, D(a) + r * f, D(xe) + r * d,
+                            D(w1) + e * d * f, glu ? D(*w3) + e * d * f : NULL, D(w2) + e * f * d, act, p->count[e],
+                            d, f);
+    }
 }
 
-static void ref_experts_backward(moe_backend *b, moe_tensor dxe, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
-                                 moe_tensor dye, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor xe,
-                                 moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *p,
-                                 moe_activation act, int64_t d, int64_t f)
+static void ref_experts_backward_data(moe_backend *b, moe_tensor dxe, moe_tensor dg1, moe_tensor *dg3, moe_tensor dye,
+                                      moe_tensor h1, moe_tensor h3, moe_tensor w1, moe_tensor *w3, moe_tensor w2,
+                                      const moe_bplan *bp, moe_activation act, int64_t d, int64_t f)
 {
-    moe_ref_experts_backward(D(dxe), D(dw1), dw3 ? D(*dw3) : NULL, D(dw2), D(dye), D(h1), D(h3), D(a), D(xe),
-                             D(w1), w3 ? D(*w3) : NULL, D(w2), p->p->offsets, act, p->p->E, d, f);
+    const moe_plan *p = bp->p;
+    const int glu = moe_act_is_glu(act);
+    for (int64_t e = 0; e < p->E; e++) {
+        const int64_t r = p->offsets[e];
+        moe_ref_ffn_backward_data(dxe.buf ? D(dxe) + r * d : NULL, D(dg1) + r * f, glu ? D(*dg3) + r * f : NULL, D(dye) + r * d,
+                                  D(h1) + r * f, glu ? D(h3) + r * f : NULL, D(w1) + e * d * f,
+                                  glu ? D(*w3) + e * d * f : NULL, D(w2) + e * f * d, act, p->count[e], d, f);
+    }
+}
+
+static void ref_experts_backward_weights(moe_backend *b, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
+                                         moe_tensor dg1, moe_tensor *dg3, moe_tensor dye, moe_tensor a, moe_tensor xe,
+                                         const moe_bplan *bp, moe_activation act, int64_t d, int64_t f)
+{
+    const moe_plan *p = bp->p;
+    const int glu = moe_act_is_glu(act);
+    for (int64_t e = 0; e < p->E; e++) {
+        const int64_t r = p->offsets[e];
+        moe_ref_ffn_backward_weights(D(dw1) + e * d * f, glu ? D(*dw3) + e * d * f : NULL, D(dw2) + e * f * d,
+                                     D(dg1) + r * f, glu ? D(*dg3) + r * f : NULL, D(dye) + r * d, D(a) + r * f,
+                                     D(xe) + r * d, act, p->count[e], d, f);
+    }
 }
 
 static void ref_lb_forward(moe_backend *b, moe_tensor out, moe_tensor s, const moe_bplan *p, int64_t T, int64_t E)
@@ -558,7 +585,7 @@ moe_status moe_backend_ref_create(const moe_backend_options *o, moe_backend **ou
     b->plan_free = ref_plan_free;
     b->plan_download = ref_plan_download;
     b->plan_upload = ref_plan_upload;
-    b->plan_set_counts = ref_plan_set_counts;
+    b->plan_set_segments = ref_plan_set_segments;
     b->plan_counts = ref_plan_counts;
     b->plan_fill = ref_plan_fill;
     b->route = ref_route;
@@ -571,7 +598,8 @@ moe_status moe_backend_ref_create(const moe_backend_options *o, moe_backend **ou
     b->ffn_forward = ref_ffn_forward;
     b->ffn_backward = ref_ffn_backward;
     b->experts_forward = ref_experts_forward;
-    b->experts_backward = ref_experts_backward;
+    b->experts_backward_data = ref_experts_backward_data;
+    b->experts_backward_weights = ref_experts_backward_weights;
     b->lb_loss_forward = ref_lb_forward;
     b->lb_loss_backward = ref_lb_backward;
     b->z_loss_forward = ref_z_forward;

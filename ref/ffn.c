@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "ref/ref.h"
 
@@ -119,42 +120,65 @@ static void pre_act_grads(double *g1, double *g3, double da, const double *h1, c
     }
 }
 
+void moe_ref_ffn_backward_data(double *dx, double *dg1, double *dg3, const double *dout, const double *h1,
+                               const double *h3,
+                               const double *w1, const double *w3, const double *w2, moe_activation act, int64_t n,
+                               int64_t d, int64_t f)
+{
+    const int glu = moe_act_is_glu(act);
+    /* rows are independent, so parallel over rows */
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t j = 0; j < f; j++) {
+            double g1, g3;
+            pre_act_grads(&g1, &g3, act_grad_at(dout, w2, t, j, d), h1, h3, t * f + j, act);
+            dg1[t * f + j] = g1;
+            if (glu)
+                dg3[t * f + j] = g3;
+            for (int64_t k = 0; dx && k < d; k++) {
+                double v = g1 * w1[k * f + j];
+                if (glu)
+                    v += g3 * w3[k * f + j];
+                dx[t * d + k] += v;
+            }
+        }
+}
+
+void moe_ref_ffn_backward_weights(double *dw1, double *dw3, double *dw2, const double *dg1, const double *dg3,
+                                  const double *dout,
+                                  const double *a, const double *x, moe_activation act, int64_t n, int64_t d,
+                                  int64_t f)
+{
+    const int glu = moe_act_is_glu(act);
+    /* dw2 += aᵀ·dout */
+    moe_ref_matmul_backward(NULL, dw2, dout, a, NULL, n, f, d);
+    /* dw1 (dw3) += xᵀ·g1 (g3): columns j are independent, so parallel over columns (no races) */
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < f; j++)
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t k = 0; k < d; k++) {
+                dw1[k * f + j] += x[t * d + k] * dg1[t * f + j];
+                if (glu)
+                    dw3[k * f + j] += x[t * d + k] * dg3[t * f + j];
+            }
+}
+
 void moe_ref_ffn_backward(double *dx, double *dw1, double *dw3, double *dw2, const double *dout, const double *h1,
                           const double *h3, const double *a, const double *x, const double *w1, const double *w3,
                           const double *w2, moe_activation act, int64_t n, int64_t d, int64_t f)
 {
     if (n <= 0)
         return;
-    int glu = moe_act_is_glu(act);
-    /* dw2 += aᵀ·dout */
-    moe_ref_matmul_backward(NULL, dw2, dout, a, w2, n, f, d);
-    /* dx: rows are independent, so parallel over rows. */
-    if (dx) {
-#pragma omp parallel for schedule(static)
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t j = 0; j < f; j++) {
-                double g1, g3;
-                pre_act_grads(&g1, &g3, act_grad_at(dout, w2, t, j, d), h1, h3, t * f + j, act);
-                for (int64_t k = 0; k < d; k++) {
-                    double v = g1 * w1[k * f + j];
-                    if (glu)
-                        v += g3 * w3[k * f + j];
-                    dx[t * d + k] += v;
-                }
-            }
+    double *dg = malloc((size_t)((moe_act_is_glu(act) ? 2 : 1) * n * f) * sizeof *dg);
+    if (!dg) { /* the oracle's own temporary; poison rather than leave gradients silently short */
+        for (int64_t i = 0; i < d * f; i++)
+            dw1[i] = NAN;
+        return;
     }
-    /* dw1, dw3: columns j are independent, so parallel over columns (no races). */
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < f; j++)
-        for (int64_t t = 0; t < n; t++) {
-            double g1, g3;
-            pre_act_grads(&g1, &g3, act_grad_at(dout, w2, t, j, d), h1, h3, t * f + j, act);
-            for (int64_t k = 0; k < d; k++) {
-                dw1[k * f + j] += x[t * d + k] * g1;
-                if (glu)
-                    dw3[k * f + j] += x[t * d + k] * g3;
-            }
-        }
+    double *dg3 = moe_act_is_glu(act) ? dg + n * f : NULL;
+    moe_ref_ffn_backward_data(dx, dg, dg3, dout, h1, h3, w1, w3, w2, act, n, d, f);
+    moe_ref_ffn_backward_weights(dw1, dw3, dw2, dg, dg3, dout, a, x, act, n, d, f);
+    free(dg);
 }
 
 void moe_ref_experts_forward(double *ye, double *h1, double *h3, double *a, const double *xe, const double *w1,

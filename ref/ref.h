@@ -123,6 +123,18 @@ void moe_ref_ffn_backward(double *dx /* [n, d] */, double *dw1, double *dw3, dou
                           const double *dout /* [n, d] */, const double *h1, const double *h3,
                           const double *a, const double *x, const double *w1, const double *w3,
                           const double *w2, moe_activation act, int64_t n, int64_t d, int64_t f);
+/* The backward in its two halves (what moe_ref_ffn_backward does in turn): the data half
+ * writes the pre-activation gradients dg1 [n, f] (and dg3 [n, f] with GLU, else NULL) and
+ * adds dx (may be NULL); the weights half adds dw1, dw3, dw2 from them. Pipelined expert
+ * parallelism runs the first per chunk and the second once, over every row. */
+void moe_ref_ffn_backward_data(double *dx /* [n, d] */, double *dg1 /* [n, f] */, double *dg3 /* [n, f] */,
+                               const double *dout /* [n, d] */, const double *h1, const double *h3,
+                               const double *w1, const double *w3, const double *w2, moe_activation act,
+                               int64_t n, int64_t d, int64_t f);
+void moe_ref_ffn_backward_weights(double *dw1, double *dw3, double *dw2, const double *dg1, const double *dg3,
+                                  const double *dout,
+                                  const double *a, const double *x, moe_activation act, int64_t n, int64_t d,
+                                  int64_t f);
 /* All experts over the plan's expert-contiguous rows: expert e owns rows offsets[e]..offsets[e+1]. */
 void moe_ref_experts_forward(double *ye /* [n, d] */, double *h1 /* [n, f] */, double *h3, double *a,
                              const double *xe /* [n, d] */, const double *w1 /* [E, d, f] */,

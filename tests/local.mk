@@ -121,3 +121,14 @@ tests_test_hf_LDADD = $(TEST_LDADD) $(JANSSON_LIBS)
 endif
 TESTS += tests/resume.sh tests/hf.sh
 EXTRA_DIST += tests/resume.sh tests/hf.sh tests/hf_reference.py
+# the exchange (loopback = local, bit for bit) and bit-identity at any thread count
+if HAVE_CHECK
+check_PROGRAMS += tests/test_exchange tests/test_determinism
+TESTS += tests/test_exchange tests/test_determinism
+tests_test_exchange_SOURCES = tests/test_exchange.c tests/testutil.h
+tests_test_exchange_CFLAGS = $(TEST_CFLAGS)
+tests_test_exchange_LDADD = $(TEST_LDADD)
+tests_test_determinism_SOURCES = tests/test_determinism.c tests/testutil.h
+tests_test_determinism_CFLAGS = $(TEST_CFLAGS)
+tests_test_determinism_LDADD = $(TEST_LDADD)
+endif

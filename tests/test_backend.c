@@ -117,7 +117,9 @@ START_TEST(test_layer_through_backend)
     moe_tensor dz = take(&P, T * E), tdx = take(&P, T * d), dwr = take(&P, d * E);
     moe_tensor dw1 = take(&P, E * d * f), dw3 = take(&P, E * d * f), dw2 = take(&P, E * f * d);
     b->combine_backward(b, dye, dw, tdy, ye, plan, d);
-    b->experts_backward(b, dxe, dw1, &dw3, dw2, dye, h1, h3, a, xe, w1, &w3, w2, plan, c.act, d, f);
+    moe_tensor dg1 = take(&P, N * f), dg3 = take(&P, N * f);
+    b->experts_backward_data(b, dxe, dg1, &dg3, dye, h1, h3, w1, &w3, w2, plan, c.act, d, f);
+    b->experts_backward_weights(b, dw1, &dw3, dw2, dg1, &dg3, dye, a, xe, plan, c.act, d, f);
     b->dispatch_backward(b, tdx, dxe, plan, d);
     b->lb_loss_backward(b, ds, c.lb_coef, plan, T, E);
     b->route_backward(b, ds, &dw, NULL, plan, s, NULL, &c);
@@ -156,11 +158,70 @@ START_TEST(test_layer_through_backend)
 }
 END_TEST
 
+/* A backend that leaves an op out: the cpu backend with its route removed. */
+static moe_status partial_create(const moe_backend_options *o, moe_backend **out)
+{
+    moe_status s = moe_backend_cpu_create(o, out);
+    if (!s)
+        (*out)->route = NULL;
+    return s;
+}
+
+START_TEST(test_registry)
+{
+    /* the built-in ones, by name */
+    ck_assert_int_ge(moe_backend_count(), 2);
+    ck_assert_str_eq(moe_backend_name(0), "ref");
+    ck_assert_str_eq(moe_backend_name(1), "cpu");
+    ck_assert_ptr_null(moe_backend_name(-1));
+    ck_assert_msg(strstr(moe_backend_list(), "ref, cpu") != NULL, "%s", moe_backend_list());
+    moe_backend *b = NULL;
+    ck_assert_int_eq(moe_backend_create("tpu", NULL, &b), MOE_ERR_ARG);
+    ck_assert_ptr_null(b);
+    ck_assert_msg(strstr(moe_last_error(), "'tpu'") && strstr(moe_last_error(), "ref, cpu"), "%s", moe_last_error());
+    /* a registered backend missing an op is refused when created, naming the op */
+    ck_assert_int_eq(moe_backend_register("partial", "cpu without route", partial_create), MOE_OK);
+    ck_assert_int_eq(moe_backend_register("partial", "again", partial_create), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_backend_register("cpu", "taken", partial_create), MOE_ERR_ARG);
+    ck_assert_int_eq(moe_backend_create("partial", NULL, &b), MOE_ERR_UNSUPPORTED);
+    ck_assert_ptr_null(b);
+    ck_assert_msg(strstr(moe_last_error(), "'route'") != NULL, "%s", moe_last_error());
+}
+END_TEST
+
+/* A failing op is reported by the next sync, naming the op; later ops do not overwrite it. */
+START_TEST(test_sticky_error)
+{
+    moe_backend *b;
+    ck_assert_int_eq(moe_backend_create("cpu", NULL, &b), MOE_OK);
+    moe_layer_config c;
+    moe_layer_config_default(&c);
+    moe_bplan *p;
+    ck_assert_int_eq(b->plan_create(b, &c, 8, &p), MOE_OK);
+    moe_buf *buf;
+    ck_assert_int_eq(b->alloc(b, MOE_F32, 64, &buf), MOE_OK);
+    moe_tensor t = {buf, 0};
+    b->route(b, p, t, t, NULL, NULL, &c, MOE_KEY_STEP(0), 9); /* more tokens than the plan holds */
+    b->route(b, p, t, t, NULL, NULL, &c, MOE_KEY_STEP(0), 0);
+    double v;
+    ck_assert_int_eq(moe_download_f64(b, &v, t, 1), MOE_ERR_ARG); /* a download reports it too */
+    ck_assert_msg(strstr(moe_last_error(), "route") && strstr(moe_last_error(), "T = 9"), "%s", moe_last_error());
+    ck_assert_int_eq(b->sync(b), MOE_OK); /* reported once */
+    ck_assert_int_eq(b->alloc(b, MOE_BF16, 4, &buf), MOE_ERR_ARG); /* cpu stores f32 and i32 */
+    ck_assert_msg(strstr(moe_last_error(), "bf16") != NULL, "%s", moe_last_error());
+    b->plan_free(b, p);
+    b->free(b, (moe_buf *)t.buf);
+    moe_backend_free(b);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("backend");
     TCase *tc = tcase_create("ref");
     tcase_add_test(tc, test_layer_through_backend);
+    tcase_add_test(tc, test_registry);
+    tcase_add_test(tc, test_sticky_error);
     suite_add_tcase(s, tc);
     return tu_run(s);
 }

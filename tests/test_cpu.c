@@ -477,12 +477,24 @@ START_TEST(test_experts)
     rel(dwt, "combine dweight", TOL);
     pair dxe = mk_rand(n * d, 1, 38), dw1 = mk_rand(E * d * f, 1, 39), dw3 = mk_rand(E * d * f, 1, 40),
          dw2 = mk_rand(E * f * d, 1, 41);
-    moe_tensor rdw3 = TR(dw3), cdw3 = TC(dw3);
-    R->experts_backward(R, TR(dxe), TR(dw1), glu ? &rdw3 : NULL, TR(dw2), TR(dye), TR(h1), TR(h3), TR(a), TR(xe),
-                        TR(w1), glu ? &rw3 : NULL, TR(w2), pr, act, d, f);
-    C->experts_backward(C, TC(dxe), TC(dw1), glu ? &cdw3 : NULL, TC(dw2), TC(dye), TC(h1), TC(h3), TC(a), TC(xe),
-                        TC(w1), glu ? &cw3 : NULL, TC(w2), pc, act, d, f);
+    pair dg1 = mk(n * f, NULL), dg3 = mk(n * f, NULL); /* written by the data half: poisoned */
+    moe_tensor rdw3 = TR(dw3), cdw3 = TC(dw3), rg3 = TR(dg3), cg3 = TC(dg3);
+    R->experts_backward_data(R, TR(dxe), TR(dg1), glu ? &rg3 : NULL, TR(dye), TR(h1), TR(h3), TR(w1),
+                             glu ? &rw3 : NULL, TR(w2), pr, act, d, f);
+    C->experts_backward_data(C, TC(dxe), TC(dg1), glu ? &cg3 : NULL, TC(dye), TC(h1), TC(h3), TC(w1),
+                             glu ? &cw3 : NULL, TC(w2), pc, act, d, f);
     rel(dxe, "experts dxe", TOL);
+    if (hp->n) {
+        rel(dg1, "experts dg1", TOL);
+        if (glu)
+            rel(dg3, "experts dg3", TOL);
+    }
+    R->experts_backward_weights(R, TR(dw1), glu ? &rdw3 : NULL, TR(dw2), TR(dg1), glu ? &rg3 : NULL, TR(dye), TR(a),
+                                TR(xe), pr, act, d, f);
+    C->experts_backward_weights(C, TC(dw1), glu ? &cdw3 : NULL, TC(dw2), TC(dg1), glu ? &cg3 : NULL, TC(dye), TC(a),
+                                TC(xe), pc, act, d, f);
+    drop(dg1);
+    drop(dg3);
     rel(dw1, "experts dw1", TOL);
     rel(dw2, "experts dw2", TOL);
     if (glu)

@@ -81,6 +81,33 @@ START_TEST(jitter_values)
 }
 END_TEST
 
+/* Draws are keyed by global identity: the tokens of a batch split in two (as two ranks
+ * hold them) see the draws of the whole batch; another micro-batch sees new draws. */
+START_TEST(draws_by_global_identity)
+{
+    enum { T = 6, D = 5, E = 4 };
+    double x[T * D], xr[T * D], u[T * D], u2[T * D];
+    double z[T * E], zn[T * E], h[T * E], eps[T * E], eps2[T * E];
+    tu_randn(x, T * D, 1.0, 3);
+    tu_randn(z, T * E, 1.0, 4);
+    tu_randn(zn, T * E, 1.0, 5);
+    const moe_key whole = {7, 2, 40}, first = {7, 2, 40}, second = {7, 2, 43};
+    moe_ref_jitter_forward(xr, u, x, 0.1, 9, 1, whole, T, D);
+    moe_ref_jitter_forward(xr, u2, x, 0.1, 9, 1, first, 3, D);
+    moe_ref_jitter_forward(xr, u2 + 3 * D, x + 3 * D, 0.1, 9, 1, second, 3, D);
+    ck_assert_mem_eq(u, u2, sizeof u);
+    moe_ref_noisy_logits_forward(h, eps, z, zn, 1, 9, 1, whole, T, E);
+    moe_ref_noisy_logits_forward(h, eps2, z, zn, 1, 9, 1, first, 3, E);
+    moe_ref_noisy_logits_forward(h, eps2 + 3 * E, z + 3 * E, zn + 3 * E, 1, 9, 1, second, 3, E);
+    ck_assert_mem_eq(eps, eps2, sizeof eps);
+    /* the next micro-batch of the same step draws anew */
+    moe_ref_jitter_forward(xr, u2, x, 0.1, 9, 1, (moe_key){7, 3, 40}, T, D);
+    ck_assert(tu_max_abs(u, u2, T * D) > 0);
+    moe_ref_noisy_logits_forward(h, eps2, z, zn, 1, 9, 1, (moe_key){7, 3, 40}, T, E);
+    ck_assert(tu_max_abs(eps, eps2, T * E) > 0);
+}
+END_TEST
+
 START_TEST(noisy_logits_values)
 {
     enum { T = 3, E = 4 };
@@ -310,6 +337,7 @@ static Suite *router_suite(void)
     tcase_add_test(tc, sigmoid_values);
     tcase_add_test(tc, jitter_values);
     tcase_add_test(tc, noisy_logits_values);
+    tcase_add_test(tc, draws_by_global_identity);
     tcase_add_test(tc, noisy_load_values);
     suite_add_tcase(s, tc);
     tc = tcase_create("gradients");

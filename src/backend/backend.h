@@ -149,12 +149,14 @@ struct moe_backend {
     moe_status (*plan_download)(moe_backend *b, moe_plan *host, const moe_bplan *p);
     /* A host plan to the backend, checked first (moe_plan_check): runs two backends on one plan. */
     moe_status (*plan_upload)(moe_backend *b, moe_bplan *p, const moe_plan *host);
-    /* An expert-side plan of rows that arrived through an exchange: expert e holds
-     * counts[e] rows, contiguous in expert order (offsets only; no tokens or weights). */
-    moe_status (*plan_set_counts)(moe_backend *b, moe_bplan *p, const int64_t *counts /* host [E] */);
+    /* An expert-side plan of rows that arrived through an exchange: expert e holds rows
+     * [begin[e], begin[e] + rows[e]) of the expert-side buffers (segments only; no tokens or
+     * weights). The experts ops, plan_fill and plan_counts read every plan as such segments. */
+    moe_status (*plan_set_segments)(moe_backend *b, moe_bplan *p, const int64_t *begin /* host [E] */,
+                                    const int64_t *rows /* host [E] */);
     /* out[0..E) kept per expert, out[E..2E) selected per expert, out[2E] = n, out[2E+1] = dropped */
     void (*plan_counts)(moe_backend *b, moe_tensor out /* [2E + 2] */, const moe_bplan *p);
-    /* t[i] = v for the plan's n rows of width elements */
+    /* t = v on the plan's rows (each expert's segment), width elements per row */
     void (*plan_fill)(moe_backend *b, moe_tensor t /* [n, width] */, double v, const moe_bplan *p, int64_t width);
     /* the plan from scores s and selection logits h (ref/ref.h: moe_ref_route) */
     void (*route)(moe_backend *b, moe_bplan *p, moe_tensor s /* [T, E] */, moe_tensor h /* [T, E] */,
@@ -186,15 +188,20 @@ struct moe_backend {
                          moe_tensor dw2, moe_tensor dout, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor x,
                          moe_tensor w1, moe_tensor *w3, moe_tensor w2, moe_activation act, int64_t n, int64_t d,
                          int64_t f);
-    /* grouped expert FFN over a plan's expert-contiguous rows; h1, h3, a saved [n, f] */
+    /* grouped expert FFN over a plan's segments (expert e's rows); h1, h3, a saved [n, f] */
     void (*experts_forward)(moe_backend *b, moe_tensor ye, moe_tensor h1, moe_tensor h3, moe_tensor a,
                             moe_tensor xe, moe_tensor w1 /* [E, d, f] */, moe_tensor *w3 /* or NULL */,
                             moe_tensor w2 /* [E, f, d] */, const moe_bplan *p, moe_activation act,
                             int64_t d, int64_t f);
-    void (*experts_backward)(moe_backend *b, moe_tensor dxe, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
-                             moe_tensor dye, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor xe,
-                             moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *p,
-                             moe_activation act, int64_t d, int64_t f);
+    /* The backward in two halves (ref's moe_ref_ffn_backward_data / _weights per expert):
+     * dg1, dg3 [n, f] = the pre-activation gradients (dg3 only with GLU) and dxe += …, per
+     * chunk while the next travels; then the weight gradients once, over every row. */
+    void (*experts_backward_data)(moe_backend *b, moe_tensor dxe, moe_tensor dg1, moe_tensor *dg3, moe_tensor dye,
+                                  moe_tensor h1, moe_tensor h3, moe_tensor w1, moe_tensor *w3, moe_tensor w2,
+                                  const moe_bplan *p, moe_activation act, int64_t d, int64_t f);
+    void (*experts_backward_weights)(moe_backend *b, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
+                                     moe_tensor dg1, moe_tensor *dg3, moe_tensor dye, moe_tensor a, moe_tensor xe,
+                                     const moe_bplan *p, moe_activation act, int64_t d, int64_t f);
 
     /* ---- aux losses: the unscaled value to out [1]; backward adds coef·∂ ------------ */
     void (*lb_loss_forward)(moe_backend *b, moe_tensor out, moe_tensor s, const moe_bplan *p, int64_t T,
@@ -285,10 +292,10 @@ struct moe_backend {
     X(event_free) X(event_record) X(stream_wait) X(reserve) X(set_threads) X(matmul_forward) X(matmul_backward)  \
     X(rowscale_forward) X(rowscale_backward) X(add) X(jitter_forward) X(jitter_backward) X(scores_forward)       \
     X(scores_backward) X(noisy_logits_forward) X(noisy_logits_backward) X(noisy_load_forward)                    \
-    X(noisy_load_backward) X(plan_create) X(plan_free) X(plan_download) X(plan_upload) X(plan_set_counts)         \
+    X(noisy_load_backward) X(plan_create) X(plan_free) X(plan_download) X(plan_upload) X(plan_set_segments)         \
     X(plan_counts) X(plan_fill) X(route) X(route_backward) X(bias_update) X(dispatch_forward)                    \
     X(dispatch_backward) X(combine_forward) X(combine_backward) X(ffn_forward) X(ffn_backward)                   \
-    X(experts_forward) X(experts_backward) X(lb_loss_forward) X(lb_loss_backward) X(z_loss_forward)              \
+    X(experts_forward) X(experts_backward_data) X(experts_backward_weights) X(lb_loss_forward) X(lb_loss_backward) X(z_loss_forward)              \
     X(z_loss_backward) X(importance_forward) X(importance_backward) X(cv2_forward) X(cv2_backward)               \
     X(mi_loss_forward) X(mi_loss_backward) X(embedding_forward) X(embedding_backward) X(rmsnorm_forward)         \
     X(rmsnorm_backward) X(rope_forward) X(rope_backward) X(attention_saved) X(attention_forward)                  \

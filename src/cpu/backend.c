@@ -156,12 +156,12 @@ static int64_t scratch_for(const moe_workload *w)
     int64_t need = 0;
     if (w->layer) {
         const moe_layer_config *c = w->layer;
-        const int64_t E = c->n_experts, T = w->tokens, rows = w->rows;
+        const int64_t E = c->n_experts, T = w->tokens;
         const int64_t glu = moe_act_is_glu(c->act) ? 2 : 1;
         const int64_t Fs = c->n_shared * (c->d_ff_shared > 0 ? c->d_ff_shared : c->d_ff);
         const int64_t Fd = c->residual ? (c->d_ff_dense > 0 ? c->d_ff_dense : c->d_ff) : 0;
         const int64_t M = c->n_tasks > 0 ? c->n_tasks : 1;
-        need = max3(glu * rows * c->d_ff, glu * T * Fs, glu * T * Fd); /* experts / ffn backward: g1, g3 */
+        need = max3(0, glu * T * Fs, glu * T * Fd); /* shared / residual ffn backward: g1, g3 */
         need = max3(need, T * c->top_k, 2 * (3 * M + 2 * M * E + E));   /* route backward; MI loss */
         need = max3(need, 2 * 512 * E, 0);                             /* noisy load: per-thread sums */
     }

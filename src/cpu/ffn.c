@@ -178,135 +178,152 @@ static int64_t block_len(int64_t total, int64_t E, int64_t base)
     return len;
 }
 
-/* Splits each expert's [0, len_e) into blocks of `len`; tasks go into t (capacity given). */
-static int64_t make_tasks(task *t, const int64_t *offsets, int64_t E, int64_t span /* 0: rows */, int64_t len)
+/* Splits each expert's [0, rows[e]) (span 0) or [0, span) into blocks of `len`. */
+static int64_t make_tasks(task *t, const int64_t *rows, int64_t E, int64_t span /* 0: rows */, int64_t len)
 {
     int64_t n = 0;
     for (int64_t e = 0; e < E; e++) {
-        int64_t rows = offsets[e + 1] - offsets[e];
-        if (rows == 0)
+        if (rows[e] == 0)
             continue;
-        int64_t m = span ? span : rows;
+        int64_t m = span ? span : rows[e];
         for (int64_t lo = 0; lo < m; lo += len)
             t[n++] = (task){e, lo, lo + len < m ? lo + len : m};
     }
     return n;
 }
 
+static int64_t total_rows(const int64_t *rows, int64_t E)
+{
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; e++)
+        n += rows[e];
+    return n;
+}
 
 /* ---- the engine ------------------------------------------------------------------ */
 
+/*
+ * Expert e owns rows [begin[e], begin[e] + rows[e]) of every row-indexed buffer (a plan's
+ * segments); its weights are slice e of w1, w3, w2 and of their gradients.
+ */
 typedef struct {
-    float *ye, *h1, *h3, *a;
-    const float *xe, *w1, *w3, *w2;
-    const int64_t *offsets;
+    const int64_t *begin, *rows;
     int64_t E, d, f;
     moe_activation act;
-} ffn_args;
+} groups;
 
-static void grouped_forward(moe_backend *b, const ffn_args *A)
+static void grouped_forward(moe_backend *b, const groups *G, float *ye, float *h1, float *h3, float *a,
+                            const float *xe, const float *w1, const float *w3, const float *w2)
 {
-    const int glu = moe_act_is_glu(A->act);
-    const int64_t d = A->d, f = A->f, n = A->offsets[A->E];
+    const int glu = moe_act_is_glu(G->act);
+    const int64_t d = G->d, f = G->f, n = total_rows(G->rows, G->E);
     if (n == 0)
         return;
-    const int nt = team_size(b);
     task tasks[MAX_TASKS];
-    int64_t nts = make_tasks(tasks, A->offsets, A->E, 0, block_len(n, A->E, MOE_CPU_ROWS));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    const int64_t nts = make_tasks(tasks, G->rows, G->E, 0, block_len(n, G->E, MOE_CPU_ROWS));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team_size(b))
     for (int64_t q = 0; q < nts; q++) {
         const task tk = tasks[q];
-        const int64_t r = A->offsets[tk.e] + tk.lo, m = tk.hi - tk.lo;
-        const float *x = A->xe + r * d, *w1 = A->w1 + tk.e * d * f, *w2 = A->w2 + tk.e * f * d;
-        float *h1 = A->h1 + r * f, *h3 = glu ? A->h3 + r * f : NULL, *a = A->a + r * f;
-        moe_cpu_sgemm(0, 0, m, f, d, 1.0f, x, d, w1, f, 0.0f, h1, f);
+        const int64_t r = G->begin[tk.e] + tk.lo, m = tk.hi - tk.lo;
+        float *hr1 = h1 + r * f, *hr3 = glu ? h3 + r * f : NULL, *ar = a + r * f;
+        moe_cpu_sgemm(0, 0, m, f, d, 1.0f, xe + r * d, d, w1 + tk.e * d * f, f, 0.0f, hr1, f);
         if (glu)
-            moe_cpu_sgemm(0, 0, m, f, d, 1.0f, x, d, A->w3 + tk.e * d * f, f, 0.0f, h3, f);
-        act_forward(a, h1, h3, m * f, A->act);
-        moe_cpu_sgemm(0, 0, m, d, f, 1.0f, a, f, w2, d, 0.0f, A->ye + r * d, d);
+            moe_cpu_sgemm(0, 0, m, f, d, 1.0f, xe + r * d, d, w3 + tk.e * d * f, f, 0.0f, hr3, f);
+        act_forward(ar, hr1, hr3, m * f, G->act);
+        moe_cpu_sgemm(0, 0, m, d, f, 1.0f, ar, f, w2 + tk.e * f * d, d, 0.0f, ye + r * d, d);
     }
 }
 
-typedef struct {
-    float *dxe, *dw1, *dw3, *dw2;
-    const float *dye, *h1, *h3, *a, *xe, *w1, *w3, *w2;
-    const int64_t *offsets;
-    int64_t E, d, f;
-    moe_activation act;
-    const char *op; /* for the scratch's message */
-} ffn_grad_args;
-
-static void grouped_backward(moe_backend *b, const ffn_grad_args *A)
+/* by rows: g1 = dy·w2ᵀ through the activation's backward (g3 with GLU), dx += g1·w1ᵀ [+ g3·w3ᵀ] */
+static void grouped_backward_data(moe_backend *b, const groups *G, float *dxe, float *g1, float *g3, const float *dye,
+                                  const float *h1, const float *h3, const float *w1, const float *w3,
+                                  const float *w2)
 {
-    const int glu = moe_act_is_glu(A->act);
-    const int64_t d = A->d, f = A->f, E = A->E, n = A->offsets[E];
+    const int glu = moe_act_is_glu(G->act);
+    const int64_t d = G->d, f = G->f, n = total_rows(G->rows, G->E);
     if (n == 0)
         return;
-    float *G1 = moe_cpu_scratch(b, (glu ? 2 : 1) * n * f, A->op);
-    if (!G1)
-        return;
-    float *G3 = glu ? G1 + n * f : NULL;
-    const int nt = team_size(b);
     task tasks[MAX_TASKS];
-
-    /* rows: da = dy·w2ᵀ, the activation's backward, dx += g1·w1ᵀ [+ g3·w3ᵀ] */
-    int64_t nts = make_tasks(tasks, A->offsets, E, 0, block_len(n, E, MOE_CPU_ROWS));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    const int64_t nts = make_tasks(tasks, G->rows, G->E, 0, block_len(n, G->E, MOE_CPU_ROWS));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team_size(b))
     for (int64_t q = 0; q < nts; q++) {
         const task tk = tasks[q];
-        const int64_t r = A->offsets[tk.e] + tk.lo, m = tk.hi - tk.lo;
-        float *g1 = G1 + r * f, *g3 = glu ? G3 + r * f : NULL;
-        moe_cpu_sgemm(0, 1, m, f, d, 1.0f, A->dye + r * d, d, A->w2 + tk.e * f * d, d, 0.0f, g1, f);
-        act_backward(g1, g3, A->h1 + r * f, glu ? A->h3 + r * f : NULL, m * f, A->act);
-        if (A->dxe) {
-            moe_cpu_sgemm(0, 1, m, d, f, 1.0f, g1, f, A->w1 + tk.e * d * f, f, 1.0f, A->dxe + r * d, d);
+        const int64_t r = G->begin[tk.e] + tk.lo, m = tk.hi - tk.lo;
+        float *gr1 = g1 + r * f, *gr3 = glu ? g3 + r * f : NULL;
+        moe_cpu_sgemm(0, 1, m, f, d, 1.0f, dye + r * d, d, w2 + tk.e * f * d, d, 0.0f, gr1, f);
+        act_backward(gr1, gr3, h1 + r * f, glu ? h3 + r * f : NULL, m * f, G->act);
+        if (dxe) {
+            moe_cpu_sgemm(0, 1, m, d, f, 1.0f, gr1, f, w1 + tk.e * d * f, f, 1.0f, dxe + r * d, d);
             if (glu)
-                moe_cpu_sgemm(0, 1, m, d, f, 1.0f, g3, f, A->w3 + tk.e * d * f, f, 1.0f, A->dxe + r * d, d);
+                moe_cpu_sgemm(0, 1, m, d, f, 1.0f, gr3, f, w3 + tk.e * d * f, f, 1.0f, dxe + r * d, d);
         }
     }
+}
 
-    /* columns of f: dW1[:, c] += xᵀ·g1[:, c], dW3 likewise, dW2[c, :] += a[:, c]ᵀ·dy */
+/* by columns of f: dW1[:, c] += xᵀ·g1[:, c], dW3 likewise, dW2[c, :] += a[:, c]ᵀ·dy — each
+ * element one sum over all of its expert's rows */
+static void grouped_backward_weights(moe_backend *b, const groups *G, float *dw1, float *dw3, float *dw2,
+                                     const float *g1, const float *g3, const float *dye, const float *a,
+                                     const float *xe)
+{
+    const int glu = moe_act_is_glu(G->act);
+    const int64_t d = G->d, f = G->f;
     int64_t active = 0;
-    for (int64_t e = 0; e < E; e++)
-        active += A->offsets[e + 1] > A->offsets[e];
+    for (int64_t e = 0; e < G->E; e++)
+        active += G->rows[e] > 0;
+    if (!active)
+        return;
     int64_t clen = COLS;
     while (((f + clen - 1) / clen) * active > MAX_TASKS)
         clen *= 2;
-    nts = make_tasks(tasks, A->offsets, E, f, clen);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    task tasks[MAX_TASKS];
+    const int64_t nts = make_tasks(tasks, G->rows, G->E, f, clen);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team_size(b))
     for (int64_t q = 0; q < nts; q++) {
         const task tk = tasks[q];
-        const int64_t r = A->offsets[tk.e], m = A->offsets[tk.e + 1] - r, c = tk.lo, w = tk.hi - tk.lo;
-        const float *x = A->xe + r * d;
-        moe_cpu_sgemm(1, 0, d, w, m, 1.0f, x, d, G1 + r * f + c, f, 1.0f, A->dw1 + tk.e * d * f + c, f);
+        const int64_t r = G->begin[tk.e], m = G->rows[tk.e], c = tk.lo, w = tk.hi - tk.lo;
+        const float *x = xe + r * d;
+        moe_cpu_sgemm(1, 0, d, w, m, 1.0f, x, d, g1 + r * f + c, f, 1.0f, dw1 + tk.e * d * f + c, f);
         if (glu)
-            moe_cpu_sgemm(1, 0, d, w, m, 1.0f, x, d, G3 + r * f + c, f, 1.0f, A->dw3 + tk.e * d * f + c, f);
-        moe_cpu_sgemm(1, 0, w, d, m, 1.0f, A->a + r * f + c, f, A->dye + r * d, d, 1.0f,
-                      A->dw2 + tk.e * f * d + c * d, d);
+            moe_cpu_sgemm(1, 0, d, w, m, 1.0f, x, d, g3 + r * f + c, f, 1.0f, dw3 + tk.e * d * f + c, f);
+        moe_cpu_sgemm(1, 0, w, d, m, 1.0f, a + r * f + c, f, dye + r * d, d, 1.0f, dw2 + tk.e * f * d + c * d, d);
     }
 }
 
 /* ---- the table's ops ------------------------------------------------------------ */
+
+static groups plan_groups(const moe_bplan *p, moe_activation act, int64_t d, int64_t f)
+{
+    return (groups){p->offsets, p->count, p->E, d, f, act};
+}
 
 static void cpu_experts_forward(moe_backend *b, moe_tensor ye, moe_tensor h1, moe_tensor h3, moe_tensor a,
                                 moe_tensor xe, moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *p,
                                 moe_activation act, int64_t d, int64_t f)
 {
     const int glu = moe_act_is_glu(act);
-    ffn_args A = {F(ye), F(h1), glu ? F(h3) : NULL, F(a), F(xe), F(w1), glu ? FOPT(w3) : NULL, F(w2),
-                  p->offsets, p->E, d, f, act};
-    grouped_forward(b, &A);
+    const groups G = plan_groups(p, act, d, f);
+    grouped_forward(b, &G, F(ye), F(h1), glu ? F(h3) : NULL, F(a), F(xe), F(w1), glu ? FOPT(w3) : NULL, F(w2));
 }
 
-static void cpu_experts_backward(moe_backend *b, moe_tensor dxe, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
-                                 moe_tensor dye, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor xe,
-                                 moe_tensor w1, moe_tensor *w3, moe_tensor w2, const moe_bplan *p,
-                                 moe_activation act, int64_t d, int64_t f)
+static void cpu_experts_backward_data(moe_backend *b, moe_tensor dxe, moe_tensor dg1, moe_tensor *dg3, moe_tensor dye,
+                                      moe_tensor h1, moe_tensor h3, moe_tensor w1, moe_tensor *w3, moe_tensor w2,
+                                      const moe_bplan *p, moe_activation act, int64_t d, int64_t f)
 {
     const int glu = moe_act_is_glu(act);
-    ffn_grad_args A = {F(dxe), F(dw1), glu ? FOPT(dw3) : NULL, F(dw2), F(dye), F(h1), glu ? F(h3) : NULL, F(a),
-                       F(xe), F(w1), glu ? FOPT(w3) : NULL, F(w2), p->offsets, p->E, d, f, act, "experts_backward"};
-    grouped_backward(b, &A);
+    const groups G = plan_groups(p, act, d, f);
+    grouped_backward_data(b, &G, F(dxe), F(dg1), glu ? FOPT(dg3) : NULL, F(dye), F(h1), glu ? F(h3) : NULL, F(w1),
+                          glu ? FOPT(w3) : NULL, F(w2));
+}
+
+static void cpu_experts_backward_weights(moe_backend *b, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
+                                         moe_tensor dg1, moe_tensor *dg3, moe_tensor dye, moe_tensor a, moe_tensor xe,
+                                         const moe_bplan *p, moe_activation act, int64_t d, int64_t f)
+{
+    const int glu = moe_act_is_glu(act);
+    const groups G = plan_groups(p, act, d, f);
+    grouped_backward_weights(b, &G, F(dw1), glu ? FOPT(dw3) : NULL, F(dw2), F(dg1), glu ? FOPT(dg3) : NULL, F(dye),
+                             F(a), F(xe));
 }
 
 static void cpu_ffn_forward(moe_backend *b, moe_tensor out, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor x,
@@ -314,27 +331,35 @@ static void cpu_ffn_forward(moe_backend *b, moe_tensor out, moe_tensor h1, moe_t
                             int64_t f)
 {
     const int glu = moe_act_is_glu(act);
-    const int64_t offsets[2] = {0, n};
-    ffn_args A = {F(out), F(h1), glu ? F(h3) : NULL, F(a), F(x), F(w1), glu ? FOPT(w3) : NULL, F(w2),
-                  offsets, 1, d, f, act};
-    grouped_forward(b, &A);
+    const int64_t begin = 0;
+    const groups G = {&begin, &n, 1, d, f, act};
+    grouped_forward(b, &G, F(out), F(h1), glu ? F(h3) : NULL, F(a), F(x), F(w1), glu ? FOPT(w3) : NULL, F(w2));
 }
 
+/* One FFN: both halves in turn, the pre-activation gradients in the backend's scratch. */
 static void cpu_ffn_backward(moe_backend *b, moe_tensor *dx, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,
                              moe_tensor dout, moe_tensor h1, moe_tensor h3, moe_tensor a, moe_tensor x, moe_tensor w1,
                              moe_tensor *w3, moe_tensor w2, moe_activation act, int64_t n, int64_t d, int64_t f)
 {
     const int glu = moe_act_is_glu(act);
-    const int64_t offsets[2] = {0, n};
-    ffn_grad_args A = {FOPT(dx), F(dw1), glu ? FOPT(dw3) : NULL, F(dw2), F(dout), F(h1), glu ? F(h3) : NULL, F(a),
-                       F(x), F(w1), glu ? FOPT(w3) : NULL, F(w2), offsets, 1, d, f, act, "ffn_backward"};
-    grouped_backward(b, &A);
+    if (n <= 0)
+        return;
+    float *g1 = moe_cpu_scratch(b, (glu ? 2 : 1) * n * f, "ffn_backward");
+    if (!g1)
+        return;
+    float *g3 = glu ? g1 + n * f : NULL;
+    const int64_t begin = 0;
+    const groups G = {&begin, &n, 1, d, f, act};
+    grouped_backward_data(b, &G, FOPT(dx), g1, g3, F(dout), F(h1), glu ? F(h3) : NULL, F(w1), glu ? FOPT(w3) : NULL,
+                          F(w2));
+    grouped_backward_weights(b, &G, F(dw1), glu ? FOPT(dw3) : NULL, F(dw2), g1, g3, F(dout), F(a), F(x));
 }
 
 void moe_cpu_experts_ops(moe_backend *b)
 {
     b->experts_forward = cpu_experts_forward;
-    b->experts_backward = cpu_experts_backward;
+    b->experts_backward_data = cpu_experts_backward_data;
+    b->experts_backward_weights = cpu_experts_backward_weights;
     b->ffn_forward = cpu_ffn_forward;
     b->ffn_backward = cpu_ffn_backward;
 }

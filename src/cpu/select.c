@@ -181,18 +181,18 @@ static moe_status plan_upload(moe_backend *b, moe_bplan *p, const moe_plan *h)
     return MOE_OK;
 }
 
-static moe_status plan_set_counts(moe_backend *b, moe_bplan *p, const int64_t *counts)
+static moe_status plan_set_segments(moe_backend *b, moe_bplan *p, const int64_t *begin, const int64_t *rows)
 {
     int64_t n = 0;
     for (int64_t e = 0; e < p->E; e++) {
-        if (counts[e] < 0 || counts[e] > p->cap_n - n)
-            return moe_error(MOE_ERR_ARG, "cpu backend: expert %lld's %lld rows do not fit a plan of %lld",
-                             (long long)e, (long long)counts[e], (long long)p->cap_n);
-        p->offsets[e] = n;
-        p->count[e] = p->selected[e] = counts[e];
-        n += counts[e];
+        if (begin[e] < 0 || rows[e] < 0 || rows[e] > p->cap_n - n)
+            return moe_error(MOE_ERR_ARG, "cpu backend: expert %lld's %lld rows at %lld do not fit a plan of %lld",
+                             (long long)e, (long long)rows[e], (long long)begin[e], (long long)p->cap_n);
+        p->offsets[e] = begin[e];
+        p->count[e] = p->selected[e] = rows[e];
+        n += rows[e];
     }
-    p->offsets[p->E] = n;
+    p->offsets[p->E] = -1; /* segments need not be contiguous: there is no end offset */
     p->n = n;
     p->dropped = 0;
     return MOE_OK;
@@ -211,7 +211,8 @@ static void plan_counts(moe_backend *b, moe_tensor out, const moe_bplan *p)
 
 static void plan_fill(moe_backend *b, moe_tensor t, double v, const moe_bplan *p, int64_t width)
 {
-    b->fill(b, t, v, p->n * width);
+    for (int64_t e = 0; e < p->E; e++)
+        b->fill(b, moe_tensor_at(t, p->offsets[e] * width), v, p->count[e] * width);
 }
 
 /* aux-loss-free balancing: the sign of (mean − count) per expert, in the bias's type */
@@ -637,7 +638,7 @@ void moe_cpu_select_ops(moe_backend *b)
     b->plan_free = plan_free;
     b->plan_download = plan_download;
     b->plan_upload = plan_upload;
-    b->plan_set_counts = plan_set_counts;
+    b->plan_set_segments = plan_set_segments;
     b->plan_counts = plan_counts;
     b->plan_fill = plan_fill;
     b->bias_update = bias_update;

@@ -34,10 +34,9 @@ struct moe_xstate {
     /* loopback */
     int64_t E, max_rows;
     moe_plan *host;      /* the source plan, read back to cut the chunks */
-    moe_bplan **recv;    /* [chunks] receive-side plans */
-    int64_t *lo, *hi;    /* [chunks, E] source rows of each expert in each chunk */
-    int64_t *row0;       /* [chunks + 1] first expert-side row of each chunk */
-    int64_t *counts;     /* [E] rows per expert of one chunk */
+    moe_bplan **recv;    /* [chunks + 1] receive-side plans: each chunk's, then all of them */
+    int64_t *lo, *hi;    /* [chunks, E] rows of each expert in each chunk (either side) */
+    int64_t *begin, *rows; /* [E] one plan's segments */
 };
 
 static moe_status local_state_create(moe_exchange *ex, moe_backend *b, const moe_layer_config *c,
@@ -67,9 +66,9 @@ static moe_status local_plan(moe_xstate *s, const moe_bplan *plan, int64_t T)
     return MOE_OK;
 }
 
-static moe_xchunk local_chunk(const moe_xstate *s, int64_t c)
+static const moe_bplan *local_chunk(const moe_xstate *s, int64_t c)
 {
-    return (moe_xchunk){s->src, 0};
+    return s->src;
 }
 
 /* In place: the layer passes one tensor as both sides, and nothing moves. */
@@ -116,15 +115,15 @@ static void loop_state_free(moe_xstate *s)
 {
     if (!s)
         return;
-    for (int64_t c = 0; s->recv && c < s->ex->chunks; c++)
+    for (int64_t c = 0; s->recv && c <= s->ex->chunks; c++)
         if (s->recv[c])
             s->b->plan_free(s->b, s->recv[c]);
     moe_plan_free(s->host);
     free(s->recv);
     free(s->lo);
     free(s->hi);
-    free(s->row0);
-    free(s->counts);
+    free(s->begin);
+    free(s->rows);
     free(s);
 }
 
@@ -146,14 +145,15 @@ static moe_status loop_state_create(moe_exchange *ex, moe_backend *b, const moe_
     const int ec = c->router == MOE_ROUTER_EXPERT_CHOICE;
     const int64_t k = ec ? moe_capacity(c, max_tokens) : c->router == MOE_ROUTER_HASH ? 1 : c->top_k;
     s->max_rows = ec ? E * k : max_tokens * k;
-    s->recv = calloc((size_t)D, sizeof *s->recv);
+    s->recv = calloc((size_t)D + 1, sizeof *s->recv);
     s->lo = calloc((size_t)(D * E), sizeof *s->lo);
     s->hi = calloc((size_t)(D * E), sizeof *s->hi);
-    s->row0 = calloc((size_t)D + 1, sizeof *s->row0);
-    s->counts = calloc((size_t)E, sizeof *s->counts);
-    moe_status st = !s->recv || !s->lo || !s->hi || !s->row0 || !s->counts ? moe_error(MOE_ERR_NOMEM, "exchange: out of memory")
-                                                              : moe_plan_create(s->max_rows, max_tokens, E, k, &s->host);
-    for (int64_t i = 0; !st && i < D; i++)
+    s->begin = calloc((size_t)E, sizeof *s->begin);
+    s->rows = calloc((size_t)E, sizeof *s->rows);
+    moe_status st = !s->recv || !s->lo || !s->hi || !s->begin || !s->rows
+                        ? moe_error(MOE_ERR_NOMEM, "exchange: out of memory")
+                        : moe_plan_create(s->max_rows, max_tokens, E, k, &s->host);
+    for (int64_t i = 0; !st && i <= D; i++)
         st = b->plan_create(b, c, max_tokens, &s->recv[i]);
     if (st) {
         loop_state_free(s);
@@ -178,36 +178,34 @@ static void slice(int64_t R, int64_t c, int64_t D, int64_t *lo, int64_t *hi)
     *hi = *hi < R ? *hi : R;
 }
 
+/* One process is the only source, so the expert side mirrors the source side row for
+ * row; the chunks are its slices, each copied through as its own message would be. */
 static moe_status loop_plan(moe_xstate *s, const moe_bplan *plan, int64_t T)
 {
     moe_backend *b = s->b;
     const int64_t D = s->ex->chunks, E = s->E;
     moe_status st = b->plan_download(b, s->host, plan);
-    if (st)
-        return st;
-    int64_t *counts = s->counts;
-    s->row0[0] = 0;
-    for (int64_t c = 0; c < D; c++) {
-        int64_t rows = 0;
+    for (int64_t c = 0; !st && c < D; c++) {
         for (int64_t e = 0; e < E; e++) {
             const int64_t off = s->host->offsets[e];
             int64_t lo, hi;
             slice(s->host->offsets[e + 1] - off, c, D, &lo, &hi);
-            s->lo[c * E + e] = off + lo;
+            s->lo[c * E + e] = s->begin[e] = off + lo;
             s->hi[c * E + e] = off + hi;
-            counts[e] = hi - lo;
-            rows += counts[e];
+            s->rows[e] = hi - lo;
         }
-        s->row0[c + 1] = s->row0[c] + rows;
-        if ((st = b->plan_set_counts(b, s->recv[c], counts)))
-            return st;
+        st = b->plan_set_segments(b, s->recv[c], s->begin, s->rows);
     }
-    return MOE_OK;
+    for (int64_t e = 0; !st && e < E; e++) {
+        s->begin[e] = s->host->offsets[e];
+        s->rows[e] = s->host->offsets[e + 1] - s->host->offsets[e];
+    }
+    return st ? st : b->plan_set_segments(b, s->recv[D], s->begin, s->rows);
 }
 
-static moe_xchunk loop_chunk(const moe_xstate *s, int64_t c)
+static const moe_bplan *loop_chunk(const moe_xstate *s, int64_t c)
 {
-    return (moe_xchunk){s->recv[c], s->row0[c]};
+    return s->recv[c < 0 ? s->ex->chunks : c];
 }
 
 /* Every owner's experts in turn, as one message each would carry them. */
@@ -216,14 +214,12 @@ static void loop_move(moe_xstate *s, int64_t c, moe_tensor expert_side, moe_tens
 {
     const loopback_ctx *x = s->ex->ctx;
     const int64_t E = s->E, per = E / x->owners;
-    int64_t at = s->row0[c];
     for (int64_t o = 0; o < x->owners; o++)
         for (int64_t e = o * per; e < (o + 1) * per; e++) {
             const int64_t lo = s->lo[c * E + e], rows = s->hi[c * E + e] - lo;
-            moe_tensor es = moe_tensor_at(expert_side, at * width), ss = moe_tensor_at(source_side, lo * width);
+            moe_tensor es = moe_tensor_at(expert_side, lo * width), ss = moe_tensor_at(source_side, lo * width);
             if (rows > 0)
                 s->b->copy(s->b, to_experts ? es : ss, to_experts ? ss : es, rows * width);
-            at += rows;
         }
 }
 

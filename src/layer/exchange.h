@@ -10,8 +10,10 @@
  * (Tutel's pipelining: chunk c's rows travel while chunk c−1's experts compute).
  *
  * A chunk is the c-th of `chunks` slices of every expert's rows, cut at multiples of
- * MOE_CHUNK_ROWS (the cpu backend's GEMM block), so chunking never moves a row to a
- * different block of its expert's GEMMs and changes no bits.
+ * MOE_CHUNK_ROWS (the cpu backend's GEMM block). The expert side is laid out expert by
+ * expert, each expert's chunks in order, so a chunk's rows sit where they would without
+ * chunks: chunking moves no row to another GEMM block, the weight gradients run once over
+ * every row after the last chunk, and no bit changes.
  *
  * Implementations: local (one process, the rows never move: the expert side is the
  * source side), loopback (one process that splits the experts over N fake owners and
@@ -28,12 +30,6 @@
 typedef struct moe_exchange moe_exchange;
 typedef struct moe_xstate moe_xstate; /* one layer's buffers and plans in an exchange */
 
-/* Chunk c of the last forward, on the expert side. */
-typedef struct {
-    const moe_bplan *plan; /* offsets of the local experts over the chunk's rows */
-    int64_t row0;          /* the chunk's first row in the expert-side buffers */
-} moe_xchunk;
-
 struct moe_exchange {
     const char *name;
     int64_t shards; /* the experts' weights are split over this many ranks (EP) */
@@ -49,7 +45,9 @@ struct moe_exchange {
     int64_t (*expert_rows)(const moe_xstate *s);
     /* Once per forward, after routing: who sends what where (may wait for counts). */
     moe_status (*plan)(moe_xstate *s, const moe_bplan *plan, int64_t T);
-    moe_xchunk (*chunk)(const moe_xstate *s, int64_t c);
+    /* The expert-side plan (segments of the local experts' rows) of chunk c, and of all of
+     * them together (c = -1). */
+    const moe_bplan *(*chunk)(const moe_xstate *s, int64_t c);
     /* chunk c's rows of width elements: source side [n, width] → expert side, and back */
     void (*to_experts_start)(moe_xstate *s, int64_t c, moe_tensor expert_side, moe_tensor source_side, int64_t width);
     moe_status (*to_experts_wait)(moe_xstate *s, int64_t c);

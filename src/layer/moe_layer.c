@@ -60,7 +60,7 @@ struct moe_layer {
     moe_tensor xsrc, ysrc, xe, eh1, eh3, ea, ye, moe;
     moe_tensor sh1, sh3, sa, sy, sgz, sg, rh1, rh3, ra, ry, rlogit, rc;
     /* backward scratch */
-    moe_tensor dmoe, dsy, dsg, dsgz, dry, drc, drlogit, dxsrc, dysrc, dxe, dye, dweight, dchoice;
+    moe_tensor dmoe, dsy, dsg, dsgz, dry, drc, drlogit, dxsrc, dysrc, dxe, dye, dg1, dg3, dweight, dchoice;
     moe_tensor ds, dh, dz, dzn, dxr, dimp, dload;
 };
 
@@ -125,6 +125,8 @@ static moe_status layout_acts(moe_arena *a, const moe_layer *l)
         {"d.combine.y", N, d, apart},
         {"d.experts.x", R, d, 1},
         {"d.experts.y", R, d, 1},
+        {"d.experts.g1", R, f, 1},
+        {"d.experts.g3", R, f, l->glu},
         {"d.weight", 1, N, 1},
         {"d.choice", T, l->k_tc, l->token_choice},
         {"d.s", T, E, l->router},
@@ -180,6 +182,7 @@ static void bind(moe_layer *l)
     S(ry, "residual.y"); S(rlogit, "residual.logit"); S(rc, "residual.c");
     S(dmoe, "d.moe"); S(dsy, "d.shared"); S(dsg, "d.shared.g"); S(dsgz, "d.shared.gz"); S(dry, "d.residual");
     S(drc, "d.residual.c"); S(drlogit, "d.residual.logit"); S(dxe, "d.experts.x"); S(dye, "d.experts.y");
+    S(dg1, "d.experts.g1"); S(dg3, "d.experts.g3");
     S(dweight, "d.weight"); S(dchoice, "d.choice"); S(ds, "d.s"); S(dh, "d.h"); S(dz, "d.z"); S(dzn, "d.zn");
     S(dxr, "d.xr"); S(dimp, "d.importance"); S(dload, "d.load");
     if (l->ex->in_place) { /* one buffer serves both sides */
@@ -446,7 +449,8 @@ static moe_status aux_forward(moe_layer *l, int64_t T)
     return MOE_OK;
 }
 
-/* The experts on the rows of the last plan, through the exchange in chunks. */
+/* The experts on the rows of the last plan, through the exchange in chunks: chunk c's
+ * experts run while the next chunks travel. */
 static moe_status experts_forward(moe_layer *l)
 {
     moe_backend *b = l->b;
@@ -458,11 +462,8 @@ static moe_status experts_forward(moe_layer *l)
     for (int64_t c = 0; c < D && !st; c++) {
         if ((st = ex->to_experts_wait(l->xs, c)))
             break;
-        const moe_xchunk ch = ex->chunk(l->xs, c);
-        moe_tensor h3 = moe_tensor_at(l->eh3, ch.row0 * f), w3 = l->w3;
-        b->experts_forward(b, moe_tensor_at(l->ye, ch.row0 * d), moe_tensor_at(l->eh1, ch.row0 * f),
-                           l->eh3.buf ? h3 : l->eh3, moe_tensor_at(l->ea, ch.row0 * f),
-                           moe_tensor_at(l->xe, ch.row0 * d), l->w1, opt(&w3), l->w2, ch.plan, l->c.act, d, f);
+        b->experts_forward(b, l->ye, l->eh1, l->eh3, l->ea, l->xe, l->w1, opt(&l->w3), l->w2, ex->chunk(l->xs, c),
+                           l->c.act, d, f);
         ex->to_sources_start(l->xs, c, l->ysrc, l->ye, d);
     }
     for (int64_t c = 0; c < D && !st; c++)
@@ -596,7 +597,8 @@ static void shared_backward(moe_layer *l, moe_tensor dx, moe_tensor dmoe, int64_
                     l->sw2, l->c.act, T, d, l->Fs);
 }
 
-/* dye from the sources, the experts' backward per chunk, dxe back to the sources. */
+/* dye from the sources; per chunk the data half of the experts' backward, dxe going back
+ * while the next chunk computes; then the weight gradients once, over every row. */
 static moe_status experts_backward(moe_layer *l)
 {
     moe_backend *b = l->b;
@@ -608,15 +610,15 @@ static moe_status experts_backward(moe_layer *l)
     for (int64_t c = 0; c < D && !st; c++) {
         if ((st = ex->to_experts_wait(l->xs, c)))
             break;
-        const moe_xchunk ch = ex->chunk(l->xs, c);
-        moe_tensor dxe = moe_tensor_at(l->dxe, ch.row0 * d), h3 = moe_tensor_at(l->eh3, ch.row0 * f);
-        b->plan_fill(b, dxe, 0.0, ch.plan, d);
-        b->experts_backward(b, dxe, l->gw1, opt(&l->gw3), l->gw2, moe_tensor_at(l->dye, ch.row0 * d),
-                            moe_tensor_at(l->eh1, ch.row0 * f), l->eh3.buf ? h3 : l->eh3,
-                            moe_tensor_at(l->ea, ch.row0 * f), moe_tensor_at(l->xe, ch.row0 * d), l->w1,
-                            opt(&l->w3), l->w2, ch.plan, l->c.act, d, f);
+        const moe_bplan *p = ex->chunk(l->xs, c);
+        b->plan_fill(b, l->dxe, 0.0, p, d);
+        b->experts_backward_data(b, l->dxe, l->dg1, opt(&l->dg3), l->dye, l->eh1, l->eh3, l->w1, opt(&l->w3), l->w2, p,
+                                 l->c.act, d, f);
         ex->to_sources_start(l->xs, c, l->dxsrc, l->dxe, d);
     }
+    if (!st)
+        b->experts_backward_weights(b, l->gw1, opt(&l->gw3), l->gw2, l->dg1, opt(&l->dg3), l->dye, l->ea, l->xe,
+                                    ex->chunk(l->xs, -1), l->c.act, d, f);
     for (int64_t c = 0; c < D && !st; c++)
         st = ex->to_sources_wait(l->xs, c);
     return st;
