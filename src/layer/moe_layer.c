@@ -47,8 +47,11 @@ struct moe_layer {
     int64_t d, f, E, El, Fs, Fd, k_tc, N, R; /* El local experts; N source rows, R expert-side rows */
     int glu, router, token_choice, jittered;
     moe_bplan *plan;
-    moe_arena params, grads, acts; /* layouts only; the memory is the backend's */
-    moe_buf *pbuf, *gbuf, *abuf;
+    /* Layouts only; the memory is the backend's. params: every parameter (names, shapes);
+     * pw/pc its router part, in the wide type, and the rest, in the compute type (the same
+     * type on cpu and ref; fp32 beside bf16 on a GPU); aw/ac the activations likewise. */
+    moe_arena params, pw, pc, aw, ac;
+    moe_buf *pwbuf, *pcbuf, *gwbuf, *gcbuf, *awbuf, *acbuf;
     moe_tensor task;         /* the last forward's task ids (.buf NULL: none) */
     double phase[MOE_PH_COUNT];
 
@@ -77,7 +80,20 @@ static moe_status add(moe_arena *a, const char *name, int ndim, int64_t d0, int6
     return moe_arena_add(a, name, ndim, shape);
 }
 
-static moe_status layout_acts(moe_arena *a, const moe_layer *l)
+/* The router's tensors, the losses and the counts are kept in the wide type. */
+static int is_wide(const char *name)
+{
+    static const char *const wide[] = {"router.", "aux.", "stats", "d.s", "d.h", "d.z", "d.zn", "d.xr",
+                                       "d.importance", "d.load", "d.weight", "d.choice"};
+    for (size_t i = 0; i < sizeof wide / sizeof wide[0]; i++) {
+        const size_t n = strlen(wide[i]);
+        if (!strncmp(name, wide[i], n) && (wide[i][n - 1] == '.' || name[n] == 0))
+            return 1;
+    }
+    return 0;
+}
+
+static moe_status layout_acts(moe_arena *aw, moe_arena *ac, const moe_layer *l)
 {
     const int64_t T = l->max_T, d = l->d, f = l->f, E = l->E, N = l->N, R = l->R;
     const int sh = l->Fs > 0, gate = sh && l->c.shared_gate, res = l->Fd > 0, apart = !l->ex->in_place;
@@ -140,23 +156,47 @@ static moe_status layout_acts(moe_arena *a, const moe_layer *l)
     for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
         if (!v[i].on)
             continue;
-        moe_status s = add(a, v[i].name, 2, v[i].rows, v[i].cols, 0);
+        moe_status s = add(is_wide(v[i].name) ? aw : ac, v[i].name, 2, v[i].rows, v[i].cols, 0);
         if (s)
             return s;
     }
     return MOE_OK;
 }
 
-static moe_tensor at(const moe_arena *a, moe_buf *buf, const char *name)
+/* pw, pc: the parameters of the full layout split by type, in its order. */
+static moe_status layout_params(moe_layer *l)
 {
-    const moe_view *v = moe_arena_find(a, name);
-    return v ? (moe_tensor){buf, v->offset} : (moe_tensor){NULL, 0};
+    for (int i = 0; i < l->params.n; i++) {
+        const moe_view *v = &l->params.views[i];
+        moe_status s = moe_arena_add(is_wide(v->name) ? &l->pw : &l->pc, v->name, v->ndim, v->shape);
+        if (s)
+            return s;
+    }
+    return MOE_OK;
+}
+
+/* Where a parameter (and its gradient) or an activation lives. */
+static moe_tensor at2(const moe_layer *l, const char *name, int grad)
+{
+    const moe_view *v = moe_arena_find(&l->pw, name);
+    if (v)
+        return (moe_tensor){grad ? l->gwbuf : l->pwbuf, v->offset};
+    v = moe_arena_find(&l->pc, name);
+    return v ? (moe_tensor){grad ? l->gcbuf : l->pcbuf, v->offset} : (moe_tensor){NULL, 0};
+}
+
+static moe_tensor act(const moe_layer *l, const char *name)
+{
+    const moe_view *v = moe_arena_find(&l->aw, name);
+    if (v)
+        return (moe_tensor){l->awbuf, v->offset};
+    v = moe_arena_find(&l->ac, name);
+    return v ? (moe_tensor){l->acbuf, v->offset} : (moe_tensor){NULL, 0};
 }
 
 static void bind(moe_layer *l)
 {
-    const moe_arena *P = &l->params, *A = &l->acts;
-#define BIND(field, gfield, name) (l->field = at(P, l->pbuf, name), l->gfield = at(P, l->gbuf, name))
+#define BIND(field, gfield, name) (l->field = at2(l, name, 0), l->gfield = at2(l, name, 1))
     BIND(wr, gwr, "router.weight");
     BIND(wn, gwn, "router.noise");
     BIND(bias, gbias, "router.bias");
@@ -172,7 +212,7 @@ static void bind(moe_layer *l)
     BIND(rw2, grw2, "residual.w2");
     BIND(rcoef, grcoef, "residual.coef");
 #undef BIND
-#define S(field, name) (l->field = at(A, l->abuf, name))
+#define S(field, name) (l->field = act(l, name))
     S(x, "x"); S(xr, "router.xr"); S(u, "router.u"); S(z, "router.z"); S(zn, "router.zn");
     S(eps, "router.eps"); S(h, "router.h"); S(s, "router.s"); S(imp, "aux.importance"); S(load, "aux.load");
     S(stats, "stats");
@@ -232,10 +272,12 @@ moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t m
     l->Fd = c->residual ? (c->d_ff_dense > 0 ? c->d_ff_dense : c->d_ff) : 0;
     l->N = c->router == MOE_ROUTER_EXPERT_CHOICE ? l->E * moe_capacity(c, max_tokens)
                                                   : max_tokens * (c->router == MOE_ROUTER_HASH ? 1 : c->top_k);
-    const moe_dtype ft = b->float_type;
-    moe_arena_init(&l->params, moe_dtype_size(ft));
-    moe_arena_init(&l->grads, moe_dtype_size(ft));
-    moe_arena_init(&l->acts, moe_dtype_size(ft));
+    const moe_dtype ct = b->float_type, wt = ct == MOE_F64 ? MOE_F64 : MOE_F32;
+    moe_arena_init(&l->params, moe_dtype_size(ct));
+    moe_arena_init(&l->pw, moe_dtype_size(wt));
+    moe_arena_init(&l->pc, moe_dtype_size(ct));
+    moe_arena_init(&l->aw, moe_dtype_size(wt));
+    moe_arena_init(&l->ac, moe_dtype_size(ct));
     if ((st = l->ex->state_create(l->ex, b, c, max_tokens, &l->xs))) {
         moe_layer_free(l);
         return st;
@@ -243,10 +285,11 @@ moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t m
     l->R = l->ex->in_place ? l->N : l->ex->expert_rows(l->xs);
     const moe_workload w = {.layer = c, .tokens = max_tokens, .rows = l->N > l->R ? l->N : l->R};
     if ((st = b->plan_create(b, c, max_tokens, &l->plan)) ||
-        (st = moe_layer_param_layout_local(c, l->El, &l->params)) ||
-        (st = moe_layer_param_layout_local(c, l->El, &l->grads)) || (st = layout_acts(&l->acts, l)) ||
-        (st = b->alloc(b, ft, l->params.numel, &l->pbuf)) || (st = b->alloc(b, ft, l->grads.numel, &l->gbuf)) ||
-        (st = b->alloc(b, ft, l->acts.numel, &l->abuf)) || (st = b->reserve(b, &w))) {
+        (st = moe_layer_param_layout_local(c, l->El, &l->params)) || (st = layout_params(l)) ||
+        (st = layout_acts(&l->aw, &l->ac, l)) || (st = b->alloc(b, wt, l->pw.numel, &l->pwbuf)) ||
+        (st = b->alloc(b, wt, l->pw.numel, &l->gwbuf)) || (st = b->alloc(b, ct, l->pc.numel, &l->pcbuf)) ||
+        (st = b->alloc(b, ct, l->pc.numel, &l->gcbuf)) || (st = b->alloc(b, wt, l->aw.numel, &l->awbuf)) ||
+        (st = b->alloc(b, ct, l->ac.numel, &l->acbuf)) || (st = b->reserve(b, &w))) {
         moe_layer_free(l);
         return st;
     }
@@ -265,15 +308,13 @@ void moe_layer_free(moe_layer *l)
     if (l->xs)
         l->ex->state_free(l->xs);
     moe_exchange_free(l->own_ex);
-    if (l->pbuf)
-        b->free(b, l->pbuf);
-    if (l->gbuf)
-        b->free(b, l->gbuf);
-    if (l->abuf)
-        b->free(b, l->abuf);
-    moe_arena_free(&l->params);
-    moe_arena_free(&l->grads);
-    moe_arena_free(&l->acts);
+    moe_buf *bufs[] = {l->pwbuf, l->gwbuf, l->pcbuf, l->gcbuf, l->awbuf, l->acbuf};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i])
+            b->free(b, bufs[i]);
+    moe_arena *arenas[] = {&l->params, &l->pw, &l->pc, &l->aw, &l->ac};
+    for (size_t i = 0; i < sizeof arenas / sizeof arenas[0]; i++)
+        moe_arena_free(arenas[i]);
     free(l);
 }
 
@@ -295,37 +336,50 @@ static moe_status named(const moe_arena *a, const char *name, const moe_view **v
     return MOE_OK;
 }
 
+moe_status moe_layer_param_tensors(const moe_layer *l, const char *name, moe_tensor *param, moe_tensor *grad)
+{
+    const moe_view *w;
+    moe_status s = named(&l->params, name, &w);
+    if (s)
+        return s;
+    if (param)
+        *param = at2(l, name, 0);
+    if (grad)
+        *grad = at2(l, name, 1);
+    return MOE_OK;
+}
+
 moe_status moe_layer_set_param(moe_layer *l, const char *name, const double *v)
 {
     const moe_view *w;
     moe_status s = named(&l->params, name, &w);
-    return s ? s : moe_upload_f64(l->b, (moe_tensor){l->pbuf, w->offset}, v, w->numel);
+    return s ? s : moe_upload_f64(l->b, at2(l, name, 0), v, w->numel);
 }
 
 moe_status moe_layer_get_param(moe_layer *l, const char *name, double *v)
 {
     const moe_view *w;
     moe_status s = named(&l->params, name, &w);
-    return s ? s : moe_download_f64(l->b, v, (moe_tensor){l->pbuf, w->offset}, w->numel);
+    return s ? s : moe_download_f64(l->b, v, at2(l, name, 0), w->numel);
 }
 
 moe_status moe_layer_get_grad(moe_layer *l, const char *name, double *v)
 {
     const moe_view *w;
     moe_status s = named(&l->params, name, &w);
-    return s ? s : moe_download_f64(l->b, v, (moe_tensor){l->gbuf, w->offset}, w->numel);
+    return s ? s : moe_download_f64(l->b, v, at2(l, name, 1), w->numel);
 }
 
 moe_status moe_layer_get_saved(moe_layer *l, const char *name, double *v, int64_t n)
 {
-    const moe_view *w;
-    moe_status s = named(&l->acts, name, &w);
+    const moe_view *w = name ? moe_arena_find(&l->aw, name) : NULL;
+    moe_status s = w ? MOE_OK : named(&l->ac, name, &w);
     if (s)
         return s;
     if (n > w->numel)
         return moe_error(MOE_ERR_ARG, "layer: '%s' holds %lld elements, %lld asked", name, (long long)w->numel,
                          (long long)n);
-    return moe_download_f64(l->b, v, (moe_tensor){l->abuf, w->offset}, n);
+    return moe_download_f64(l->b, v, act(l, name), n);
 }
 
 moe_status moe_layer_init(moe_layer *l, double scale)
@@ -346,7 +400,7 @@ moe_status moe_layer_init(moe_layer *l, double scale)
                 w[i] = std * moe_rand_normal(l->c.seed, stream, (uint32_t)vi, (uint32_t)g, (uint32_t)(g >> 32));
             }
         }
-        moe_status s = moe_upload_f64(l->b, (moe_tensor){l->pbuf, v->offset}, w, v->numel);
+        moe_status s = moe_upload_f64(l->b, at2(l, v->name, 0), w, v->numel);
         free(w);
         if (s)
             return s;
@@ -356,7 +410,8 @@ moe_status moe_layer_init(moe_layer *l, double scale)
 
 void moe_layer_zero_grad(moe_layer *l)
 {
-    l->b->fill(l->b, (moe_tensor){l->gbuf, 0}, 0.0, l->grads.numel);
+    l->b->fill(l->b, (moe_tensor){l->gwbuf, 0}, 0.0, l->pw.numel);
+    l->b->fill(l->b, (moe_tensor){l->gcbuf, 0}, 0.0, l->pc.numel);
 }
 
 const moe_bplan *moe_layer_plan(const moe_layer *l)
@@ -706,12 +761,4 @@ void moe_layer_update_bias(moe_layer *l)
 {
     if (l && l->bias.buf && l->T) /* the selected counts, global since aux_forward summed them */
         l->b->bias_update(l->b, l->bias, stat(l, MOE_STAT_COUNTS + l->E), l->c.bias_rate, l->E);
-}
-
-void moe_layer_buffers(const moe_layer *l, moe_tensor *params, moe_tensor *grads)
-{
-    if (params)
-        *params = (moe_tensor){l->pbuf, 0};
-    if (grads)
-        *grads = (moe_tensor){l->gbuf, 0};
 }

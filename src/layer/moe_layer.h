@@ -93,8 +93,8 @@ moe_aux_losses moe_layer_aux_of(const moe_layer_config *c, const double *stats);
 const double *moe_layer_phase_seconds(const moe_layer *l);
 /* Aux-loss-free balancing from the last forward's global counts, on the backend. */
 void moe_layer_update_bias(moe_layer *l);
-/* The parameter and gradient buffers in backend memory (each view of moe_layer_params at
- * its offset), so that an optimizer can step them in place (the model's AdamW). */
-void moe_layer_buffers(const moe_layer *l, moe_tensor *params, moe_tensor *grads);
+/* Parameter `name` and its gradient in backend memory (either may be NULL), so that an
+ * optimizer can step them in place (the model's AdamW). */
+moe_status moe_layer_param_tensors(const moe_layer *l, const char *name, moe_tensor *param, moe_tensor *grad);
 
 #endif

@@ -256,11 +256,7 @@ static void bind(moe_model *m)
         int used = 0;
         if (sscanf(p->info.name, "model.layers.%lld.block_sparse_moe.%n", &l, &used) == 1 && used > 0) {
             moe_layer *ly = m->blk[l].moe;
-            const moe_view *lv = moe_arena_find(moe_layer_params(ly), p->info.name + used);
-            moe_tensor pb, gb;
-            moe_layer_buffers(ly, &pb, &gb);
-            p->p = moe_tensor_at(pb, lv->offset);
-            p->g = moe_tensor_at(gb, lv->offset);
+            moe_layer_param_tensors(ly, p->info.name + used, &p->p, &p->g);
         }
     }
 }
@@ -337,7 +333,7 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, moe_excha
     }
     if ((s = layout(m)) || (s = b->alloc(b, ft, m->P.numel, &m->pbuf)) || (s = b->alloc(b, ft, m->P.numel, &m->gbuf)) ||
         (s = b->alloc(b, ft, m->A.numel, &m->abuf)) || (s = b->alloc(b, MOE_I32, 3 * m->maxN, &m->ibuf)) ||
-        (s = b->alloc(b, ft, m->n_scalars, &m->sbuf)) || (s = b->reserve(b, &w))) {
+        (s = b->alloc(b, ft == MOE_F64 ? MOE_F64 : MOE_F32, m->n_scalars, &m->sbuf)) || (s = b->reserve(b, &w))) {
         moe_model_free(m);
         return s;
     }
