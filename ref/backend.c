@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ref/model_ops.h"
 #include "ref/ref.h"
 #include "ref/ref_backend.h"
 
@@ -452,10 +453,7 @@ static void ref_rowscale_backward(moe_backend *b, moe_tensor *dv, moe_tensor *da
 
 static void ref_add(moe_backend *b, moe_tensor y, moe_tensor x, int64_t n)
 {
-    double *yy = D(y);
-    const double *xx = D(x);
-    for (int64_t i = 0; i < n; i++)
-        yy[i] += xx[i];
+    moe_ref_add_forward(D(y), D(y), D(x), n);
 }
 
 static void ref_jitter_forward(moe_backend *b, moe_tensor xr, moe_tensor u, moe_tensor x, double eps, uint64_t seed,

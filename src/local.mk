@@ -33,7 +33,7 @@ libcmoe_la_SOURCES += \
 # the MoE layer over the backend table
 libcmoe_la_SOURCES += src/layer/moe_layer.h src/layer/moe_layer.c src/layer/exchange.h src/layer/exchange.c
 # the MoE language model, its optimizer, token sampling, parameter/FLOP/memory counts
-libcmoe_la_SOURCES += src/model/model.h src/model/model.c src/model/model_config.c src/model/optim.c \
+libcmoe_la_SOURCES += src/model/model.h src/model/model_impl.h src/model/model.c src/model/layout.c src/model/stats.c src/model/model_config.c src/model/optim.c \
 	src/model/sample.h src/model/sample.c src/model/info.h src/model/info.c
 # files: safetensors, checkpoints, Hugging Face export/import, datasets (text, llm.c
 # shards, the synthetic generator)
