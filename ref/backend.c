@@ -540,6 +540,9 @@ static void ref_destroy(moe_backend *b)
 
 moe_status moe_backend_ref_create(const moe_backend_options *o, moe_backend **out)
 {
+    *out = NULL;
+    if (o && o->dtype && strcmp(o->dtype, "f64"))
+        return moe_error(MOE_ERR_ARG, "ref backend: the oracle computes in double (f64), not '%s'", o->dtype);
     moe_backend *b = calloc(1, sizeof *b);
     moe_ref_state *st = calloc(1, sizeof *st);
     *out = NULL;

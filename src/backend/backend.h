@@ -328,8 +328,11 @@ static inline moe_status moe_download_f64(moe_backend *b, double *dst, moe_tenso
 /* ---- the registry ------------------------------------------------------------------- */
 
 typedef struct {
-    int threads; /* worker threads; <= 0: the backend's default (OpenMP's) */
-    int device;  /* device index (GPU backends) */
+    int threads;       /* worker threads; <= 0: the backend's default (OpenMP's) */
+    int device;        /* device index (GPU backends) */
+    const char *dtype; /* compute type of weights and activations: "fp32" or "bf16" (a GPU
+                        * backend; the router, losses, master weights and optimizer state
+                        * stay fp32); NULL: the backend's own (cpu fp32, ref f64) */
 } moe_backend_options;
 
 typedef moe_status (*moe_backend_create_fn)(const moe_backend_options *o, moe_backend **out);

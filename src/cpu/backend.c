@@ -301,6 +301,9 @@ static void cpu_destroy(moe_backend *b)
 moe_status moe_backend_cpu_create(const moe_backend_options *o, moe_backend **out)
 {
     *out = NULL;
+    if (o && o->dtype && strcmp(o->dtype, "fp32"))
+        return moe_error(MOE_ERR_ARG, "cpu backend: it computes in fp32, not '%s' (bf16 needs --backend cuda)",
+                         o->dtype);
     moe_backend *b = calloc(1, sizeof *b);
     moe_cpu_state *st = calloc(1, sizeof *st);
     if (!b || !st) {
