@@ -110,14 +110,17 @@ EXTRA_DIST += tests/report.sh
 # checkpoints: bitwise save/restore/continue on cpu and ref, crafted bad files; cmoe train --resume
 # end to end; Hugging Face export/import
 if HAVE_CHECK
-check_PROGRAMS += tests/test_checkpoint tests/test_hf
-TESTS += tests/test_checkpoint tests/test_hf
+check_PROGRAMS += tests/test_checkpoint tests/test_hf tests/test_hf_config
+TESTS += tests/test_checkpoint tests/test_hf tests/test_hf_config
 tests_test_checkpoint_SOURCES = tests/test_checkpoint.c tests/testutil.h
 tests_test_checkpoint_CFLAGS = $(TEST_CFLAGS) $(JANSSON_CFLAGS)
 tests_test_checkpoint_LDADD = $(TEST_LDADD) $(JANSSON_LIBS)
 tests_test_hf_SOURCES = tests/test_hf.c tests/testutil.h
 tests_test_hf_CFLAGS = $(TEST_CFLAGS) $(JANSSON_CFLAGS)
 tests_test_hf_LDADD = $(TEST_LDADD) $(JANSSON_LIBS)
+tests_test_hf_config_SOURCES = tests/test_hf_config.c tests/testutil.h
+tests_test_hf_config_CFLAGS = $(TEST_CFLAGS) $(JANSSON_CFLAGS)
+tests_test_hf_config_LDADD = $(TEST_LDADD) $(JANSSON_LIBS)
 endif
 TESTS += tests/resume.sh tests/hf.sh
 EXTRA_DIST += tests/resume.sh tests/hf.sh tests/hf_reference.py
