@@ -208,7 +208,50 @@ START_TEST(test_router_ops)
     R->jitter_backward(R, TR(dx), TR(xr), TR(u), T, d);
     C->jitter_backward(C, TC(dx), TC(xr), TC(u), T, d);
     rel(dx, "jitter dx", TOL);
-    /* noisy logits and the smooth load */
+    pair dz = mk_rand(T * E, 1, 17);
+    /* z-loss and MI */
+    double zr = R->z_loss_forward(R, TR(z), T, E), zc = C->z_loss_forward(C, TC(z), T, E);
+    ck_assert_msg(fabs(zr - zc) <= TOL * fabs(zr), "z loss %g vs %g", zc, zr);
+    R->z_loss_backward(R, TR(dz), 0.3, TR(z), T, E);
+    C->z_loss_backward(C, TC(dz), 0.3, TC(z), T, E);
+    rel(dz, "z loss dz", TOL);
+    int32_t *task = malloc((size_t)T * sizeof *task);
+    for (int64_t t = 0; t < T; t++)
+        task[t] = (int32_t)(t * 7 % 3);
+    R->scores_forward(R, TR(sc), TR(z), MOE_SCORE_SOFTMAX, T, E);
+    C->scores_forward(C, TC(sc), TC(z), MOE_SCORE_SOFTMAX, T, E);
+    double mr = R->mi_loss_forward(R, TR(sc), task, 3, T, E), mc = C->mi_loss_forward(C, TC(sc), task, 3, T, E);
+    ck_assert_msg(fabs(mr - mc) <= TOL * fabs(mr) + 1e-7, "mi loss %g vs %g", mc, mr);
+    R->mi_loss_backward(R, TR(dz), 0.7, TR(sc), task, 3, T, E);
+    C->mi_loss_backward(C, TC(dz), 0.7, TC(sc), task, 3, T, E);
+    rel(dz, "mi loss ds", TOL);
+    free(task);
+    free(zh);
+    pair all[] = {z, sc, x, xr, u, dx, dz};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        drop(all[i]);
+}
+END_TEST
+
+/*
+ * Noisy gating and the smooth load with the noise logits zn = x·W_noise spread around
+ * an offset: ordinary ones, and extremes where softplus(zn) underflows to 0 in float
+ * (below about −104: router.noise = −7 on a few features gets there) or in double
+ * (below about −745), and large positive ones (noise far wider than the logits).
+ */
+static const double noise_cases[][2] = {{0, 1}, {-110, 3}, {-2000, 100}, {60, 10}, {1e4, 100}};
+#define NNOISE (int)(sizeof noise_cases / sizeof noise_cases[0])
+
+START_TEST(test_noisy_router)
+{
+    const shape *s = &shapes[_i / NNOISE];
+    const double off = noise_cases[_i % NNOISE][0], scale = noise_cases[_i % NNOISE][1];
+    const int64_t T = s->T, E = s->E;
+    double *zh = logits(s, 10), *znh = tu_alloc(T * E);
+    tu_randn(znh, T * E, scale, 11);
+    for (int64_t i = 0; i < T * E; i++)
+        znh[i] += off;
+    pair z = mk(T * E, zh), zn = mk(T * E, znh);
     pair h = mk(T * E, NULL), eps = mk(T * E, NULL), load = mk(E, NULL);
     for (int training = 0; training < 2; training++) {
         R->noisy_logits_forward(R, TR(h), TR(eps), TR(z), TR(zn), training, 9, 1, 2, T, E);
@@ -231,25 +274,18 @@ START_TEST(test_router_ops)
     rel(dz, "noisy load dz", TOL);
     rel(dzn, "noisy load dzn", TOL);
     rel(dh, "noisy load dh", TOL);
-    /* z-loss and MI */
-    double zr = R->z_loss_forward(R, TR(z), T, E), zc = C->z_loss_forward(C, TC(z), T, E);
-    ck_assert_msg(fabs(zr - zc) <= TOL * fabs(zr), "z loss %g vs %g", zc, zr);
-    R->z_loss_backward(R, TR(dz), 0.3, TR(z), T, E);
-    C->z_loss_backward(C, TC(dz), 0.3, TC(z), T, E);
-    rel(dz, "z loss dz", TOL);
-    int32_t *task = malloc((size_t)T * sizeof *task);
-    for (int64_t t = 0; t < T; t++)
-        task[t] = (int32_t)(t * 7 % 3);
-    R->scores_forward(R, TR(sc), TR(z), MOE_SCORE_SOFTMAX, T, E);
-    C->scores_forward(C, TC(sc), TC(z), MOE_SCORE_SOFTMAX, T, E);
-    double mr = R->mi_loss_forward(R, TR(sc), task, 3, T, E), mc = C->mi_loss_forward(C, TC(sc), task, 3, T, E);
-    ck_assert_msg(fabs(mr - mc) <= TOL * fabs(mr) + 1e-7, "mi loss %g vs %g", mc, mr);
-    R->mi_loss_backward(R, TR(dz), 0.7, TR(sc), task, 3, T, E);
-    C->mi_loss_backward(C, TC(dz), 0.7, TC(sc), task, 3, T, E);
-    rel(dz, "mi loss ds", TOL);
-    free(task);
+    /* nothing of it may be NaN or infinite (rel() already refuses NaN) */
+    pair outs[] = {h, load, dz, dzn, dh};
+    for (size_t o = 0; o < sizeof outs / sizeof outs[0]; o++) {
+        double *a = tu_alloc(outs[o].n);
+        ck_assert_int_eq(C->download(C, a, TC(outs[o]), outs[o].n), MOE_OK);
+        for (int64_t i = 0; i < outs[o].n; i++)
+            ck_assert_msg(isfinite(a[i]), "zn around %g: cpu output %zu [%lld] = %g", off, o, (long long)i, a[i]);
+        free(a);
+    }
     free(zh);
-    pair all[] = {z, zn, sc, x, xr, u, dx, h, eps, load, dh, dz, dzn, dload};
+    free(znh);
+    pair all[] = {z, zn, h, eps, load, dh, dz, dzn, dload};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         drop(all[i]);
 }
@@ -488,6 +524,7 @@ int main(int argc, char **argv)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, test_matmul, 0, NSHAPES);
     tcase_add_loop_test(tc, test_router_ops, 0, NSHAPES);
+    tcase_add_loop_test(tc, test_noisy_router, 0, NSHAPES * NNOISE);
     tcase_add_loop_test(tc, test_route, 0, NSHAPES * NROUTE);
     tcase_add_loop_test(tc, test_experts, 0, NSHAPES * 5);
     suite_add_tcase(s, tc);
