@@ -21,6 +21,7 @@ libcmoe_la_SOURCES += \
 	src/cpu/select.c \
 	src/cpu/aux_loss.c \
 	src/cpu/ffn.c \
+	src/cpu/fastmath.h \
 	src/cpu/dispatch.c \
 	src/cpu/matmul.c \
 	src/cpu/embedding.c \
