@@ -157,7 +157,7 @@ moe_status moe_layer_config_from_json(const char *text, moe_layer_config *c);
 moe_status moe_layer_config_load(const char *path, moe_layer_config *c);
 /* The configuration as JSON text with every key (pretty: indented); free() the result. */
 moe_status moe_layer_config_to_json(const moe_layer_config *c, int pretty, char **out);
-/* Per-expert capacity for T tokens; 0 means dropless. */
+/* Per-expert capacity for T tokens, at most T (a larger one would never drop); 0 means dropless. */
 int64_t moe_capacity(const moe_layer_config *c, int64_t T);
 
 const char *moe_router_name(moe_router_kind r);

@@ -1,4 +1,6 @@
 /* Arenas with named views, the plan's invariant checker, and error reporting. */
+#include <float.h>
+#include <math.h>
 #include "testutil.h"
 
 START_TEST(test_arena_views)
@@ -148,6 +150,36 @@ START_TEST(test_capacity_formula)
 }
 END_TEST
 
+/* At and past C = T a capacity means "never drop": it stays T, however large the
+ * capacity_factor (1e19 used to wrap through the int64 conversion to 1 or min_capacity) */
+START_TEST(test_capacity_boundary)
+{
+    moe_layer_config c;
+    moe_layer_config_default(&c); /* E = 8, k = 2: cf = 4 gives C = T */
+    const int64_t T = 64;
+    static const struct { double cf; int64_t want; } tc[] = {
+        {3.9, 63}, {3.99, 64}, {4.0, 64}, {4.01, 64}, {1e6, 64}, {1e19, 64}, {1e300, 64}, {DBL_MAX, 64},
+    };
+    static const int64_t mins[] = {0, 3, 1000};
+    for (size_t i = 0; i < sizeof tc / sizeof tc[0]; i++)
+        for (size_t m = 0; m < 3; m++) {
+            const int64_t minc = mins[m];
+            c.router = MOE_ROUTER_TOPK;
+            c.capacity_factor = tc[i].cf;
+            c.min_capacity = minc;
+            ck_assert_int_eq(moe_layer_config_validate(&c, T), MOE_OK);
+            int64_t want = tc[i].want > minc ? tc[i].want : (minc < T ? minc : T);
+            ck_assert_msg(moe_capacity(&c, T) == want, "top-2, cf %g, min %lld: capacity %lld, want %lld", tc[i].cf,
+                          (long long)minc, (long long)moe_capacity(&c, T), (long long)want);
+            c.router = MOE_ROUTER_EXPERT_CHOICE; /* C = ceil(cf·T/E): T from cf = 8 on */
+            int64_t ec = tc[i].cf >= 8 ? T : (int64_t)ceil(tc[i].cf * (double)T / 8);
+            ec = ec > minc ? ec : (minc < T ? minc : T);
+            ck_assert_msg(moe_capacity(&c, T) == ec, "expert choice, cf %g, min %lld: capacity %lld, want %lld",
+                          tc[i].cf, (long long)minc, (long long)moe_capacity(&c, T), (long long)ec);
+        }
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("arena");
@@ -158,6 +190,7 @@ int main(void)
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_config_validate);
     tcase_add_test(tc, test_capacity_formula);
+    tcase_add_test(tc, test_capacity_boundary);
     suite_add_tcase(s, tc);
     return tu_run(s);
 }

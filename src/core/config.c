@@ -55,26 +55,33 @@ static int token_choice(moe_router_kind r)
 
 /*
  * Token choice: C = max(min_capacity, ceil(capacity_factor · T · k / E)), 0 (dropless)
- * when capacity_factor <= 0. Expert choice: C = min(T, max(min_capacity,
- * ceil(capacity_factor · T / E))), capacity_factor being the mean experts per token.
+ * when capacity_factor <= 0. Expert choice: C = max(min_capacity, ceil(capacity_factor
+ * · T / E)), capacity_factor being the mean experts per token. Both at most T: an
+ * expert can receive every token once and no more, so a larger capacity (a huge
+ * capacity_factor or min_capacity) means "never drop" and is reported as T. The product
+ * is compared in double before any conversion, so no capacity_factor overflows it.
  * Hash routing never drops.
  */
+static int64_t clamp_capacity(double want, int64_t min_capacity, int64_t T)
+{
+    int64_t C = want >= (double)T ? T : (int64_t)want; /* want >= 0 here */
+    if (C < min_capacity)
+        C = min_capacity;
+    if (C < 1)
+        C = 1;
+    return C > T ? T : C;
+}
+
 int64_t moe_capacity(const moe_layer_config *c, int64_t T)
 {
     if (c->router == MOE_ROUTER_HASH)
         return 0;
-    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        int64_t C = (int64_t)ceil(c->capacity_factor * (double)T / (double)c->n_experts);
-        if (C < c->min_capacity)
-            C = c->min_capacity;
-        if (C < 1)
-            C = 1;
-        return C > T ? T : C;
-    }
-    if (c->capacity_factor <= 0)
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE)
+        return clamp_capacity(ceil(c->capacity_factor * (double)T / (double)c->n_experts), c->min_capacity, T);
+    if (!(c->capacity_factor > 0))
         return 0;
-    int64_t C = (int64_t)ceil(c->capacity_factor * (double)T * (double)c->top_k / (double)c->n_experts);
-    return C < c->min_capacity ? c->min_capacity : (C < 1 ? 1 : C);
+    return clamp_capacity(ceil(c->capacity_factor * (double)T * (double)c->top_k / (double)c->n_experts),
+                          c->min_capacity, T);
 }
 
 #define BAD(...) return moe_error(MOE_ERR_ARG, __VA_ARGS__)
