@@ -53,6 +53,11 @@ moe_status moe_error(moe_status s, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
+/* Index of the first NaN or ±Inf among x[0, n), −1 when every value is finite. */
+int64_t moe_first_nonfinite(const double *x, int64_t n);
+/* MOE_OK when x[0, n) is finite; else s with "WHAT is not finite: element I is nan"
+ * (what names the tensor, e.g. "input 'x'"), so bad values are refused where they enter. */
+moe_status moe_check_finite(moe_status s, const char *what, const double *x, int64_t n);
 const char *moe_version(void);
 /* What this build has, one "NAME: ..." line each: BLAS (name, version), OpenMP
  * (max threads), MPI (library version), CUDA (built or not). Thread-local buffer. */

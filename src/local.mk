@@ -7,7 +7,8 @@ libcmoe_la_SOURCES += \
 	src/core/arena.c \
 	src/core/plan.c \
 	src/core/config.c \
-	src/core/config_json.c
+	src/core/config_json.c \
+	src/core/finite.c
 EXTRA_DIST += cmoe.pc.in
 # the backend table
 libcmoe_la_SOURCES += src/backend/backend.h
@@ -34,7 +35,7 @@ libcmoe_la_SOURCES += \
 # the MoE layer over the backend table
 libcmoe_la_SOURCES += src/layer/moe_layer.h src/layer/moe_layer.c
 # the MoE language model, its optimizer, token sampling, parameter/FLOP/memory counts
-libcmoe_la_SOURCES += src/model/model.h src/model/model.c src/model/model_config.c src/model/optim.c \
+libcmoe_la_SOURCES += src/model/model.h src/model/model.c src/model/model_config.c src/model/check.c src/model/optim.c \
 	src/model/sample.h src/model/sample.c src/model/info.h src/model/info.c
 # files: safetensors, checkpoints, Hugging Face export/import, datasets (text, llm.c
 # shards, the synthetic generator)

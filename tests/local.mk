@@ -88,7 +88,7 @@ tests_test_cpu_layer_LDADD = $(TEST_LDADD)
 endif
 # cmoe train, sample, eval end to end (tiny runs)
 TESTS += tests/train.sh
-EXTRA_DIST += tests/train.sh
+EXTRA_DIST += tests/train.sh tests/poison.sh
 # the language model and its optimizer: cpu vs ref, finite differences, training, decode
 if HAVE_CHECK
 check_PROGRAMS += tests/test_model

@@ -43,6 +43,21 @@ grep -q "dropped" "$tmp/stdout" || fail "the summary does not report drops"
 expect 0 "" --config "$layer" --inputs "$tmp/in.safetensors" --out "$tmp/out2.safetensors" --eval --step 9
 expect 0 "" --help
 
+# NaN or Inf in x, dy or a parameter: refused by name, unless --allow-nonfinite
+. "$top_srcdir/tests/poison.sh"
+for t in x dy router.weight; do
+    cp "$tmp/in.safetensors" "$tmp/bad.safetensors" && poison "$tmp/bad.safetensors" "$t" inf || fail "poison $t"
+    expect 1 "'$t' is not finite: element 0 (of [0-9]*) is inf (--allow-nonfinite runs on it anyway)" \
+        --config "$layer" --inputs "$tmp/bad.safetensors" --out "$tmp/bad-out.safetensors"
+    [ -e "$tmp/bad-out.safetensors" ] && fail "a refused run wrote its output"
+done
+cp "$tmp/in.safetensors" "$tmp/nan.safetensors" && poison "$tmp/nan.safetensors" x nan || fail "poison x"
+expect 1 "input 'x' is not finite: element 0 (of [0-9]*) is nan" --config "$layer" --inputs "$tmp/nan.safetensors" \
+    --out "$tmp/nan-out.safetensors"
+expect 0 "" --config "$layer" --inputs "$tmp/nan.safetensors" --out "$tmp/nan-out.safetensors" --allow-nonfinite
+[ -s "$tmp/nan-out.safetensors" ] || fail "--allow-nonfinite wrote no output"
+expect 2 "--example-inputs" --example-inputs "$tmp/x.safetensors" --config "$layer" --tokens 4 --allow-nonfinite
+
 # usage errors: 2
 expect 2 "unknown option '--bogus'" --bogus
 expect 2 "--config" --inputs "$tmp/in.safetensors" --out "$tmp/x.safetensors"

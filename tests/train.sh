@@ -1,8 +1,8 @@
 #!/bin/sh
 # cmoe train, sample and eval: tiny runs on synthetic data and on a small text file,
 # the run directory they write (metrics.jsonl with the keys issue 5's report reads,
-# config.json, train.json, model.safetensors), sampling and evaluation of that run, and
-# the exit codes of bad input. Run by automake with top_srcdir and top_builddir exported.
+# config.json, train.json, model.safetensors), sampling and evaluation of that run, the
+# exit codes of bad input, and NaN/Inf weights and divergence named by their cause. Run by automake with top_srcdir and top_builddir exported.
 : "${top_srcdir:=.}" "${top_builddir:=.}"
 cmoe="$top_builddir/cmoe"
 [ -x "$cmoe" ] || { echo "train.sh: $cmoe is not built"; exit 99; }
@@ -157,6 +157,26 @@ expect 1 "no-such-run" sample "$tmp/no-such-run"
 mkdir "$tmp/not-a-run"
 expect 1 "no weights" eval "$tmp/not-a-run"
 expect 1 "missing.txt" eval "$syn" --data "$tmp/missing.txt"
+
+# ---- NaN, Inf and divergence: refused or explained by name, never a silent nan ----------------
+. "$top_srcdir/tests/poison.sh"
+cp -r "$syn" "$tmp/nan" && poison "$tmp/nan/model.safetensors" model.layers.1.block_sparse_moe.experts.w1 nan ||
+    fail "could not poison a copy of the run"
+w1="parameter 'model.layers.1.block_sparse_moe.experts.w1' is not finite: element 0 (of 1024) is nan"
+expect 1 "$w1" eval "$tmp/nan" --max-batches 1
+expect 1 "$w1" sample "$tmp/nan" --tokens 2
+expect 1 "$w1" train --init-from "$tmp/nan" --data synth --steps 1 --out "$tmp/x9"
+# finite weights whose forward overflows: eval errs, and training says so instead of blaming --lr
+cp -r "$syn" "$tmp/big" && poison "$tmp/big/model.safetensors" lm_head.weight max || fail "could not poison"
+big="every parameter is finite; the largest |parameter| is 3.40282e+38, in 'lm_head.weight'"
+expect 1 "the loss is nan on synth: the forward pass overflowed ($big)" eval "$tmp/big" --max-batches 2
+expect 1 "training diverged at step 1: the loss is nan (ce nan, .*): $big, so the forward pass overflowed" \
+    train --init-from "$tmp/big" --data synth --steps 2 --out "$tmp/x10"
+grep -q "try a lower --lr" "$tmp/stderr" && fail "an overflowing forward pass is blamed on --lr"
+# out-of-range settings are refused up front, naming the key
+expect 1 "lr (--lr) must be in \[0, 1\]" train --preset tiny --data synth --steps 3 --lr 1e308 --out "$tmp/x11"
+echo '{"initializer_range": 1e300}' >"$tmp/init.json"
+expect 1 "initializer_range must be in (0, 1\]" train --config "$tmp/init.json" --data synth --steps 1 --out "$tmp/x12"
 
 echo "train.sh: $fails failure(s)"
 [ "$fails" -eq 0 ]

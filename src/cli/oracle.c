@@ -19,7 +19,7 @@
 void help_oracle(void)
 {
     printf("Usage: cmoe oracle --config LAYER.json --inputs IN.safetensors --out OUT.safetensors\n"
-           "                   [--step N] [--eval]\n"
+           "                   [--step N] [--eval] [--allow-nonfinite]\n"
            "       cmoe oracle --example-inputs IN.safetensors --config LAYER.json --tokens T [--seed S]\n"
            "\n"
            "Runs the reference MoE layer (plain C, double precision) on the tensors of IN and\n"
@@ -33,6 +33,9 @@ void help_oracle(void)
            "  --out FILE             where to write the results (safetensors, F64 unless integer)\n"
            "  --step N               step number keying the random draws (default 0)\n"
            "  --eval                 evaluation mode: no router jitter, no gate noise\n"
+           "  --allow-nonfinite      run on NaN or Inf in x, dy or a parameter (refused otherwise,\n"
+           "                         naming the tensor and the first bad element): for checking\n"
+           "                         how a layer propagates them\n"
            "  --example-inputs FILE  write a valid inputs file instead: random x, dy, token_ids\n"
            "                         (and task_ids with num_tasks), initialised parameters\n"
            "  --tokens T             tokens in the example inputs\n"
@@ -79,7 +82,7 @@ static int parse_u64(const char *s, uint64_t max, uint64_t *out)
 typedef struct {
     const char *config, *inputs, *out, *example;
     uint64_t step, seed, tokens;
-    int eval, have_step, have_seed, have_tokens;
+    int eval, have_step, have_seed, have_tokens, allow_nonfinite;
 } oracle_opts;
 
 /* ---- running the layer ------------------------------------------------------ */
@@ -144,7 +147,17 @@ static moe_status load_ids(const moe_st_file *in, const char *name, int64_t T, i
     return s;
 }
 
-static moe_status load_inputs(oracle_run *r, const char *path)
+/* NaN or Inf in an input would run silently into NaN outputs: refused unless asked for */
+static moe_status finite(const char *path, const char *kind, const char *name, const double *v, int64_t n, int allow)
+{
+    char what[512];
+    snprintf(what, sizeof what, "%s: %s '%s'", path, kind, name);
+    if (allow || !moe_check_finite(MOE_ERR_FORMAT, what, v, n))
+        return MOE_OK;
+    return moe_error(MOE_ERR_FORMAT, "%s (--allow-nonfinite runs on it anyway)", moe_last_error());
+}
+
+static moe_status load_inputs(oracle_run *r, const char *path, int allow)
 {
     moe_status s;
     if ((s = moe_st_read(path, &r->in)))
@@ -171,7 +184,9 @@ static moe_status load_inputs(oracle_run *r, const char *path)
             return moe_error(MOE_ERR_FORMAT, "%s: parameter '%s' %s is missing", path, v->name,
                              moe_st_shape_str(v->ndim, v->shape, sh, sizeof sh));
         }
-        if ((s = moe_st_get_f64(r->in, v->name, v->ndim, v->shape, moe_ref_layer_param(r->layer, v->name, NULL))))
+        double *p = moe_ref_layer_param(r->layer, v->name, NULL);
+        if ((s = moe_st_get_f64(r->in, v->name, v->ndim, v->shape, p)) ||
+            (s = finite(path, "parameter", v->name, p, v->numel, allow)))
             return s;
     }
     size_t n = (size_t)(r->T * d);
@@ -180,14 +195,15 @@ static moe_status load_inputs(oracle_run *r, const char *path)
     r->y = malloc(n * sizeof *r->y);
     if (!r->x || !r->y)
         return moe_error(MOE_ERR_NOMEM, "out of memory for x and y");
-    if ((s = moe_st_get_f64(r->in, "x", 2, shape, r->x)))
+    if ((s = moe_st_get_f64(r->in, "x", 2, shape, r->x)) || (s = finite(path, "input", "x", r->x, r->T * d, allow)))
         return s;
     if (moe_st_find(r->in, "dy")) {
         r->dy = malloc(n * sizeof *r->dy);
         r->dx = malloc(n * sizeof *r->dx);
         if (!r->dy || !r->dx)
             return moe_error(MOE_ERR_NOMEM, "out of memory for dy and dx");
-        if ((s = moe_st_get_f64(r->in, "dy", 2, shape, r->dy)))
+        if ((s = moe_st_get_f64(r->in, "dy", 2, shape, r->dy)) ||
+            (s = finite(path, "input", "dy", r->dy, r->T * d, allow)))
             return s;
     }
     int32_t max_task = r->cfg.n_tasks > 0 ? (int32_t)(r->cfg.n_tasks - 1) : 0;
@@ -295,7 +311,7 @@ static int run_oracle(const oracle_opts *o)
     oracle_scalars sc;
     moe_st_writer *w = NULL;
     moe_status s;
-    if ((s = moe_layer_config_load(o->config, &r.cfg)) || (s = load_inputs(&r, o->inputs)))
+    if ((s = moe_layer_config_load(o->config, &r.cfg)) || (s = load_inputs(&r, o->inputs, o->allow_nonfinite)))
         goto done;
     if ((s = moe_ref_layer_forward(r.layer, r.y, r.x, r.token_ids, r.task_ids, r.T, o->step, !o->eval)))
         goto done;
@@ -383,7 +399,10 @@ done:
 
 /* ---- command line -------------------------------------------------------------- */
 
-enum { OPT_CONFIG = 256, OPT_INPUTS, OPT_OUT, OPT_STEP, OPT_EVAL, OPT_EXAMPLE, OPT_TOKENS, OPT_SEED, OPT_HELP };
+enum {
+    OPT_CONFIG = 256, OPT_INPUTS, OPT_OUT, OPT_STEP, OPT_EVAL, OPT_EXAMPLE, OPT_TOKENS, OPT_SEED, OPT_ALLOW_NONFINITE,
+    OPT_HELP
+};
 
 int cmd_oracle(int argc, char **argv)
 {
@@ -393,6 +412,7 @@ int cmd_oracle(int argc, char **argv)
         {"out", required_argument, NULL, OPT_OUT},
         {"step", required_argument, NULL, OPT_STEP},
         {"eval", no_argument, NULL, OPT_EVAL},
+        {"allow-nonfinite", no_argument, NULL, OPT_ALLOW_NONFINITE},
         {"example-inputs", required_argument, NULL, OPT_EXAMPLE},
         {"tokens", required_argument, NULL, OPT_TOKENS},
         {"seed", required_argument, NULL, OPT_SEED},
@@ -411,6 +431,7 @@ int cmd_oracle(int argc, char **argv)
         case OPT_OUT: o.out = optarg; break;
         case OPT_EXAMPLE: o.example = optarg; break;
         case OPT_EVAL: o.eval = 1; break;
+        case OPT_ALLOW_NONFINITE: o.allow_nonfinite = 1; break;
         case OPT_STEP:
             if (!parse_u64(optarg, UINT32_MAX, &o.step))
                 return usage("--step: '%s' is not an integer in [0, %u]", optarg, (unsigned)UINT32_MAX);
@@ -436,7 +457,7 @@ int cmd_oracle(int argc, char **argv)
     if (!o.config)
         return usage("--config LAYER.json is required");
     if (o.example) {
-        if (o.inputs || o.out || o.have_step || o.eval)
+        if (o.inputs || o.out || o.have_step || o.eval || o.allow_nonfinite)
             return usage("--example-inputs writes an inputs file; it takes --config, --tokens and --seed only");
         if (!o.have_tokens)
             return usage("--example-inputs needs --tokens T");

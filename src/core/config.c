@@ -128,6 +128,8 @@ moe_status moe_layer_config_validate(const moe_layer_config *c, int64_t T)
     if (c->use_bias && c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_NOISY_TOPK)
         BAD("config: use_bias (aux-loss-free balancing) applies to topk and noisy_topk routers");
     moe_status s;
+    if (c->bias_rate > 1)
+        BAD("config: bias_update_rate must be in [0, 1] (DeepSeek-V3 uses 0.001; got %g)", c->bias_rate);
     if ((s = check_coef("bias_update_rate", c->bias_rate)) || (s = check_coef("router_aux_loss_coef", c->lb_coef)) ||
         (s = check_coef("importance_loss_coef", c->importance_coef)) || (s = check_coef("load_loss_coef", c->load_coef)) ||
         (s = check_coef("router_z_loss_coef", c->z_coef)) || (s = check_coef("mi_loss_coef", c->mi_coef)))

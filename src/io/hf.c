@@ -361,8 +361,11 @@ moe_status moe_hf_load_weights(const char *dir, moe_model *m, moe_hf_arch arch)
             for (int f = 0; f < which; f++)
                 base += sh.f[f]->n;
             used[base + (int)(t - sh.f[which]->tensors)] = 1;
+            char what[512];
+            snprintf(what, sizeof what, "%s: tensor '%s'", sh.f[which]->path, pc.name);
             if ((s = moe_st_check_shape(sh.f[which], t, pc.ndim, pc.shape)) ||
-                (s = moe_st_tensor_f64(sh.f[which], t, hv)))
+                (s = moe_st_tensor_f64(sh.f[which], t, hv)) ||
+                (s = moe_check_finite(MOE_ERR_FORMAT, what, hv, pc.rows * pc.cols)))
                 break;
             paste(&pc, hv, all + at);
         }

@@ -87,7 +87,8 @@ moe_status moe_hf_export(moe_model *m, const char *dir, moe_st_dtype dtype);
 
 /* Sets every parameter of m from DIR/model.safetensors, or from the shards that
  * DIR/model.safetensors.index.json lists. Every tensor must be there with the HF shape
- * of the config; an unknown tensor is an error (rotary inv_freq buffers are ignored).
+ * of the config, and finite (NaN or Inf is refused, naming the tensor and the first bad
+ * element); an unknown tensor is an error (rotary inv_freq buffers are ignored).
  * Nothing of m is set when a check fails. */
 moe_status moe_hf_load_weights(const char *dir, moe_model *m, moe_hf_arch arch);
 

@@ -247,6 +247,14 @@ moe_status moe_model_param_tensors(moe_model *m, int i, moe_tensor *param, moe_t
  * last forward's loads (moe_optim_step calls it). */
 void moe_model_update_bias(moe_model *m);
 
+/*
+ * Why the numbers went bad, in words for the message that stops a diverging run: the
+ * first parameter (grads = 0) or gradient (grads = 1) holding NaN or ±Inf, with its name,
+ * element and value; else "every parameter is finite" and the largest |value| and where
+ * it is. found (may be NULL): 1 when a non-finite value was found.
+ */
+moe_status moe_model_explain_nonfinite(moe_model *m, int grads, char *buf, size_t n, int *found);
+
 /* ---- AdamW ---------------------------------------------------------------------- */
 
 /*

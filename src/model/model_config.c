@@ -153,10 +153,13 @@ moe_status moe_model_config_validate(const moe_model_config *c)
         if (c->num_experts_per_layer[l] < 0 || c->num_experts_per_layer[l] > INT32_MAX)
             BAD("config: num_experts_per_layer[%lld] must be >= 0 (0: dense layer; got %lld)", (long long)l,
                 (long long)c->num_experts_per_layer[l]);
-    if (!isfinite(c->initializer_range) || c->initializer_range <= 0)
-        BAD("config: initializer_range must be a finite number > 0 (got %g)", c->initializer_range);
-    if (!isfinite(c->switch_init_scale) || c->switch_init_scale < 0)
-        BAD("config: switch_init_scale must be >= 0 (0: off; got %g)", c->switch_init_scale);
+    /* the standard deviation of the initial weights: Hugging Face's default is 0.02, and
+     * above 1 the first forward pass of a deep model overflows rather than learns */
+    if (!(c->initializer_range > 0 && c->initializer_range <= 1))
+        BAD("config: initializer_range must be in (0, 1] (a standard deviation; 0.02 is usual; got %g)",
+            c->initializer_range);
+    if (!(c->switch_init_scale >= 0 && c->switch_init_scale <= 10))
+        BAD("config: switch_init_scale must be in [0, 10] (0: off; Switch uses 0.1; got %g)", c->switch_init_scale);
     /* the MoE keys (and hidden_act, which the dense layers use too) */
     moe_layer_config lc = c->moe;
     lc.d_model = c->hidden_size;
