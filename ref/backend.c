@@ -26,12 +26,17 @@ static moe_status ref_alloc(moe_backend *b, int64_t n, moe_buf **out)
     *out = NULL;
     if (n < 0)
         return moe_error(MOE_ERR_ARG, "ref backend: cannot allocate %lld elements", (long long)n);
+    const int64_t mem = moe_host_memory();
+    if ((uint64_t)n > SIZE_MAX / sizeof(double) || (mem > 0 && (double)n * sizeof(double) > (double)mem))
+        return moe_error(MOE_ERR_NOMEM, "ref backend: %lld doubles (%.3g GiB) are more than this machine's memory "
+                         "(%.3g GiB)", (long long)n, (double)n * sizeof(double) / (1 << 30), (double)mem / (1 << 30));
     moe_buf *buf = malloc(sizeof *buf);
     double *d = calloc(n ? (size_t)n : 1, sizeof *d);
     if (!buf || !d) {
         free(buf);
         free(d);
-        return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for %lld doubles", (long long)n);
+        return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for %lld doubles (%.3g GiB)", (long long)n,
+                         (double)n * sizeof(double) / (1 << 30));
     }
     buf->n = n;
     buf->d = d;

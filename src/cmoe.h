@@ -222,6 +222,9 @@ typedef struct {
 } moe_arena;
 
 void moe_arena_init(moe_arena *a, size_t elem);
+/* Bytes of physical memory of this machine (0 when unknown): allocations larger than it
+ * are refused with a message rather than attempted. */
+int64_t moe_host_memory(void);
 moe_status moe_arena_add(moe_arena *a, const char *name, int ndim, const int64_t *shape);
 moe_status moe_arena_alloc(moe_arena *a); /* zero-filled */
 const moe_view *moe_arena_find(const moe_arena *a, const char *name);

@@ -58,6 +58,17 @@ expect 0 "" --config "$layer" --inputs "$tmp/nan.safetensors" --out "$tmp/nan-ou
 [ -s "$tmp/nan-out.safetensors" ] || fail "--allow-nonfinite wrote no output"
 expect 2 "--example-inputs" --example-inputs "$tmp/x.safetensors" --config "$layer" --tokens 4 --allow-nonfinite
 
+# messages that say what is wrong: a directory as config, task ids without tasks, a layer
+# too large for the machine (refused before allocating, naming bytes, keys and tensor)
+expect 1 "is a directory, not a JSON file" --config "$tmp" --inputs "$tmp/in.safetensors" --out "$tmp/x.safetensors"
+sed '0,/{/s//{"num_tasks": 3, /' "$layer" >"$tmp/tasks.json"
+expect 0 "" --example-inputs "$tmp/tasks.safetensors" --config "$tmp/tasks.json" --tokens 32 --seed 3
+expect 1 "the config has no tasks (num_tasks = 0)" --config "$layer" --inputs "$tmp/tasks.safetensors" \
+    --out "$tmp/x.safetensors"
+echo '{"hidden_size": 65536, "intermediate_size": 1048576, "num_local_experts": 64}' >"$tmp/huge.json"
+expect 1 "layer (hidden_size 65536, intermediate_size 1048576, num_local_experts 64, 4 tokens): arena: .* elements of 8 bytes (.* GiB) are more than this machine's memory (.* GiB); the largest tensor is 'experts.w1' \[64, 65536, 1048576\]" \
+    --example-inputs "$tmp/huge-in.safetensors" --config "$tmp/huge.json" --tokens 4
+
 # usage errors: 2
 expect 2 "unknown option '--bogus'" --bogus
 expect 2 "--config" --inputs "$tmp/in.safetensors" --out "$tmp/x.safetensors"

@@ -131,6 +131,26 @@ START_TEST(test_config_validate)
 }
 END_TEST
 
+/* An arena larger than the machine is refused before allocating: the message gives the
+ * size in bytes and the tensor that takes most of it */
+START_TEST(test_arena_too_big)
+{
+    moe_arena a;
+    moe_arena_init(&a, sizeof(double));
+    int64_t small[1] = {10}, big[3] = {64, 65536, 1 << 20};
+    ck_assert_int_eq(moe_arena_add(&a, "bias", 1, small), MOE_OK);
+    ck_assert_int_eq(moe_arena_add(&a, "experts.w1", 3, big), MOE_OK);
+    ck_assert_int_eq(moe_arena_alloc(&a), MOE_ERR_NOMEM);
+    ck_assert_ptr_null(a.data);
+    const char *e = moe_last_error();
+    ck_assert_msg(strstr(e, "4398046511114 elements of 8 bytes (3.28e+04 GiB)") &&
+                      strstr(e, "more than this machine's memory") &&
+                      strstr(e, "the largest tensor is 'experts.w1' [64, 65536, 1048576]"), "%s", e);
+    ck_assert_int_gt(moe_host_memory(), 0);
+    moe_arena_free(&a);
+}
+END_TEST
+
 START_TEST(test_capacity_formula)
 {
     moe_layer_config c;
@@ -189,6 +209,7 @@ int main(void)
     tcase_add_test(tc, test_plan_check);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_config_validate);
+    tcase_add_test(tc, test_arena_too_big);
     tcase_add_test(tc, test_capacity_formula);
     tcase_add_test(tc, test_capacity_boundary);
     suite_add_tcase(s, tc);

@@ -178,5 +178,12 @@ expect 1 "lr (--lr) must be in \[0, 1\]" train --preset tiny --data synth --step
 echo '{"initializer_range": 1e300}' >"$tmp/init.json"
 expect 1 "initializer_range must be in (0, 1\]" train --config "$tmp/init.json" --data synth --steps 1 --out "$tmp/x12"
 
+# messages that say what is wrong: a directory as config; a model larger than the machine,
+# refused before allocating, with the config keys that make it so
+expect 1 "config $tmp: is a directory, not a JSON file" train --config "$tmp" --data synth --steps 1 --out "$tmp/x13"
+echo '{"hidden_size": 1048576, "moe_intermediate_size": 16777216, "num_local_experts": 10}' >"$tmp/huge.json"
+expect 1 "model: MoE layer 0 (hidden_size 1048576, moe_intermediate_size 16777216, num_local_experts 10, .*more than this machine's memory.*The config asks for .* parameters (hidden_size 1048576" \
+    train --config "$tmp/huge.json" --data synth --steps 1 --out "$tmp/x14"
+
 echo "train.sh: $fails failure(s)"
 [ "$fails" -eq 0 ]

@@ -131,8 +131,10 @@ static moe_status check_names(const moe_st_file *in, const moe_arena *params)
     return MOE_OK;
 }
 
+/* no_tasks: said after a task id out of range when the config has no tasks, where
+ * "[0, 0]" alone would read as a bound to meet */
 static moe_status load_ids(const moe_st_file *in, const char *name, int64_t T, int32_t lo, int32_t hi,
-                           int32_t **out)
+                           const char *no_tasks, int32_t **out)
 {
     if (!moe_st_find(in, name))
         return MOE_OK;
@@ -142,8 +144,8 @@ static moe_status load_ids(const moe_st_file *in, const char *name, int64_t T, i
     moe_status s = moe_st_get_i32(in, name, 1, shape, *out);
     for (int64_t t = 0; s == MOE_OK && t < T; t++)
         if ((*out)[t] < lo || (*out)[t] > hi)
-            s = moe_error(MOE_ERR_FORMAT, "%s: %s[%lld] = %d is outside [%d, %d]", in->path, name, (long long)t,
-                          (int)(*out)[t], (int)lo, (int)hi);
+            s = moe_error(MOE_ERR_FORMAT, "%s: %s[%lld] = %d is outside [%d, %d]%s", in->path, name, (long long)t,
+                          (int)(*out)[t], (int)lo, (int)hi, no_tasks ? no_tasks : "");
     return s;
 }
 
@@ -207,8 +209,11 @@ static moe_status load_inputs(oracle_run *r, const char *path, int allow)
             return s;
     }
     int32_t max_task = r->cfg.n_tasks > 0 ? (int32_t)(r->cfg.n_tasks - 1) : 0;
-    if ((s = load_ids(r->in, "token_ids", r->T, 0, INT32_MAX, &r->token_ids)) ||
-        (s = load_ids(r->in, "task_ids", r->T, 0, max_task, &r->task_ids)))
+    const char *no_tasks = r->cfg.n_tasks > 0 ? NULL
+                                              : ": the config has no tasks (num_tasks = 0), so every task id is 0; "
+                                                "set num_tasks (the MI loss needs it), or leave task_ids out";
+    if ((s = load_ids(r->in, "token_ids", r->T, 0, INT32_MAX, NULL, &r->token_ids)) ||
+        (s = load_ids(r->in, "task_ids", r->T, 0, max_task, no_tasks, &r->task_ids)))
         return s;
     return MOE_OK;
 }

@@ -14,6 +14,7 @@
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -275,6 +276,13 @@ moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t m
         (st = moe_layer_param_layout(c, &l->grads)) || (st = layout_acts(&l->acts, l, N)) ||
         (st = b->alloc(b, l->params.numel, &l->pbuf)) || (st = b->alloc(b, l->grads.numel, &l->gbuf)) ||
         (st = b->alloc(b, l->acts.numel, &l->abuf)) || (st = b->reserve(b, scratch_need(l, N)))) {
+        if (st == MOE_ERR_NOMEM) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", moe_last_error());
+            st = moe_error(st, "MoE layer %lld (hidden_size %lld, moe_intermediate_size %lld, num_local_experts %lld, "
+                           "%lld tokens): %s", (long long)c->layer, (long long)c->d_model, (long long)c->d_ff,
+                           (long long)c->n_experts, (long long)max_tokens, why);
+        }
         moe_layer_free(l);
         return st;
     }

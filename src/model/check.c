@@ -1,4 +1,5 @@
-/* The model's numbers in words, for the message that stops a diverging run (model.h). */
+/* The model's numbers in words: what went non-finite in a diverging run, and what a
+ * model too large for the machine is made of (model.h). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,4 +42,17 @@ moe_status moe_model_explain_nonfinite(moe_model *m, int grads, char *buf, size_
         *found = bad;
     free(v);
     return s;
+}
+
+moe_status moe_model_size_error(const moe_model_config *c, int64_t tokens)
+{
+    char why[1024]; /* moe_error writes into the buffer moe_last_error returns */
+    snprintf(why, sizeof why, "%s", moe_last_error());
+    return moe_error(MOE_ERR_NOMEM,
+                     "model: %s. The config asks for %lld parameters (hidden_size %lld, num_hidden_layers %lld, "
+                     "vocab_size %lld, num_local_experts %lld, moe_intermediate_size %lld, intermediate_size %lld), "
+                     "held twice (weights and gradients), and activations for %lld tokens (batch x seq)",
+                     why, (long long)moe_model_config_param_count(c), (long long)c->hidden_size,
+                     (long long)c->num_hidden_layers, (long long)c->vocab_size, (long long)c->moe.n_experts,
+                     (long long)c->moe_intermediate_size, (long long)c->intermediate_size, (long long)tokens);
 }

@@ -316,6 +316,8 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, int64_t m
             continue;
         moe_layer_config lc;
         if ((s = moe_model_layer_config(c, l, &lc)) || (s = moe_layer_create(&lc, b, m->maxN, NULL, &k->moe))) {
+            if (s == MOE_ERR_NOMEM)
+                s = moe_model_size_error(c, m->maxN);
             moe_model_free(m);
             return s;
         }
@@ -326,6 +328,8 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, int64_t m
     }
     if ((s = layout(m)) || (s = b->alloc(b, m->P.numel, &m->pbuf)) || (s = b->alloc(b, m->P.numel, &m->gbuf)) ||
         (s = b->alloc(b, m->A.numel, &m->abuf)) || (s = b->reserve(b, scratch))) {
+        if (s == MOE_ERR_NOMEM)
+            s = moe_model_size_error(c, m->maxN);
         moe_model_free(m);
         return s;
     }

@@ -254,6 +254,9 @@ void moe_model_update_bias(moe_model *m);
  * it is. found (may be NULL): 1 when a non-finite value was found.
  */
 moe_status moe_model_explain_nonfinite(moe_model *m, int grads, char *buf, size_t n, int *found);
+/* The last error (an allocation that failed) with the config keys that sized the model:
+ * what moe_model_create says when the model does not fit the machine. */
+moe_status moe_model_size_error(const moe_model_config *c, int64_t tokens);
 
 /* ---- AdamW ---------------------------------------------------------------------- */
 

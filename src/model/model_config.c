@@ -3,11 +3,13 @@
  * The MoE-layer keys are parsed by the layer's own table (config_json.c) from the same
  * flat object, so the model config is one HF-style object (as Mixtral's config.json).
  */
+#define _POSIX_C_SOURCE 200809L /* stat */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <jansson.h>
 
@@ -309,6 +311,9 @@ moe_status moe_model_config_load(const char *path, moe_model_config *c)
 {
     if (!path)
         BAD("config: no path");
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) /* jansson would say "invalid JSON at line 1" */
+        return moe_error(MOE_ERR_IO, "config %s: is a directory, not a JSON file", path);
     json_error_t err;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &err);
     if (!root) {
