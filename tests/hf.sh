@@ -112,7 +112,7 @@ grep -q '"n_shared_experts": 1' "$QR/config.json" || fail "imported config lacks
 grep -q '"first_k_dense_replace": 1' "$QR/config.json" || fail "mlp_only_layers [0] is not first_k_dense_replace 1"
 grep -q '"qkv_bias": true' "$QR/config.json" || fail "imported config lacks qkv_bias"
 run 0 "" eval "$QR" --data synth:vocab=40 --seq 16 --batch 2 --max-batches 2
-run 0 "" sample "$QR" --prompt "1 2 3" --tokens 5 --temperature 0
+run 0 "context 32 (max_position_embeddings)" sample "$QR" --prompt "1 2 3" --tokens 5 --temperature 0
 run 0 "" train --init-from "$QR" --data synth:vocab=40 --steps 3 --batch 2 --seq 16 --eval-every 0 --out "$tmp/ft"
 grep -q '"init_from"' "$tmp/ft/train.json" || fail "train.json of the fine-tune does not name init_from"
 cmp -s "$QR/config.json" "$tmp/ft/config.json" || fail "the fine-tune does not keep the imported config"

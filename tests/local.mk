@@ -97,6 +97,14 @@ tests_test_model_SOURCES = tests/test_model.c tests/testutil.h
 tests_test_model_CFLAGS = $(TEST_CFLAGS)
 tests_test_model_LDADD = $(TEST_LDADD)
 endif
+# sampling within the trained context: a small model trained on Brown, read past 2x its seq
+if HAVE_CHECK
+check_PROGRAMS += tests/test_sample
+TESTS += tests/test_sample
+tests_test_sample_SOURCES = tests/test_sample.c tests/testutil.h
+tests_test_sample_CFLAGS = $(TEST_CFLAGS)
+tests_test_sample_LDADD = $(TEST_LDADD)
+endif
 # cmoe info's counts; cmoe report on a fixture run (and its bad inputs)
 if HAVE_CHECK
 check_PROGRAMS += tests/test_info

@@ -99,8 +99,14 @@ cp "$tmp/stdout" "$tmp/sample1"
 [ "$(wc -w <"$tmp/sample1" | tr -d ' ')" -eq 27 ] || fail "sample: want 3 prompt + 24 ids, got: $(cat "$tmp/sample1")"
 expect 0 "" sample "$syn" --tokens 24 --seed 5 --prompt "1 2 3"
 cmp -s "$tmp/stdout" "$tmp/sample1" || fail "sample is not reproducible with the same seed"
-# longer than max_position_embeddings (64): the context slides
-expect 0 "" sample "$syn" --tokens 150 --temperature 0
+# the context is what the run trained on (--seq 32), not max_position_embeddings (64): it
+# slides at 32, so the model never runs at a position it never saw
+expect 0 "context 32 (the sequence length it trained on), the window slid" sample "$syn" --tokens 150 --temperature 0
+[ "$(wc -w <"$tmp/stdout" | tr -d ' ')" -eq 150 ] || fail "sample past the context: want 150 ids"
+expect 0 "context 32 (the sequence length it trained on)$" sample "$syn" --tokens 10
+# a prompt longer than the context: it slides while reading the prompt
+expect 0 "the window slid" sample "$syn" --tokens 10 --prompt "$(seq -s ' ' 0 31) 1 2 3 4 5 6 7 8"
+[ "$(wc -w <"$tmp/stdout" | tr -d ' ')" -eq 50 ] || fail "sample of a 40-id prompt: want 50 ids"
 expect 1 "prompt" sample "$syn" --prompt "1 99"
 
 # ---- a byte-level model on a small text file -------------------------------------------

@@ -43,7 +43,7 @@ void moe_model_config_default(moe_model_config *c)
     c->num_attention_heads = 4;
     c->num_key_value_heads = 4;
     c->head_dim = 32;
-    c->max_position_embeddings = 256;
+    c->max_position_embeddings = 128; /* what cmoe train trains it on (--seq 128): no position it never saw */
     c->moe.n_experts = 8;
     c->moe.d_model = c->hidden_size;
     c->moe.d_ff = c->moe_intermediate_size;
