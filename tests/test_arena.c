@@ -1,6 +1,8 @@
-/* Arenas with named views, the plan's invariant checker, and error reporting. */
+/* Arenas with named views, the plan's invariant checker, error reporting, and the
+ * capacity formula (with routing at its boundary). */
 #include <float.h>
 #include <math.h>
+#include "ref/ref.h"
 #include "testutil.h"
 
 START_TEST(test_arena_views)
@@ -200,6 +202,71 @@ START_TEST(test_capacity_boundary)
 }
 END_TEST
 
+static void route_config(moe_layer_config *c, moe_router_kind r, int64_t E, int64_t k)
+{
+    moe_layer_config_default(c);
+    c->router = r;
+    c->n_experts = E;
+    c->top_k = k;
+}
+
+/* a plan sized as the layer sizes it: T·k rows, or E·C for expert choice */
+static moe_plan *plan_for(const moe_layer_config *c, int64_t T)
+{
+    moe_plan *p = NULL;
+    int64_t k = c->router == MOE_ROUTER_EXPERT_CHOICE ? moe_capacity(c, T) : c->top_k;
+    int64_t n = c->router == MOE_ROUTER_EXPERT_CHOICE ? c->n_experts * k : T * k;
+    ck_assert_int_eq(moe_plan_create(n, T, c->n_experts, k, &p), MOE_OK);
+    return p;
+}
+
+static void route(moe_plan *p, const double *s, const moe_layer_config *c, int64_t T)
+{
+    ck_assert_msg(moe_ref_route(p, s, NULL, NULL, NULL, c, 0, T) == MOE_OK, "%s", moe_last_error());
+    ck_assert_msg(moe_plan_check(p) == MOE_OK, "%s", moe_last_error());
+}
+
+/* A capacity factor far past "never drop" (1e19 and up: the capacity is clamped to T,
+ * no longer wrapped through int64) drops nothing, even with every token on one expert;
+ * just below the boundary C = T, the one overloaded expert drops. */
+START_TEST(huge_capacity_factor)
+{
+    const int64_t T = 64, E = 8;
+    double *s = tu_alloc(T * E);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t e = 0; e < E; e++)
+            s[t * E + e] = e == 0 ? 0.5 : e == 1 + t % 7 ? 0.3 : 0.2 / 6; /* all on expert 0 first */
+    static const double cfs[] = {4.0, 1e19, 1e300, DBL_MAX};
+    for (size_t i = 0; i < sizeof cfs / sizeof cfs[0]; i++) {
+        moe_layer_config c;
+        route_config(&c, MOE_ROUTER_TOPK, E, 2);
+        c.capacity_factor = cfs[i];
+        c.min_capacity = 3;
+        moe_plan *p = plan_for(&c, T);
+        route(p, s, &c, T);
+        ck_assert_msg(p->dropped == 0 && p->n == 2 * T && p->capacity == T, "cf %g: capacity %lld, dropped %lld",
+                      cfs[i], (long long)p->capacity, (long long)p->dropped);
+        moe_plan_free(p);
+        route_config(&c, MOE_ROUTER_EXPERT_CHOICE, E, 2);
+        c.capacity_factor = cfs[i] * 2; /* C = ceil(8·64/8) = T */
+        p = plan_for(&c, T);
+        route(p, s, &c, T);
+        ck_assert_msg(p->capacity == T && p->n == E * T, "expert choice, cf %g: capacity %lld", cfs[i] * 2,
+                      (long long)p->capacity);
+        moe_plan_free(p);
+    }
+    moe_layer_config c;
+    route_config(&c, MOE_ROUTER_TOPK, E, 2);
+    c.capacity_factor = 3.9; /* C = 63: expert 0 drops one */
+    moe_plan *p = plan_for(&c, T);
+    route(p, s, &c, T);
+    ck_assert_int_eq(p->capacity, 63);
+    ck_assert_int_eq(p->dropped, 1);
+    moe_plan_free(p);
+    free(s);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("arena");
@@ -212,6 +279,7 @@ int main(void)
     tcase_add_test(tc, test_arena_too_big);
     tcase_add_test(tc, test_capacity_formula);
     tcase_add_test(tc, test_capacity_boundary);
+    tcase_add_test(tc, huge_capacity_factor);
     suite_add_tcase(s, tc);
     return tu_run(s);
 }
