@@ -247,9 +247,10 @@ START_TEST(test_slide_reencodes)
     printf("sample: decoder vs fresh forward over its window, worst rel err %.2e over %d tokens, %lld slides\n",
            worst, 3 * S + 5, (long long)dec.slides);
     ck_assert_double_le(worst, 1e-5);
+    moe_decoder_free(&dec);
     ck_assert_int_eq(moe_decoder_init(&dec, m, MAXP + 1), MOE_ERR_ARG);
     ck_assert_int_eq(moe_decoder_init(&dec, m, 0), MOE_ERR_ARG);
-    moe_decoder_free(&dec);
+    moe_decoder_free(&dec); /* NULL-safe after a refusal */
     free(full);
     free(x);
 }
