@@ -28,13 +28,17 @@ static moe_status ref_alloc(moe_backend *b, moe_dtype t, int64_t n, moe_buf **ou
                          moe_dtype_name(t));
     if (n < 0 || (uint64_t)n > SIZE_MAX / sizeof(double))
         return moe_error(MOE_ERR_ARG, "ref backend: cannot allocate %lld elements", (long long)n);
+    const int64_t mem = moe_host_memory();
+    if ((uint64_t)n > SIZE_MAX / sizeof(double) || (mem > 0 && (double)n * sizeof(double) > (double)mem))
+        return moe_error(MOE_ERR_NOMEM, "ref backend: %lld doubles (%.3g GiB) are more than this machine's memory "
+                         "(%.3g GiB)", (long long)n, (double)n * sizeof(double) / (1 << 30), (double)mem / (1 << 30));
     moe_buf *buf = malloc(sizeof *buf);
     void *d = calloc(n ? (size_t)n : 1, moe_dtype_size(t));
     if (!buf || !d) {
         free(buf);
         free(d);
-        return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for %lld %s (%.1f MiB)", (long long)n,
-                         moe_dtype_name(t), (double)n * (double)moe_dtype_size(t) / 1048576.0);
+        return moe_error(MOE_ERR_NOMEM, "ref backend: out of memory for %lld doubles (%.3g GiB)", (long long)n,
+                         (double)n * sizeof(double) / (1 << 30));
     }
     buf->type = t;
     buf->n = n;

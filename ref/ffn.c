@@ -58,7 +58,7 @@ static double gelu_tanh_grad(double x)
 double moe_ref_act(moe_activation a, double x)
 {
     switch (a) {
-    case MOE_ACT_RELU: return x > 0 ? x : 0;
+    case MOE_ACT_RELU: return x < 0 ? 0 : x; /* NaN stays NaN, as torch.relu */
     case MOE_ACT_GELU:
     case MOE_ACT_GEGLU: return gelu(x);
     case MOE_ACT_GELU_TANH: return gelu_tanh(x);

@@ -21,6 +21,7 @@
  * The saved tensors are readable by name through moe_ref_layer_saved (ref.h).
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -282,8 +283,16 @@ moe_status moe_ref_layer_create(const moe_layer_config *c, int64_t max_tokens, m
     if ((st = moe_plan_create(N, max_tokens, l->E, k, &l->plan)) || (st = moe_layer_param_layout(c, &l->params)) ||
         (st = moe_layer_param_layout(c, &l->grads)) || (st = layout_acts(&l->acts, l, N)) ||
         (st = moe_arena_alloc(&l->params)) || (st = moe_arena_alloc(&l->grads)) ||
-        (st = moe_arena_alloc(&l->acts)))
+        (st = moe_arena_alloc(&l->acts))) {
+        if (st == MOE_ERR_NOMEM) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", moe_last_error());
+            st = moe_error(st, "layer (hidden_size %lld, intermediate_size %lld, num_local_experts %lld, %lld tokens): "
+                           "%s", (long long)c->d_model, (long long)c->d_ff, (long long)c->n_experts,
+                           (long long)max_tokens, why);
+        }
         goto fail;
+    }
     l->task = calloc((size_t)max_tokens, sizeof *l->task);
     if (!l->task) {
         st = moe_error(MOE_ERR_NOMEM, "layer: out of memory for %lld task ids", (long long)max_tokens);

@@ -172,6 +172,34 @@ static double norm_cdf(double x)
     return 0.5 * erfc(-x * 0.70710678118654752440);
 }
 
+/*
+ * Φ(a/sd) with sd = softplus(zn), and ∂Φ/∂a = φ(a/sd)/sd, written so that sd may
+ * underflow to 0 (zn below about −745 in double; about −104 in float, which is why the
+ * cpu twin computes these in double too): then the noise is nil and Φ(a/sd) is the step
+ * at a = 0, flat on both sides. Neither divides by zero nor forms 0·∞; NaN in, NaN out.
+ */
+static double noisy_cdf(double a, double zn)
+{
+    double sd = softplus(zn);
+    if (sd == 0)
+        return a > 0 ? 1.0 : a < 0 ? 0.0 : 0.5;
+    return norm_cdf(a / sd); /* a/sd may be ±inf: Φ is 0 or 1 there */
+}
+
+/* ∂Φ(a/sd)/∂a, and u = a/sd where that is not 0 (else u = 0, so g·u stays 0) */
+static double noisy_pdf(double a, double zn, double *u)
+{
+    double sd = softplus(zn);
+    *u = 0;
+    if (sd == 0)
+        return 0;
+    double v = a / sd, p = norm_pdf(v);
+    if (p == 0)
+        return 0;
+    *u = v;
+    return p / sd;
+}
+
 /* Per token, the threshold index of every expert: thr[t·E + e] (-1: always selected). */
 static int64_t *threshold_indices(const double *h, int64_t k, int64_t T, int64_t E)
 {
@@ -213,7 +241,7 @@ void moe_ref_noisy_load_forward(double *load, const double *z, const double *zn,
                 acc = NAN; /* out of memory: poison rather than return a wrong number */
                 break;
             }
-            acc += j < 0 ? 1.0 : norm_cdf((z[i] - h[t * E + j]) / softplus(zn[i]));
+            acc += j < 0 ? 1.0 : noisy_cdf(z[i] - h[t * E + j], zn[i]);
         }
         load[e] = acc;
     }
@@ -233,14 +261,13 @@ void moe_ref_noisy_load_backward(double *dz, double *dzn, double *dh, const doub
             int64_t i = t * E + e, j = thr[i];
             if (j < 0)
                 continue; /* a constant 1: no gradient */
-            double sd = softplus(zn[i]), a = z[i] - h[t * E + j];
-            double g = dload[e] * norm_pdf(a / sd) / sd; /* ∂/∂z of Φ(a/sd) */
+            double u, g = dload[e] * noisy_pdf(z[i] - h[t * E + j], zn[i], &u); /* ∂/∂z of Φ(a/sd) */
             if (dz)
                 dz[i] += g;
             if (dh)
                 dh[t * E + j] -= g;
-            if (dzn)
-                dzn[i] -= g * a / sd * sigmoid(zn[i]);
+            if (dzn) /* ∂/∂zn = −φ(u)/sd · u · softplus'(zn) */
+                dzn[i] -= g * u * sigmoid(zn[i]);
         }
     free(thr);
 }

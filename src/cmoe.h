@@ -53,6 +53,11 @@ moe_status moe_error(moe_status s, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
+/* Index of the first NaN or ±Inf among x[0, n), −1 when every value is finite. */
+int64_t moe_first_nonfinite(const double *x, int64_t n);
+/* MOE_OK when x[0, n) is finite; else s with "WHAT is not finite: element I is nan"
+ * (what names the tensor, e.g. "input 'x'"), so bad values are refused where they enter. */
+moe_status moe_check_finite(moe_status s, const char *what, const double *x, int64_t n);
 const char *moe_version(void);
 /* What this build has, one "NAME: ..." line each: BLAS (name, version), OpenMP
  * (max threads), MPI (library version), CUDA (built or not). Thread-local buffer. */
@@ -174,7 +179,7 @@ moe_status moe_layer_config_from_json(const char *text, moe_layer_config *c);
 moe_status moe_layer_config_load(const char *path, moe_layer_config *c);
 /* The configuration as JSON text with every key (pretty: indented); free() the result. */
 moe_status moe_layer_config_to_json(const moe_layer_config *c, int pretty, char **out);
-/* Per-expert capacity for T tokens; 0 means dropless. */
+/* Per-expert capacity for T tokens, at most T (a larger one would never drop); 0 means dropless. */
 int64_t moe_capacity(const moe_layer_config *c, int64_t T);
 
 const char *moe_router_name(moe_router_kind r);
@@ -234,6 +239,9 @@ typedef struct {
 } moe_arena;
 
 void moe_arena_init(moe_arena *a, size_t elem);
+/* Bytes of physical memory of this machine (0 when unknown): allocations larger than it
+ * are refused with a message rather than attempted. */
+int64_t moe_host_memory(void);
 moe_status moe_arena_add(moe_arena *a, const char *name, int ndim, const int64_t *shape);
 moe_status moe_arena_alloc(moe_arena *a); /* zero-filled */
 const moe_view *moe_arena_find(const moe_arena *a, const char *name);

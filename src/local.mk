@@ -9,7 +9,8 @@ libcmoe_la_SOURCES += \
 	src/core/arena.c \
 	src/core/plan.c \
 	src/core/config.c \
-	src/core/config_json.c
+	src/core/config_json.c \
+	src/core/finite.c
 EXTRA_DIST += cmoe.pc.in
 # the backend table and its registry
 libcmoe_la_SOURCES += src/backend/backend.h src/backend/registry.c
@@ -23,6 +24,7 @@ libcmoe_la_SOURCES += \
 	src/cpu/select.c \
 	src/cpu/aux_loss.c \
 	src/cpu/ffn.c \
+	src/cpu/fastmath.h \
 	src/cpu/dispatch.c \
 	src/cpu/embedding.c \
 	src/cpu/rmsnorm.c \
@@ -33,9 +35,9 @@ libcmoe_la_SOURCES += \
 # the MoE layer over the backend table
 libcmoe_la_SOURCES += src/layer/moe_layer.h src/layer/moe_layer.c src/layer/exchange.h src/layer/exchange.c
 # the MoE language model, its optimizer, token sampling, parameter/FLOP/memory counts
-libcmoe_la_SOURCES += src/model/model.h src/model/model_impl.h src/model/model.c src/model/layout.c src/model/stats.c src/model/model_config.c src/model/optim.c \
+libcmoe_la_SOURCES += src/model/model.h src/model/model_impl.h src/model/model.c src/model/layout.c src/model/stats.c src/model/model_config.c src/model/check.c src/model/optim.c \
 	src/model/sample.h src/model/sample.c src/model/info.h src/model/info.c
 # files: safetensors, checkpoints, Hugging Face export/import, datasets (text, llm.c
 # shards, the synthetic generator)
 libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/checkpoint.h src/io/checkpoint.c \
-	src/io/hf.h src/io/hf.c src/io/data.h src/io/data.c src/io/synth.c
+	src/io/hf.h src/io/hf_config.c src/io/hf.c src/io/data.h src/io/data.c src/io/synth.c

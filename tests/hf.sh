@@ -112,7 +112,7 @@ grep -q '"n_shared_experts": 1' "$QR/config.json" || fail "imported config lacks
 grep -q '"first_k_dense_replace": 1' "$QR/config.json" || fail "mlp_only_layers [0] is not first_k_dense_replace 1"
 grep -q '"qkv_bias": true' "$QR/config.json" || fail "imported config lacks qkv_bias"
 run 0 "" eval "$QR" --data synth:vocab=40 --seq 16 --batch 2 --max-batches 2
-run 0 "" sample "$QR" --prompt "1 2 3" --tokens 5 --temperature 0
+run 0 "context 32 (max_position_embeddings)" sample "$QR" --prompt "1 2 3" --tokens 5 --temperature 0
 run 0 "" train --init-from "$QR" --data synth:vocab=40 --steps 3 --batch 2 --seq 16 --eval-every 0 --out "$tmp/ft"
 grep -q '"init_from"' "$tmp/ft/train.json" || fail "train.json of the fine-tune does not name init_from"
 cmp -s "$QR/config.json" "$tmp/ft/config.json" || fail "the fine-tune does not keep the imported config"
@@ -120,6 +120,27 @@ run 2 "takes the model config from DIR" train --init-from "$QR" --preset tiny
 run 0 "" export --format hf "$QR" "$tmp/qwen-again"
 grep -q '"model_type": "qwen2_moe"' "$tmp/qwen-again/config.json" || fail "re-export is not qwen2_moe"
 grep -q '"shared_expert_intermediate_size": 20' "$tmp/qwen-again/config.json" || fail "re-export: shared width"
+
+# ---- transformers 5's config.json (rope_parameters, dtype, head_dim null) ------------------------
+H5="$top_srcdir/tests/fixtures/hf5/hf5-mixtral"
+run 0 "" import --format hf "$H5" "$tmp/h5"
+grep -q '"rope_theta": 500' "$tmp/h5/config.json" || fail "rope_parameters.rope_theta 500 was not imported"
+grep -q "note" "$tmp/stderr" && fail "a complete transformers 5 config gave a note"
+mkdir -p "$tmp/h5-linear" "$tmp/h5-bare" && cp "$H5/model.safetensors" "$tmp/h5-linear/" &&
+    cp "$H5/model.safetensors" "$tmp/h5-bare/"
+sed 's/"rope_type": "default"/"rope_type": "linear", "factor": 2.0/' "$H5/config.json" >"$tmp/h5-linear/config.json"
+run 1 "rope_type 'linear'" import --format hf "$tmp/h5-linear" "$tmp/h5-linear-run"
+# neither rope form: the class default, said on stderr
+sed '/"rope_parameters"/,/}/d' "$H5/config.json" >"$tmp/h5-bare/config.json"
+run 0 "note: .*no rope_theta.*MixtralConfig's default 1e+06" import --format hf "$tmp/h5-bare" "$tmp/h5-bare-run"
+
+# ---- NaN or Inf weights are refused, naming the tensor and element ------------------------------
+. "$top_srcdir/tests/poison.sh"
+mkdir -p "$tmp/inf" && cp "$Q/config.json" "$Q/model.safetensors" "$tmp/inf/" &&
+    poison "$tmp/inf/model.safetensors" model.layers.1.mlp.experts.2.up_proj.weight inf || fail "poison"
+run 1 "tensor 'model.layers.1.mlp.experts.2.up_proj.weight' is not finite: element 0 (of 192) is inf" \
+    import --format hf "$tmp/inf" "$tmp/inf-run"
+[ -e "$tmp/inf-run/model.safetensors" ] && fail "a refused import wrote a run"
 
 # ---- optional: the exported Mixtral through the plain-PyTorch reference -------------------------
 if /usr/bin/python3 -c 'import torch, numpy' 2>/dev/null; then

@@ -88,7 +88,7 @@ tests_test_cpu_layer_LDADD = $(TEST_LDADD)
 endif
 # cmoe train, sample, eval end to end (tiny runs)
 TESTS += tests/train.sh
-EXTRA_DIST += tests/train.sh
+EXTRA_DIST += tests/train.sh tests/poison.sh
 # the language model and its optimizer: cpu vs ref, finite differences, training, decode
 if HAVE_CHECK
 check_PROGRAMS += tests/test_model
@@ -96,6 +96,14 @@ TESTS += tests/test_model
 tests_test_model_SOURCES = tests/test_model.c tests/testutil.h
 tests_test_model_CFLAGS = $(TEST_CFLAGS)
 tests_test_model_LDADD = $(TEST_LDADD)
+endif
+# sampling within the trained context: a small model trained on Brown, read past 2x its seq
+if HAVE_CHECK
+check_PROGRAMS += tests/test_sample
+TESTS += tests/test_sample
+tests_test_sample_SOURCES = tests/test_sample.c tests/testutil.h
+tests_test_sample_CFLAGS = $(TEST_CFLAGS)
+tests_test_sample_LDADD = $(TEST_LDADD)
 endif
 # cmoe info's counts; cmoe report on a fixture run (and its bad inputs)
 if HAVE_CHECK
@@ -110,14 +118,17 @@ EXTRA_DIST += tests/report.sh
 # checkpoints: bitwise save/restore/continue on cpu and ref, crafted bad files; cmoe train --resume
 # end to end; Hugging Face export/import
 if HAVE_CHECK
-check_PROGRAMS += tests/test_checkpoint tests/test_hf
-TESTS += tests/test_checkpoint tests/test_hf
+check_PROGRAMS += tests/test_checkpoint tests/test_hf tests/test_hf_config
+TESTS += tests/test_checkpoint tests/test_hf tests/test_hf_config
 tests_test_checkpoint_SOURCES = tests/test_checkpoint.c tests/testutil.h
 tests_test_checkpoint_CFLAGS = $(TEST_CFLAGS) $(JANSSON_CFLAGS)
 tests_test_checkpoint_LDADD = $(TEST_LDADD) $(JANSSON_LIBS)
 tests_test_hf_SOURCES = tests/test_hf.c tests/testutil.h
 tests_test_hf_CFLAGS = $(TEST_CFLAGS) $(JANSSON_CFLAGS)
 tests_test_hf_LDADD = $(TEST_LDADD) $(JANSSON_LIBS)
+tests_test_hf_config_SOURCES = tests/test_hf_config.c tests/testutil.h
+tests_test_hf_config_CFLAGS = $(TEST_CFLAGS) $(JANSSON_CFLAGS)
+tests_test_hf_config_LDADD = $(TEST_LDADD) $(JANSSON_LIBS)
 endif
 TESTS += tests/resume.sh tests/hf.sh
 EXTRA_DIST += tests/resume.sh tests/hf.sh tests/hf_reference.py

@@ -43,6 +43,32 @@ grep -q "dropped" "$tmp/stdout" || fail "the summary does not report drops"
 expect 0 "" --config "$layer" --inputs "$tmp/in.safetensors" --out "$tmp/out2.safetensors" --eval --step 9
 expect 0 "" --help
 
+# NaN or Inf in x, dy or a parameter: refused by name, unless --allow-nonfinite
+. "$top_srcdir/tests/poison.sh"
+for t in x dy router.weight; do
+    cp "$tmp/in.safetensors" "$tmp/bad.safetensors" && poison "$tmp/bad.safetensors" "$t" inf || fail "poison $t"
+    expect 1 "'$t' is not finite: element 0 (of [0-9]*) is inf (--allow-nonfinite runs on it anyway)" \
+        --config "$layer" --inputs "$tmp/bad.safetensors" --out "$tmp/bad-out.safetensors"
+    [ -e "$tmp/bad-out.safetensors" ] && fail "a refused run wrote its output"
+done
+cp "$tmp/in.safetensors" "$tmp/nan.safetensors" && poison "$tmp/nan.safetensors" x nan || fail "poison x"
+expect 1 "input 'x' is not finite: element 0 (of [0-9]*) is nan" --config "$layer" --inputs "$tmp/nan.safetensors" \
+    --out "$tmp/nan-out.safetensors"
+expect 0 "" --config "$layer" --inputs "$tmp/nan.safetensors" --out "$tmp/nan-out.safetensors" --allow-nonfinite
+[ -s "$tmp/nan-out.safetensors" ] || fail "--allow-nonfinite wrote no output"
+expect 2 "--example-inputs" --example-inputs "$tmp/x.safetensors" --config "$layer" --tokens 4 --allow-nonfinite
+
+# messages that say what is wrong: a directory as config, task ids without tasks, a layer
+# too large for the machine (refused before allocating, naming bytes, keys and tensor)
+expect 1 "is a directory, not a JSON file" --config "$tmp" --inputs "$tmp/in.safetensors" --out "$tmp/x.safetensors"
+sed '0,/{/s//{"num_tasks": 3, /' "$layer" >"$tmp/tasks.json"
+expect 0 "" --example-inputs "$tmp/tasks.safetensors" --config "$tmp/tasks.json" --tokens 32 --seed 3
+expect 1 "the config has no tasks (num_tasks = 0)" --config "$layer" --inputs "$tmp/tasks.safetensors" \
+    --out "$tmp/x.safetensors"
+echo '{"hidden_size": 65536, "intermediate_size": 1048576, "num_local_experts": 64}' >"$tmp/huge.json"
+expect 1 "layer (hidden_size 65536, intermediate_size 1048576, num_local_experts 64, 4 tokens): arena: .* elements of 8 bytes (.* GiB) are more than this machine's memory (.* GiB); the largest tensor is 'experts.w1' \[64, 65536, 1048576\]" \
+    --example-inputs "$tmp/huge-in.safetensors" --config "$tmp/huge.json" --tokens 4
+
 # usage errors: 2
 expect 2 "unknown option '--bogus'" --bogus
 expect 2 "--config" --inputs "$tmp/in.safetensors" --out "$tmp/x.safetensors"

@@ -8,8 +8,11 @@
  */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include "backend/backend.h"
+#include "cpu/fastmath.h"
 #include "ref/ref.h"
 #include "testutil.h"
+
+#include <float.h>
 
 #include <unistd.h>
 
@@ -209,7 +212,7 @@ START_TEST(test_router_ops)
     const shape *s = &shapes[_i];
     const int64_t T = s->T, E = s->E, d = s->d;
     double *zh = logits(s, 10);
-    pair z = mk(T * E, zh), zn = mk_rand(T * E, 1, 11), sc = mk(T * E, NULL);
+    pair z = mk(T * E, zh), sc = mk(T * E, NULL);
     for (int fn = 0; fn < 2; fn++) {
         R->scores_forward(R, TR(sc), TR(z), (moe_score_fn)fn, T, E);
         C->scores_forward(C, TC(sc), TC(z), (moe_score_fn)fn, T, E);
@@ -230,29 +233,7 @@ START_TEST(test_router_ops)
     R->jitter_backward(R, TR(dx), TR(xr), TR(u), T, d);
     C->jitter_backward(C, TC(dx), TC(xr), TC(u), T, d);
     rel(dx, "jitter dx", TOL);
-    /* noisy logits and the smooth load */
-    pair h = mk(T * E, NULL), eps = mk(T * E, NULL), load = mk(E, NULL);
-    for (int training = 0; training < 2; training++) {
-        R->noisy_logits_forward(R, TR(h), TR(eps), TR(z), TR(zn), training, 9, 1, MOE_KEY_STEP(2), T, E);
-        C->noisy_logits_forward(C, TC(h), TC(eps), TC(z), TC(zn), training, 9, 1, MOE_KEY_STEP(2), T, E);
-        rel(h, "noisy h", TOL);
-        rel(eps, "noisy eps", TOL);
-    }
-    pair dh = mk_rand(T * E, 1, 16), dz = mk_rand(T * E, 1, 17), dzn = mk_rand(T * E, 1, 18);
-    moe_tensor rz = TR(dz), rzn = TR(dzn), cz = TC(dz), czn = TC(dzn), rh = TR(dh), ch = TC(dh);
-    R->noisy_logits_backward(R, &rz, &rzn, TR(dh), TR(eps), TR(zn), T, E);
-    C->noisy_logits_backward(C, &cz, &czn, TC(dh), TC(eps), TC(zn), T, E);
-    rel(dz, "noisy dz", TOL);
-    rel(dzn, "noisy dzn", TOL);
-    R->noisy_load_forward(R, TR(load), TR(z), TR(zn), TR(h), s->k, T, E);
-    C->noisy_load_forward(C, TC(load), TC(z), TC(zn), TC(h), s->k, T, E);
-    rel(load, "noisy load", TOL);
-    pair dload = mk_rand(E, 1, 19);
-    R->noisy_load_backward(R, &rz, &rzn, &rh, TR(dload), TR(z), TR(zn), TR(h), s->k, T, E);
-    C->noisy_load_backward(C, &cz, &czn, &ch, TC(dload), TC(z), TC(zn), TC(h), s->k, T, E);
-    rel(dz, "noisy load dz", TOL);
-    rel(dzn, "noisy load dzn", TOL);
-    rel(dh, "noisy load dh", TOL);
+    pair dz = mk_rand(T * E, 1, 17);
     /* z-loss and MI */
     pair out = mk(1, NULL);
     double zr, zc;
@@ -279,7 +260,65 @@ START_TEST(test_router_ops)
     rel(dz, "mi loss ds", TOL);
     free(task_h);
     free(zh);
-    pair all[] = {z, zn, sc, x, xr, u, dx, h, eps, load, dh, dz, dzn, dload, out, task};
+    pair all[] = {z, sc, x, xr, u, dx, dz, out, task};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        drop(all[i]);
+}
+END_TEST
+
+/*
+ * Noisy gating and the smooth load with the noise logits zn = x·W_noise spread around
+ * an offset: ordinary ones, and extremes where softplus(zn) underflows to 0 in float
+ * (below about −104: router.noise = −7 on a few features gets there) or in double
+ * (below about −745), and large positive ones (noise far wider than the logits).
+ */
+static const double noise_cases[][2] = {{0, 1}, {-110, 3}, {-2000, 100}, {60, 10}, {1e4, 100}};
+#define NNOISE (int)(sizeof noise_cases / sizeof noise_cases[0])
+
+START_TEST(test_noisy_router)
+{
+    const shape *s = &shapes[_i / NNOISE];
+    const double off = noise_cases[_i % NNOISE][0], scale = noise_cases[_i % NNOISE][1];
+    const int64_t T = s->T, E = s->E;
+    double *zh = logits(s, 10), *znh = tu_alloc(T * E);
+    tu_randn(znh, T * E, scale, 11);
+    for (int64_t i = 0; i < T * E; i++)
+        znh[i] += off;
+    pair z = mk(T * E, zh), zn = mk(T * E, znh);
+    pair h = mk(T * E, NULL), eps = mk(T * E, NULL), load = mk(E, NULL);
+    for (int training = 0; training < 2; training++) {
+        R->noisy_logits_forward(R, TR(h), TR(eps), TR(z), TR(zn), training, 9, 1, MOE_KEY_STEP(2), T, E);
+        C->noisy_logits_forward(C, TC(h), TC(eps), TC(z), TC(zn), training, 9, 1, MOE_KEY_STEP(2), T, E);
+        rel(h, "noisy h", TOL);
+        rel(eps, "noisy eps", TOL);
+    }
+    pair dh = mk_rand(T * E, 1, 16), dz = mk_rand(T * E, 1, 17), dzn = mk_rand(T * E, 1, 18);
+    moe_tensor rz = TR(dz), rzn = TR(dzn), cz = TC(dz), czn = TC(dzn), rh = TR(dh), ch = TC(dh);
+    R->noisy_logits_backward(R, &rz, &rzn, TR(dh), TR(eps), TR(zn), T, E);
+    C->noisy_logits_backward(C, &cz, &czn, TC(dh), TC(eps), TC(zn), T, E);
+    rel(dz, "noisy dz", TOL);
+    rel(dzn, "noisy dzn", TOL);
+    R->noisy_load_forward(R, TR(load), TR(z), TR(zn), TR(h), s->k, T, E);
+    C->noisy_load_forward(C, TC(load), TC(z), TC(zn), TC(h), s->k, T, E);
+    rel(load, "noisy load", TOL);
+    pair dload = mk_rand(E, 1, 19);
+    R->noisy_load_backward(R, &rz, &rzn, &rh, TR(dload), TR(z), TR(zn), TR(h), s->k, T, E);
+    C->noisy_load_backward(C, &cz, &czn, &ch, TC(dload), TC(z), TC(zn), TC(h), s->k, T, E);
+    rel(dz, "noisy load dz", TOL);
+    rel(dzn, "noisy load dzn", TOL);
+    rel(dh, "noisy load dh", TOL);
+    /* nothing of it may be NaN or infinite (rel() already refuses NaN) */
+    pair outs[] = {h, load, dz, dzn, dh};
+    for (size_t o = 0; o < sizeof outs / sizeof outs[0]; o++) {
+        double *a = tu_alloc(outs[o].n);
+        ck_assert_int_eq(moe_download_f64(C, a, TC(outs[o]), outs[o].n), MOE_OK);
+        for (int64_t i = 0; i < outs[o].n; i++)
+            ck_assert_msg(isfinite(a[i]), "zn around %g: cpu output %zu [%lld] = %g", off, o, (long long)i, a[i]);
+        free(a);
+    }
+    free(zh);
+    free(znh);
+    pair all[] = {z, zn, h, eps, load, dh, dz, dzn, dload};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         drop(all[i]);
 }
@@ -528,6 +567,76 @@ START_TEST(test_experts)
 }
 END_TEST
 
+/* ---- the fast exp of the activations -------------------------------------------- */
+
+/* moe_exp_fast against exp over its whole range and at the special values: NaN in,
+ * NaN out; overflow to inf and underflow to 0 as expf (and no undefined behaviour on
+ * the way, which the sanitizer build checks: -fsanitize=float-cast-overflow) */
+START_TEST(test_exp_fast)
+{
+    double worst = 0;
+    for (double x = -110; x <= 95; x += 1.0 / 1024) {
+        float y = moe_exp_fast((float)x);
+        double e = exp((double)(float)x), want = (double)(float)e;
+        if (want > FLT_MAX) {
+            ck_assert_msg(isinf(y) && y > 0, "exp_fast(%.9g) = %g, want inf", x, y);
+            continue;
+        }
+        double err = fabs(y - e);
+        ck_assert_msg(err <= 4e-7 * e + 0x1p-148, "exp_fast(%.9g) = %.9g, exp %.9g", x, y, e);
+        if (e >= FLT_MIN && err / e > worst)
+            worst = err / e;
+    }
+    printf("exp_fast: max rel err %.2e over [-110, 95] (normal results)\n", worst);
+    static const float big[] = {88.75f, 89.0f, 100.0f, 1e10f, 1e30f, FLT_MAX, INFINITY};
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
+        ck_assert_msg(isinf(moe_exp_fast(big[i])) && moe_exp_fast(big[i]) > 0, "exp_fast(%g)", big[i]);
+    static const float tiny[] = {-104.0f, -110.0f, -1e10f, -1e30f, -FLT_MAX, -INFINITY};
+    for (size_t i = 0; i < sizeof tiny / sizeof tiny[0]; i++)
+        ck_assert_msg(moe_exp_fast(tiny[i]) == 0.0f, "exp_fast(%g) = %g", tiny[i], moe_exp_fast(tiny[i]));
+    ck_assert(isnan(moe_exp_fast(NAN)));
+    ck_assert(isnan(moe_exp_fast(-NAN)));
+    ck_assert(moe_exp_fast(0.0f) == 1.0f);
+}
+END_TEST
+
+/* A NaN row of the FFN's input gives a NaN row out, under every activation; the
+ * other rows are untouched and still match ref */
+START_TEST(test_ffn_nan_row)
+{
+    const moe_activation act = (moe_activation)_i;
+    const int glu = act == MOE_ACT_GEGLU || act == MOE_ACT_SWIGLU;
+    const int64_t T = 9, d = 8, f = 12;
+    double *xh = tu_alloc(T * d);
+    tu_randn(xh, T * d, 1, 50);
+    for (int64_t j = 0; j < d; j++)
+        xh[2 * d + j] = NAN;
+    pair x = mk(T * d, xh), w1 = mk_rand(d * f, 0.4, 51), w3 = mk_rand(d * f, 0.4, 52), w2 = mk_rand(f * d, 0.4, 53);
+    pair o = mk(T * d, NULL), g1 = mk(T * f, NULL), g3 = mk(T * f, NULL), ga = mk(T * f, NULL);
+    moe_tensor rw3 = TR(w3), cw3 = TC(w3);
+    R->ffn_forward(R, TR(o), TR(g1), TR(g3), TR(ga), TR(x), TR(w1), glu ? &rw3 : NULL, TR(w2), act, T, d, f);
+    C->ffn_forward(C, TC(o), TC(g1), TC(g3), TC(ga), TC(x), TC(w1), glu ? &cw3 : NULL, TC(w2), act, T, d, f);
+    double *a = tu_alloc(T * d), *r = tu_alloc(T * d);
+    ck_assert_int_eq(moe_download_f64(C, a, TC(o), T * d), MOE_OK);
+    ck_assert_int_eq(moe_download_f64(R, r, TR(o), T * d), MOE_OK);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < d; j++) {
+            double v = a[t * d + j];
+            if (t == 2)
+                ck_assert_msg(isnan(v), "act %d: row 2 (NaN in) gives %g", (int)act, v);
+            else
+                ck_assert_msg(fabs(v - r[t * d + j]) <= 1e-4 * (fabs(r[t * d + j]) + 1), "act %d: [%lld, %lld] %g vs %g",
+                              (int)act, (long long)t, (long long)j, v, r[t * d + j]);
+        }
+    free(a);
+    free(r);
+    free(xh);
+    pair all[] = {x, w1, w3, w2, o, g1, g3, ga};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        drop(all[i]);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -538,8 +647,11 @@ int main(int argc, char **argv)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, test_matmul, 0, NSHAPES);
     tcase_add_loop_test(tc, test_router_ops, 0, NSHAPES);
+    tcase_add_loop_test(tc, test_noisy_router, 0, NSHAPES * NNOISE);
     tcase_add_loop_test(tc, test_route, 0, NSHAPES * NROUTE);
     tcase_add_loop_test(tc, test_experts, 0, NSHAPES * 5);
+    tcase_add_test(tc, test_exp_fast);
+    tcase_add_loop_test(tc, test_ffn_nan_row, 0, 5);
     suite_add_tcase(s, tc);
     return tu_run(s);
 }

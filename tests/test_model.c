@@ -454,6 +454,10 @@ START_TEST(test_config)
     bad("{\"num_local_experts\": 1}", "num_experts_per_tok");
     bad("{\"hiden_size\": 64}", "hiden_size");
     bad("{\"initializer_range\": -1}", "initializer_range");
+    bad("{\"initializer_range\": 1e300}", "initializer_range"); /* overflowed the first forward */
+    bad("{\"initializer_range\": 2}", "initializer_range");
+    bad("{\"switch_init_scale\": 1e6}", "switch_init_scale");
+    bad("{\"bias_update_rate\": 5}", "bias_update_rate");
     bad("{\"hidden_act\": \"tanh\"}", "hidden_act");
     bad("[1, 2]", "object");
 
@@ -533,6 +537,79 @@ START_TEST(test_schedule)
     ck_assert_double_eq_tol(moe_lr_at(&o, 500), 1.0, 1e-15);
     o.beta1 = 1.0;
     ck_assert_int_ne(moe_optim_config_validate(&o), MOE_OK);
+}
+END_TEST
+
+/* the optimizer's keys: finite and in the ranges where AdamW is AdamW, each named */
+START_TEST(test_optim_ranges)
+{
+    static const struct { double lr, eps, wd, b1, b2; const char *key; } cases[] = {
+        {1e308, 1e-8, 0.1, 0.9, 0.95, "lr"}, {2, 1e-8, 0.1, 0.9, 0.95, "lr"},
+        {-1, 1e-8, 0.1, 0.9, 0.95, "lr"},    {NAN, 1e-8, 0.1, 0.9, 0.95, "lr"},
+        {1e-3, 0, 0.1, 0.9, 0.95, "eps"},    {1e-3, 1e300, 0.1, 0.9, 0.95, "eps"},
+        {1e-3, NAN, 0.1, 0.9, 0.95, "eps"},  {0.5, 1e-8, 3, 0.9, 0.95, "weight_decay"},
+        {1e-3, 1e-8, NAN, 0.9, 0.95, "weight_decay"}, {1e-3, 1e-8, 0.1, 1, 0.95, "beta1"},
+        {1e-3, 1e-8, 0.1, 0.9, NAN, "beta2"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        moe_optim_config o;
+        moe_optim_config_default(&o);
+        o.lr = cases[i].lr;
+        o.eps = cases[i].eps;
+        o.weight_decay = cases[i].wd;
+        o.beta1 = cases[i].b1;
+        o.beta2 = cases[i].b2;
+        ck_assert_int_eq(moe_optim_config_validate(&o), MOE_ERR_ARG);
+        ck_assert_msg(strstr(moe_last_error(), cases[i].key), "case %zu: '%s' does not name %s", i, moe_last_error(),
+                      cases[i].key);
+    }
+    moe_optim_config o;
+    moe_optim_config_default(&o);
+    o.lr = 1;
+    o.weight_decay = 1;
+    ck_assert_int_eq(moe_optim_config_validate(&o), MOE_OK); /* the edges are allowed */
+}
+END_TEST
+
+/* What the divergence message of cmoe train says: the first non-finite parameter or
+ * gradient by name and element, or the largest |parameter| when all are finite */
+START_TEST(test_explain_nonfinite)
+{
+    moe_model_config c;
+    moe_model_config_tiny(&c);
+    moe_backend *b;
+    moe_model *m = make(&c, "cpu", 1, 4, &b);
+    ck_assert_int_eq(moe_model_init(m, 5), MOE_OK);
+    moe_model_zero_grad(m);
+    char why[512];
+    int found = -1;
+    ck_assert_int_eq(moe_model_explain_nonfinite(m, 0, why, sizeof why, &found), MOE_OK);
+    ck_assert_int_eq(found, 0);
+    ck_assert_msg(strstr(why, "every parameter is finite") && strstr(why, "largest |parameter|"), "%s", why);
+    ck_assert_int_eq(moe_model_explain_nonfinite(m, 1, why, sizeof why, &found), MOE_OK);
+    ck_assert_msg(!found && strstr(why, "every gradient is finite"), "%s", why);
+    /* a NaN weight and an infinite gradient, each named with its element */
+    const int pi = moe_model_param_index(m, "model.layers.1.block_sparse_moe.experts.w2");
+    const moe_param_info *p = moe_model_param(m, pi);
+    double *v = tu_alloc(p->numel);
+    ck_assert_int_eq(moe_model_get_param(m, pi, v), MOE_OK);
+    v[7] = NAN;
+    ck_assert_int_eq(moe_model_set_param(m, pi, v), MOE_OK);
+    ck_assert_int_eq(moe_model_explain_nonfinite(m, 0, why, sizeof why, &found), MOE_OK);
+    ck_assert_msg(found && strstr(why, "parameter 'model.layers.1.block_sparse_moe.experts.w2'") &&
+                      strstr(why, "element 7 ") && strstr(why, "nan"), "%s", why);
+    moe_tensor g;
+    ck_assert_int_eq(moe_model_param_tensors(m, 0, NULL, &g), MOE_OK);
+    double *gz = calloc((size_t)moe_model_param(m, 0)->numel, sizeof *gz);
+    gz[3] = -INFINITY;
+    ck_assert_int_eq(moe_upload_f64(b, g, gz, moe_model_param(m, 0)->numel), MOE_OK);
+    ck_assert_int_eq(moe_model_explain_nonfinite(m, 1, why, sizeof why, &found), MOE_OK);
+    ck_assert_msg(found && strstr(why, moe_model_param(m, 0)->name) && strstr(why, "element 3 ") &&
+                      strstr(why, "-inf"), "%s", why);
+    free(gz);
+    free(v);
+    moe_model_free(m);
+    moe_backend_free(b);
 }
 END_TEST
 
@@ -638,6 +715,8 @@ int main(int argc, char **argv)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_config);
     tcase_add_test(tc, test_schedule);
+    tcase_add_test(tc, test_optim_ranges);
+    tcase_add_test(tc, test_explain_nonfinite);
     tcase_add_test(tc, test_switch_init);
     tcase_add_test(tc, test_accumulation);
     tcase_add_test(tc, test_cpu_vs_ref);

@@ -1,8 +1,8 @@
 #!/bin/sh
 # cmoe train, sample and eval: tiny runs on synthetic data and on a small text file,
 # the run directory they write (metrics.jsonl with the keys issue 5's report reads,
-# config.json, train.json, model.safetensors), sampling and evaluation of that run, and
-# the exit codes of bad input. Run by automake with top_srcdir and top_builddir exported.
+# config.json, train.json, model.safetensors), sampling and evaluation of that run, the
+# exit codes of bad input, and NaN/Inf weights and divergence named by their cause. Run by automake with top_srcdir and top_builddir exported.
 : "${top_srcdir:=.}" "${top_builddir:=.}"
 cmoe="$top_builddir/cmoe"
 [ -x "$cmoe" ] || { echo "train.sh: $cmoe is not built"; exit 99; }
@@ -99,8 +99,14 @@ cp "$tmp/stdout" "$tmp/sample1"
 [ "$(wc -w <"$tmp/sample1" | tr -d ' ')" -eq 27 ] || fail "sample: want 3 prompt + 24 ids, got: $(cat "$tmp/sample1")"
 expect 0 "" sample "$syn" --tokens 24 --seed 5 --prompt "1 2 3"
 cmp -s "$tmp/stdout" "$tmp/sample1" || fail "sample is not reproducible with the same seed"
-# longer than max_position_embeddings (64): the context slides
-expect 0 "" sample "$syn" --tokens 150 --temperature 0
+# the context is what the run trained on (--seq 32), not max_position_embeddings (64): it
+# slides at 32, so the model never runs at a position it never saw
+expect 0 "context 32 (the sequence length it trained on), the window slid" sample "$syn" --tokens 150 --temperature 0
+[ "$(wc -w <"$tmp/stdout" | tr -d ' ')" -eq 150 ] || fail "sample past the context: want 150 ids"
+expect 0 "context 32 (the sequence length it trained on)$" sample "$syn" --tokens 10
+# a prompt longer than the context: it slides while reading the prompt
+expect 0 "the window slid" sample "$syn" --tokens 10 --prompt "$(seq -s ' ' 0 31) 1 2 3 4 5 6 7 8"
+[ "$(wc -w <"$tmp/stdout" | tr -d ' ')" -eq 50 ] || fail "sample of a 40-id prompt: want 50 ids"
 expect 1 "prompt" sample "$syn" --prompt "1 99"
 
 # ---- a byte-level model on a small text file -------------------------------------------
@@ -157,6 +163,33 @@ expect 1 "no-such-run" sample "$tmp/no-such-run"
 mkdir "$tmp/not-a-run"
 expect 1 "no weights" eval "$tmp/not-a-run"
 expect 1 "missing.txt" eval "$syn" --data "$tmp/missing.txt"
+
+# ---- NaN, Inf and divergence: refused or explained by name, never a silent nan ----------------
+. "$top_srcdir/tests/poison.sh"
+cp -r "$syn" "$tmp/nan" && poison "$tmp/nan/model.safetensors" model.layers.1.block_sparse_moe.experts.w1 nan ||
+    fail "could not poison a copy of the run"
+w1="parameter 'model.layers.1.block_sparse_moe.experts.w1' is not finite: element 0 (of 1024) is nan"
+expect 1 "$w1" eval "$tmp/nan" --max-batches 1
+expect 1 "$w1" sample "$tmp/nan" --tokens 2
+expect 1 "$w1" train --init-from "$tmp/nan" --data synth --steps 1 --out "$tmp/x9"
+# finite weights whose forward overflows: eval errs, and training says so instead of blaming --lr
+cp -r "$syn" "$tmp/big" && poison "$tmp/big/model.safetensors" lm_head.weight max || fail "could not poison"
+big="every parameter is finite; the largest |parameter| is 3.40282e+38, in 'lm_head.weight'"
+expect 1 "the loss is nan on synth: the forward pass overflowed ($big)" eval "$tmp/big" --max-batches 2
+expect 1 "training diverged at step 1: the loss is nan (ce nan, .*): $big, so the forward pass overflowed" \
+    train --init-from "$tmp/big" --data synth --steps 2 --out "$tmp/x10"
+grep -q "try a lower --lr" "$tmp/stderr" && fail "an overflowing forward pass is blamed on --lr"
+# out-of-range settings are refused up front, naming the key
+expect 1 "lr (--lr) must be in \[0, 1\]" train --preset tiny --data synth --steps 3 --lr 1e308 --out "$tmp/x11"
+echo '{"initializer_range": 1e300}' >"$tmp/init.json"
+expect 1 "initializer_range must be in (0, 1\]" train --config "$tmp/init.json" --data synth --steps 1 --out "$tmp/x12"
+
+# messages that say what is wrong: a directory as config; a model larger than the machine,
+# refused before allocating, with the config keys that make it so
+expect 1 "config $tmp: is a directory, not a JSON file" train --config "$tmp" --data synth --steps 1 --out "$tmp/x13"
+echo '{"hidden_size": 1048576, "moe_intermediate_size": 16777216, "num_local_experts": 10}' >"$tmp/huge.json"
+expect 1 "model: MoE layer 0 (hidden_size 1048576, moe_intermediate_size 16777216, num_local_experts 10, .*more than this machine's memory.*The config asks for .* parameters (hidden_size 1048576" \
+    train --config "$tmp/huge.json" --data synth --steps 1 --out "$tmp/x14"
 
 echo "train.sh: $fails failure(s)"
 [ "$fails" -eq 0 ]

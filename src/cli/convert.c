@@ -84,9 +84,15 @@ void help_import(void)
            "  cmoe sample RUN_DIR                text\n"
            "  cmoe train --init-from RUN_DIR ... fine-tuning (fresh optimizer)\n\n"
            "%s\n"
-           "Refused: other model types, rope_scaling, sliding windows shorter than the\n"
-           "context, activations other than silu and gelu, tensors that are missing, of the\n"
-           "wrong shape or not part of the model (rotary inv_freq buffers are ignored).\n"
+           "Reads the config.json of transformers 4 (rope_theta, torch_dtype) and 5\n"
+           "(rope_parameters, dtype, head_dim null). A key left out that changes the math\n"
+           "(rope_theta, rms_norm_eps, hidden_act, num_experts_per_tok, norm_topk_prob) takes\n"
+           "the HF class default, as transformers does, and a note on stderr says so.\n"
+           "Refused: other model types, rope types other than \"default\" (linear, dynamic,\n"
+           "yarn, llama3, longrope, ...), partial rotary factors, sliding windows shorter than\n"
+           "the context, activations other than silu and gelu, tensors that are missing, of\n"
+           "the wrong shape, not finite (NaN, Inf) or not part of the model (rotary inv_freq\n"
+           "buffers are ignored).\n"
            "RUN_DIR must not hold a run (--force overwrites).\n\n"
            "Options:\n"
            "  --format hf         the only format (required)\n"
@@ -195,7 +201,10 @@ int cmd_import(int argc, char **argv)
     moe_backend *b = NULL;
     moe_model *m = NULL;
     char *cfg_json = NULL;
-    moe_status s = moe_hf_read_config(hf_dir, &c, &arch);
+    char notes[2048];
+    moe_status s = moe_hf_read_config(hf_dir, &c, &arch, notes, sizeof notes);
+    if (!s && notes[0]) /* defaults that change the math: said, never silent */
+        fprintf(stderr, "cmoe import: note: %s/config.json: %s\n", hf_dir, notes);
     /* the ref backend holds double: every F32/BF16/F16 value passes unchanged */
     if (!s && !(s = moe_backend_create("ref", NULL, &b)) && !(s = moe_model_create(&c, b, NULL, 1, 1, &m)) &&
         !(s = moe_hf_load_weights(hf_dir, m, arch)) && !(s = cli_mkdirs(run_dir)) &&

@@ -47,7 +47,8 @@ void help_eval(void)
            "  --threads N          worker threads (OpenMP's default)\n"
            "  --json               print one JSON object instead of text\n"
            "  --help               this text\n\n"
-           "Exit status: 0 ok, 1 failure (no run, bad data; the reason on stderr), 2 usage.\n");
+           "Exit status: 0 ok, 1 failure (no run, bad data, weights that are not finite, a loss\n"
+           "that is not finite; the reason on stderr), 2 usage.\n");
 }
 
 static int usage(const char *fmt, ...)
@@ -133,6 +134,13 @@ static moe_status evaluate(const eval_opts *o, cli_run *r)
         goto done;
     }
     const double loss = sum / (double)total, bits = loss / log(2.0), dt = now() - t0;
+    if (!isfinite(loss)) { /* the weights are finite (checked when loaded): the forward overflowed */
+        char why[600];
+        if (moe_model_explain_nonfinite(r->model, 0, why, sizeof why, NULL))
+            snprintf(why, sizeof why, "%s", moe_last_error());
+        s = moe_error(MOE_ERR_ARG, "the loss is %g on %s: the forward pass overflowed (%s)", loss, path, why);
+        goto done;
+    }
     const int bytes = moe_dataset_kind(d) == MOE_DATA_TEXT;
     const char *unit = bytes ? "byte" : "token";
     if (o->json) {

@@ -19,7 +19,7 @@
 void help_oracle(void)
 {
     printf("Usage: cmoe oracle --config LAYER.json --inputs IN.safetensors --out OUT.safetensors\n"
-           "                   [--step N] [--micro M] [--token0 K] [--eval]\n"
+           "                   [--step N] [--micro M] [--token0 K] [--eval] [--allow-nonfinite]\n"
            "       cmoe oracle --example-inputs IN.safetensors --config LAYER.json --tokens T [--seed S]\n"
            "\n"
            "Runs the reference MoE layer (plain C, double precision) on the tensors of IN and\n"
@@ -36,6 +36,9 @@ void help_oracle(void)
            "  --token0 K             global index of the first token, as a rank holding tokens\n"
            "                         K.. of a batch sees it (default 0)\n"
            "  --eval                 evaluation mode: no router jitter, no gate noise\n"
+           "  --allow-nonfinite      run on NaN or Inf in x, dy or a parameter (refused otherwise,\n"
+           "                         naming the tensor and the first bad element): for checking\n"
+           "                         how a layer propagates them\n"
            "  --example-inputs FILE  write a valid inputs file instead: random x, dy, token_ids\n"
            "                         (and task_ids with num_tasks), initialised parameters\n"
            "  --tokens T             tokens in the example inputs\n"
@@ -82,7 +85,7 @@ static int parse_u64(const char *s, uint64_t max, uint64_t *out)
 typedef struct {
     const char *config, *inputs, *out, *example;
     uint64_t step, micro, token0, seed, tokens;
-    int eval, have_step, have_seed, have_tokens;
+    int eval, have_step, have_seed, have_tokens, allow_nonfinite;
 } oracle_opts;
 
 /* ---- running the layer ------------------------------------------------------ */
@@ -131,8 +134,10 @@ static moe_status check_names(const moe_st_file *in, const moe_arena *params)
     return MOE_OK;
 }
 
+/* no_tasks: said after a task id out of range when the config has no tasks, where
+ * "[0, 0]" alone would read as a bound to meet */
 static moe_status load_ids(const moe_st_file *in, const char *name, int64_t T, int32_t lo, int32_t hi,
-                           int32_t **out)
+                           const char *no_tasks, int32_t **out)
 {
     if (!moe_st_find(in, name))
         return MOE_OK;
@@ -142,12 +147,22 @@ static moe_status load_ids(const moe_st_file *in, const char *name, int64_t T, i
     moe_status s = moe_st_get_i32(in, name, 1, shape, *out);
     for (int64_t t = 0; s == MOE_OK && t < T; t++)
         if ((*out)[t] < lo || (*out)[t] > hi)
-            s = moe_error(MOE_ERR_FORMAT, "%s: %s[%lld] = %d is outside [%d, %d]", in->path, name, (long long)t,
-                          (int)(*out)[t], (int)lo, (int)hi);
+            s = moe_error(MOE_ERR_FORMAT, "%s: %s[%lld] = %d is outside [%d, %d]%s", in->path, name, (long long)t,
+                          (int)(*out)[t], (int)lo, (int)hi, no_tasks ? no_tasks : "");
     return s;
 }
 
-static moe_status load_inputs(oracle_run *r, const char *path)
+/* NaN or Inf in an input would run silently into NaN outputs: refused unless asked for */
+static moe_status finite(const char *path, const char *kind, const char *name, const double *v, int64_t n, int allow)
+{
+    char what[512];
+    snprintf(what, sizeof what, "%s: %s '%s'", path, kind, name);
+    if (allow || !moe_check_finite(MOE_ERR_FORMAT, what, v, n))
+        return MOE_OK;
+    return moe_error(MOE_ERR_FORMAT, "%s (--allow-nonfinite runs on it anyway)", moe_last_error());
+}
+
+static moe_status load_inputs(oracle_run *r, const char *path, int allow)
 {
     moe_status s;
     if ((s = moe_st_read(path, &r->in)))
@@ -174,7 +189,9 @@ static moe_status load_inputs(oracle_run *r, const char *path)
             return moe_error(MOE_ERR_FORMAT, "%s: parameter '%s' %s is missing", path, v->name,
                              moe_st_shape_str(v->ndim, v->shape, sh, sizeof sh));
         }
-        if ((s = moe_st_get_f64(r->in, v->name, v->ndim, v->shape, moe_ref_layer_param(r->layer, v->name, NULL))))
+        double *p = moe_ref_layer_param(r->layer, v->name, NULL);
+        if ((s = moe_st_get_f64(r->in, v->name, v->ndim, v->shape, p)) ||
+            (s = finite(path, "parameter", v->name, p, v->numel, allow)))
             return s;
     }
     size_t n = (size_t)(r->T * d);
@@ -183,19 +200,23 @@ static moe_status load_inputs(oracle_run *r, const char *path)
     r->y = malloc(n * sizeof *r->y);
     if (!r->x || !r->y)
         return moe_error(MOE_ERR_NOMEM, "out of memory for x and y");
-    if ((s = moe_st_get_f64(r->in, "x", 2, shape, r->x)))
+    if ((s = moe_st_get_f64(r->in, "x", 2, shape, r->x)) || (s = finite(path, "input", "x", r->x, r->T * d, allow)))
         return s;
     if (moe_st_find(r->in, "dy")) {
         r->dy = malloc(n * sizeof *r->dy);
         r->dx = malloc(n * sizeof *r->dx);
         if (!r->dy || !r->dx)
             return moe_error(MOE_ERR_NOMEM, "out of memory for dy and dx");
-        if ((s = moe_st_get_f64(r->in, "dy", 2, shape, r->dy)))
+        if ((s = moe_st_get_f64(r->in, "dy", 2, shape, r->dy)) ||
+            (s = finite(path, "input", "dy", r->dy, r->T * d, allow)))
             return s;
     }
     int32_t max_task = r->cfg.n_tasks > 0 ? (int32_t)(r->cfg.n_tasks - 1) : 0;
-    if ((s = load_ids(r->in, "token_ids", r->T, 0, INT32_MAX, &r->token_ids)) ||
-        (s = load_ids(r->in, "task_ids", r->T, 0, max_task, &r->task_ids)))
+    const char *no_tasks = r->cfg.n_tasks > 0 ? NULL
+                                              : ": the config has no tasks (num_tasks = 0), so every task id is 0; "
+                                                "set num_tasks (the MI loss needs it), or leave task_ids out";
+    if ((s = load_ids(r->in, "token_ids", r->T, 0, INT32_MAX, NULL, &r->token_ids)) ||
+        (s = load_ids(r->in, "task_ids", r->T, 0, max_task, no_tasks, &r->task_ids)))
         return s;
     return MOE_OK;
 }
@@ -298,7 +319,7 @@ static int run_oracle(const oracle_opts *o)
     oracle_scalars sc;
     moe_st_writer *w = NULL;
     moe_status s;
-    if ((s = moe_layer_config_load(o->config, &r.cfg)) || (s = load_inputs(&r, o->inputs)))
+    if ((s = moe_layer_config_load(o->config, &r.cfg)) || (s = load_inputs(&r, o->inputs, o->allow_nonfinite)))
         goto done;
     if ((s = moe_ref_layer_forward(r.layer, r.y, r.x, r.token_ids, r.task_ids, r.T,
                                    (moe_key){o->step, (uint32_t)o->micro, (uint32_t)o->token0}, !o->eval)))
@@ -387,7 +408,10 @@ done:
 
 /* ---- command line -------------------------------------------------------------- */
 
-enum { OPT_CONFIG = 256, OPT_INPUTS, OPT_OUT, OPT_STEP, OPT_MICRO, OPT_TOKEN0, OPT_EVAL, OPT_EXAMPLE, OPT_TOKENS, OPT_SEED, OPT_HELP };
+enum {
+    OPT_CONFIG = 256, OPT_INPUTS, OPT_OUT, OPT_STEP, OPT_MICRO, OPT_TOKEN0, OPT_EVAL, OPT_EXAMPLE, OPT_TOKENS,
+    OPT_SEED, OPT_ALLOW_NONFINITE, OPT_HELP
+};
 
 int cmd_oracle(int argc, char **argv)
 {
@@ -399,6 +423,7 @@ int cmd_oracle(int argc, char **argv)
         {"micro", required_argument, NULL, OPT_MICRO},
         {"token0", required_argument, NULL, OPT_TOKEN0},
         {"eval", no_argument, NULL, OPT_EVAL},
+        {"allow-nonfinite", no_argument, NULL, OPT_ALLOW_NONFINITE},
         {"example-inputs", required_argument, NULL, OPT_EXAMPLE},
         {"tokens", required_argument, NULL, OPT_TOKENS},
         {"seed", required_argument, NULL, OPT_SEED},
@@ -417,6 +442,7 @@ int cmd_oracle(int argc, char **argv)
         case OPT_OUT: o.out = optarg; break;
         case OPT_EXAMPLE: o.example = optarg; break;
         case OPT_EVAL: o.eval = 1; break;
+        case OPT_ALLOW_NONFINITE: o.allow_nonfinite = 1; break;
         case OPT_STEP:
             if (!parse_u64(optarg, UINT32_MAX, &o.step))
                 return usage("--step: '%s' is not an integer in [0, %u]", optarg, (unsigned)UINT32_MAX);
@@ -452,7 +478,7 @@ int cmd_oracle(int argc, char **argv)
     if (!o.config)
         return usage("--config LAYER.json is required");
     if (o.example) {
-        if (o.inputs || o.out || o.have_step || o.eval)
+        if (o.inputs || o.out || o.have_step || o.eval || o.allow_nonfinite)
             return usage("--example-inputs writes an inputs file; it takes --config, --tokens and --seed only");
         if (!o.have_tokens)
             return usage("--example-inputs needs --tokens T");

@@ -218,8 +218,13 @@ moe_status cli_run_load_into(cli_run *r, moe_model *model)
         const moe_param_info *p = moe_model_param(model, i);
         if (!moe_st_find(f, p->name))
             s = moe_error(MOE_ERR_FORMAT, "%s: parameter '%s' is missing", r->path, p->name);
-        else if (!(s = moe_st_get_f64(f, p->name, p->ndim, p->shape, buf)))
-            s = moe_model_set_param(model, i, buf);
+        else if (!(s = moe_st_get_f64(f, p->name, p->ndim, p->shape, buf))) {
+            /* NaN or Inf weights give NaN losses and text: refused here, by name */
+            char what[4300];
+            snprintf(what, sizeof what, "%s: parameter '%s'", r->path, p->name);
+            if (!(s = moe_check_finite(MOE_ERR_FORMAT, what, buf, p->numel)))
+                s = moe_model_set_param(model, i, buf);
+        }
     }
     free(buf);
     if (!s) {

@@ -56,10 +56,11 @@ typedef struct {
 /* Reads DIR/model.safetensors and its metadata; the message names what is missing. */
 moe_status cli_run_open(const char *dir, cli_run *r);
 /* Builds the model on the named backend for max_batch x max_seq tokens and sets every
- * parameter from the file (each must be there with its shape). */
+ * parameter from the file (each must be there with its shape, and finite). */
 moe_status cli_run_build(cli_run *r, const char *backend, int threads, int64_t max_batch, int64_t max_seq);
 /* Sets every parameter of model (built from r->cfg by the caller) from the file opened
- * by cli_run_open, which it then releases. */
+ * by cli_run_open, which it then releases. NaN or Inf in a parameter is refused (the
+ * message names it and the first bad element). */
 moe_status cli_run_load_into(cli_run *r, moe_model *model);
 void cli_run_free(cli_run *r);
 

@@ -49,7 +49,9 @@ void help_sample(void)
            "RUN_DIR/model.safetensors), one token at a time with a KV cache, and prints it\n"
            "as it goes: the prompt, then the continuation. Byte-level models (vocabulary\n"
            "256) print bytes; other models take and print token ids separated by spaces.\n"
-           "Past max_position_embeddings the context slides: the last half is kept.\n\n"
+           "The model sees at most the context it trained on (train.json's seq; for an\n"
+           "imported model, max_position_embeddings): when that is full, the last half is\n"
+           "kept and re-encoded at positions from 0, and generation goes on.\n\n"
            "Options (default):\n"
            "  --prompt TEXT        what to continue (a new line for byte-level models)\n"
            "  --tokens N           tokens to generate (%" PRId64 ")\n"
@@ -121,73 +123,57 @@ static void emit(int32_t tok, int64_t V)
     fflush(stdout);
 }
 
-/* Decodes hist[start, n) from position 0 into a fresh cache; logits of the last. */
-static moe_status refill(moe_model *m, const int32_t *hist, int64_t start, int64_t n, double *logits)
-{
-    for (int64_t i = start; i < n; i++) {
-        moe_status s = moe_model_decode(m, hist[i], i - start, logits);
-        if (s)
-            return s;
-    }
-    return MOE_OK;
-}
-
 static moe_status generate(const sample_opts *o, cli_run *r)
 {
     const moe_model_config *c = &r->cfg;
     const int64_t V = c->vocab_size;
     size_t plen = strlen(o->prompt ? o->prompt : "");
-    int64_t cap = (int64_t)plen + o->tokens + 1;
-    int32_t *hist = malloc((size_t)cap * sizeof *hist);
+    int32_t *prompt = malloc((plen + 1) * sizeof *prompt);
     double *logits = malloc((size_t)V * sizeof *logits), *probs = malloc((size_t)V * sizeof *probs);
+    moe_decoder dec = {0};
     moe_status s;
-    if (!hist || !logits || !probs) {
+    if (!prompt || !logits || !probs) {
         s = moe_error(MOE_ERR_NOMEM, "out of memory");
         goto done;
     }
     int64_t n = 0;
-    if ((s = prompt_tokens(o->prompt ? o->prompt : "", V, hist, &n)))
+    if ((s = prompt_tokens(o->prompt ? o->prompt : "", V, prompt, &n)))
         goto done;
     if (n == 0) /* a start token: a line break (Brown has a sentence per line), GPT-2's <|endoftext|> */
-        hist[n++] = V == 256 ? '\n' : V == MOE_GPT2_VOCAB ? MOE_GPT2_VOCAB - 1 : 0;
+        prompt[n++] = V == 256 ? '\n' : V == MOE_GPT2_VOCAB ? MOE_GPT2_VOCAB - 1 : 0;
     else
         for (int64_t i = 0; i < n; i++)
-            emit(hist[i], V);
-    /* the model holds W positions: enough for all, or max_position_embeddings */
-    const int64_t W = n + o->tokens < c->max_position_embeddings ? n + o->tokens : c->max_position_embeddings;
-    if ((s = cli_run_build(r, o->backend, (int)o->threads, 1, W)))
+            emit(prompt[i], V);
+    /* the context: the sequence length the run trained on, never positions it did not see
+     * (an imported model has no training seq: its max_position_embeddings) */
+    const int64_t ctx = r->seq > 0 && r->seq < c->max_position_embeddings ? r->seq : c->max_position_embeddings;
+    const int64_t W = n + o->tokens < ctx ? n + o->tokens : ctx;
+    if ((s = cli_run_build(r, o->backend, (int)o->threads, 1, W)) || (s = moe_decoder_init(&dec, r->model, W)))
         goto done;
-    const int64_t keep = W / 2 > 0 ? W / 2 : 1;
-    int64_t start = n > W ? n - keep : 0;
     double t0 = now();
-    if ((s = refill(r->model, hist, start, n, logits)))
-        goto done;
+    for (int64_t i = 0; i < n; i++)
+        if ((s = moe_decoder_push(&dec, prompt[i], logits)))
+            goto done;
+    int32_t tok = prompt[n - 1];
     for (int64_t g = 0; g < o->tokens; g++) {
-        int32_t tok;
         double u = moe_rand_uniform(o->seed, MOE_RNG_SAMPLE, 0, (uint32_t)g, 0);
         if ((s = moe_sample_token(&tok, probs, logits, V, o->temperature, o->top_k, o->top_p, u)))
             goto done;
         emit(tok, V);
-        hist[n++] = tok;
-        if (g + 1 == o->tokens)
-            break;
-        if (n - start > W) { /* the cache is full: keep the last half and go on */
-            start = n - keep;
-            s = refill(r->model, hist, start, n, logits);
-        } else {
-            s = moe_model_decode(r->model, tok, n - 1 - start, logits);
-        }
-        if (s)
+        if (g + 1 < o->tokens && (s = moe_decoder_push(&dec, tok, logits)))
             goto done;
     }
     double dt = now() - t0;
-    if (V != 256 || hist[n - 1] != '\n')
+    if (V != 256 || tok != '\n')
         putchar('\n');
     fflush(stdout);
-    fprintf(stderr, "cmoe sample: %lld tokens in %.2f s (%.1f tokens/s), step %lld of %s\n", (long long)o->tokens,
-            dt, dt > 0 ? (double)o->tokens / dt : 0.0, (long long)r->step, o->dir);
+    fprintf(stderr, "cmoe sample: %lld tokens in %.2f s (%.1f tokens/s), step %lld of %s; context %lld (%s)%s\n",
+            (long long)o->tokens, dt, dt > 0 ? (double)o->tokens / dt : 0.0, (long long)r->step, o->dir,
+            (long long)ctx, r->seq > 0 ? "the sequence length it trained on" : "max_position_embeddings",
+            dec.slides ? ", the window slid" : "");
 done:
-    free(hist);
+    moe_decoder_free(&dec);
+    free(prompt);
     free(logits);
     free(probs);
     return s;

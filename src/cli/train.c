@@ -907,6 +907,37 @@ static moe_status write_metrics(train_run *r, json_t *j)
     return MOE_OK;
 }
 
+/*
+ * The message that stops a diverging run names the cause rather than guessing: a
+ * gradient that is not finite although the loss was; a parameter that is not finite,
+ * and what made it so (the weights the run started from, or the last update with its
+ * lr and gradient norm); or, with every weight finite, the forward pass itself.
+ */
+static moe_status diverged(train_run *r, int64_t step, double total, double ce, double aux, double lr, double norm)
+{
+    char why[600], head[200];
+    int bad = 0;
+    const int grads = isfinite(total); /* called after the update: the gradient is the news */
+    if (moe_model_explain_nonfinite(r->m, grads, why, sizeof why, &bad))
+        snprintf(why, sizeof why, "(the values could not be scanned: %s)", moe_last_error());
+    snprintf(head, sizeof head, "training diverged at step %lld: the loss is %g (ce %g, aux %g)", (long long)step + 1,
+             total, ce, aux);
+    if (grads)
+        return moe_error(MOE_ERR_ARG, "training diverged at step %lld: the gradient norm is %g although the loss %g is "
+                         "finite: %s", (long long)step + 1, norm, total, why);
+    if (bad && step == r->start_step) {
+        char from[64];
+        snprintf(from, sizeof from, "the initialisation, initializer_range %g", r->cfg.initializer_range);
+        return moe_error(MOE_ERR_ARG, "%s: %s before the first update, in the weights the run started from (%s)", head,
+                         why, r->ck ? "the --resume checkpoint" : r->o.init_from ? "--init-from" : from);
+    }
+    if (bad)
+        return moe_error(MOE_ERR_ARG, "%s: %s after the update of step %lld (lr %g, gradient norm %g); try a lower "
+                         "--lr", head, why, (long long)step, lr, norm);
+    return moe_error(MOE_ERR_ARG, "%s: %s, so the forward pass overflowed (initializer_range %g, lr %g)", head, why,
+                     r->cfg.initializer_range, r->oc.lr);
+}
+
 static moe_status train_loop(train_run *r, int *stopped)
 {
     const train_opts *o = &r->o;
@@ -926,6 +957,7 @@ static moe_status train_loop(train_run *r, int *stopped)
     if (r->ck)
         printf("  resumed from %s at step %lld\n", r->ck_path, (long long)r->start_step);
     fflush(stdout);
+    double prev_lr = 0, prev_norm = 0; /* of the last update, for a divergence message */
     for (int64_t step = r->start_step; step < o->steps; step++) {
         double t0 = now();
         moe_model_zero_grad(r->m);
@@ -944,9 +976,14 @@ static moe_status train_loop(train_run *r, int *stopped)
             (s = moe_model_get_stats(r->m, MOE_SPAN_STEP, &ms)) || (s = acc_add(&r->acc, r->m)))
             return s;
         const double ce = ms.ce / (double)o->accum, aux = ms.aux_total / (double)o->accum, total = ce + aux;
+        /* a non-finite gradient norm made AdamW skip the update: the weights are those the
+         * step started from, and the message names what went wrong */
         if (!isfinite(total))
-            return moe_error(MOE_ERR_ARG, "the loss is %g at step %lld: training diverged; try a lower --lr (now %g)",
-                             total, (long long)step + 1, r->oc.lr);
+            return diverged(r, step, total, ce, aux, prev_lr, prev_norm);
+        if (!isfinite(res.grad_norm))
+            return diverged(r, step, total, ce, aux, res.lr, res.grad_norm);
+        prev_lr = res.lr;
+        prev_norm = res.grad_norm;
         last_loss = total;
         double dt = now() - t0;
         train_time += dt;

@@ -1,6 +1,8 @@
 /* Arenas: many named tensors in one allocation (llm.c's layout); checkpoints write the views. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cmoe.h"
 
@@ -46,15 +48,41 @@ moe_status moe_arena_add(moe_arena *a, const char *name, int ndim, const int64_t
     return MOE_OK;
 }
 
+int64_t moe_host_memory(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 && pages < INT64_MAX / size ? (int64_t)pages * size : 0;
+}
+
+/* The refusal names the size in bytes and the tensor that takes the most of it; the
+ * caller adds the config keys that sized it. */
+static moe_status too_big(const moe_arena *a, const char *why)
+{
+    const moe_view *big = a->n ? &a->views[0] : NULL;
+    for (int i = 1; i < a->n; i++)
+        if (a->views[i].numel > big->numel)
+            big = &a->views[i];
+    char sh[128] = "";
+    for (int d = 0, at = 0; big && d < big->ndim && at < (int)sizeof sh - 24; d++)
+        at += snprintf(sh + at, sizeof sh - (size_t)at, "%s%lld", d ? ", " : "[", (long long)big->shape[d]);
+    return moe_error(MOE_ERR_NOMEM, "arena: %lld elements of %zu bytes (%.3g GiB) %s; the largest tensor is '%s' %s]",
+                     (long long)a->numel, a->elem, (double)a->numel * (double)a->elem / (1 << 30), why,
+                     big ? big->name : "", sh);
+}
+
 moe_status moe_arena_alloc(moe_arena *a)
 {
     if (a->data)
         return MOE_OK;
-    if (a->numel > (int64_t)(SIZE_MAX / a->elem))
-        return moe_error(MOE_ERR_NOMEM, "arena: %lld elements do not fit in memory", (long long)a->numel);
+    const int64_t mem = moe_host_memory();
+    if (a->numel > (int64_t)(SIZE_MAX / a->elem) || (mem > 0 && (double)a->numel * (double)a->elem > (double)mem)) {
+        char why[96];
+        snprintf(why, sizeof why, "are more than this machine's memory (%.3g GiB)", (double)mem / (1 << 30));
+        return too_big(a, why);
+    }
     a->data = calloc(a->numel ? (size_t)a->numel : 1, a->elem);
     if (!a->data)
-        return moe_error(MOE_ERR_NOMEM, "arena: cannot allocate %lld elements", (long long)a->numel);
+        return too_big(a, "could not be allocated");
     return MOE_OK;
 }
 

@@ -55,26 +55,33 @@ static int token_choice(moe_router_kind r)
 
 /*
  * Token choice: C = max(min_capacity, ceil(capacity_factor · T · k / E)), 0 (dropless)
- * when capacity_factor <= 0. Expert choice: C = min(T, max(min_capacity,
- * ceil(capacity_factor · T / E))), capacity_factor being the mean experts per token.
+ * when capacity_factor <= 0. Expert choice: C = max(min_capacity, ceil(capacity_factor
+ * · T / E)), capacity_factor being the mean experts per token. Both at most T: an
+ * expert can receive every token once and no more, so a larger capacity (a huge
+ * capacity_factor or min_capacity) means "never drop" and is reported as T. The product
+ * is compared in double before any conversion, so no capacity_factor overflows it.
  * Hash routing never drops.
  */
+static int64_t clamp_capacity(double want, int64_t min_capacity, int64_t T)
+{
+    int64_t C = want >= (double)T ? T : (int64_t)want; /* want >= 0 here */
+    if (C < min_capacity)
+        C = min_capacity;
+    if (C < 1)
+        C = 1;
+    return C > T ? T : C;
+}
+
 int64_t moe_capacity(const moe_layer_config *c, int64_t T)
 {
     if (c->router == MOE_ROUTER_HASH)
         return 0;
-    if (c->router == MOE_ROUTER_EXPERT_CHOICE) {
-        int64_t C = (int64_t)ceil(c->capacity_factor * (double)T / (double)c->n_experts);
-        if (C < c->min_capacity)
-            C = c->min_capacity;
-        if (C < 1)
-            C = 1;
-        return C > T ? T : C;
-    }
-    if (c->capacity_factor <= 0)
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE)
+        return clamp_capacity(ceil(c->capacity_factor * (double)T / (double)c->n_experts), c->min_capacity, T);
+    if (!(c->capacity_factor > 0))
         return 0;
-    int64_t C = (int64_t)ceil(c->capacity_factor * (double)T * (double)c->top_k / (double)c->n_experts);
-    return C < c->min_capacity ? c->min_capacity : (C < 1 ? 1 : C);
+    return clamp_capacity(ceil(c->capacity_factor * (double)T * (double)c->top_k / (double)c->n_experts),
+                          c->min_capacity, T);
 }
 
 #define BAD(...) return moe_error(MOE_ERR_ARG, __VA_ARGS__)
@@ -121,6 +128,8 @@ moe_status moe_layer_config_validate(const moe_layer_config *c, int64_t T)
     if (c->use_bias && c->router != MOE_ROUTER_TOPK && c->router != MOE_ROUTER_NOISY_TOPK)
         BAD("config: use_bias (aux-loss-free balancing) applies to topk and noisy_topk routers");
     moe_status s;
+    if (c->bias_rate > 1)
+        BAD("config: bias_update_rate must be in [0, 1] (DeepSeek-V3 uses 0.001; got %g)", c->bias_rate);
     if ((s = check_coef("bias_update_rate", c->bias_rate)) || (s = check_coef("router_aux_loss_coef", c->lb_coef)) ||
         (s = check_coef("importance_loss_coef", c->importance_coef)) || (s = check_coef("load_loss_coef", c->load_coef)) ||
         (s = check_coef("router_z_loss_coef", c->z_coef)) || (s = check_coef("mi_loss_coef", c->mi_coef)))

@@ -3,12 +3,14 @@
  * otherwise. One table drives parsing, the error messages and serialisation, so the
  * three cannot disagree.
  */
+#define _POSIX_C_SOURCE 200809L /* stat */
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <jansson.h>
 
@@ -190,6 +192,9 @@ done:
 
 moe_status moe_layer_config_load(const char *path, moe_layer_config *c)
 {
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
+        return moe_error(MOE_ERR_IO, "config: %s is a directory, not a JSON file", path);
     FILE *fp = fopen(path, "rb");
     if (!fp)
         return moe_error(MOE_ERR_IO, "config: cannot open %s: %s", path, strerror(errno));

@@ -35,8 +35,12 @@ static moe_status cpu_alloc(moe_backend *b, moe_dtype t, int64_t n, moe_buf **ou
     if (t != MOE_F32 && t != MOE_I32)
         return moe_error(MOE_ERR_ARG, "cpu backend: buffers hold f32 or i32, not %s (bf16 needs --backend cuda)",
                          moe_dtype_name(t));
-    if (n < 0 || (uint64_t)n > SIZE_MAX / sizeof(float) - 16)
+    const int64_t mem = moe_host_memory();
+    if (n < 0)
         return moe_error(MOE_ERR_ARG, "cpu backend: cannot allocate %lld elements", (long long)n);
+    if ((uint64_t)n > SIZE_MAX / sizeof(float) - 16 || (mem > 0 && (double)n * sizeof(float) > (double)mem))
+        return moe_error(MOE_ERR_NOMEM, "cpu backend: %lld elements (%.3g GiB) are more than this machine's memory "
+                         "(%.3g GiB)", (long long)n, (double)n * sizeof(float) / (1 << 30), (double)mem / (1 << 30));
     moe_buf *buf = malloc(sizeof *buf);
     /* 64-byte alignment: whole cache lines and AVX-512 loads for every buffer. */
     size_t bytes = ((size_t)(n ? n : 1) * sizeof(float) + 63) / 64 * 64;
@@ -44,8 +48,8 @@ static moe_status cpu_alloc(moe_backend *b, moe_dtype t, int64_t n, moe_buf **ou
     if (!buf || !d) {
         free(buf);
         free(d);
-        return moe_error(MOE_ERR_NOMEM, "cpu backend: out of memory for %lld elements (%.1f MiB)", (long long)n,
-                         (double)bytes / 1048576.0);
+        return moe_error(MOE_ERR_NOMEM, "cpu backend: out of memory for %lld elements (%.3g GiB)", (long long)n,
+                         (double)n * sizeof(float) / (1 << 30));
     }
     memset(d, 0, bytes);
     buf->type = t;

@@ -34,30 +34,11 @@
  * (measured: scalar SwiGLU passes). Nothing here relies on FP traps. */
 #pragma GCC optimize("no-trapping-math")
 
-/* e^x for x in float range, ~2 ulp: Cody–Waite reduction by ln 2, degree-6 polynomial,
- * 2^n from the exponent bits. Written without calls so `omp simd` loops vectorise it. */
-static inline float exp_fast(float x)
-{
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float magic = 12582912.0f; /* 1.5·2^23: adding it rounds to an integer */
-    float n = (x * 1.44269504088896341f + magic) - magic;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } u;
-    u.i = ((int32_t)n + 127) << 23;
-    return p * u.f;
-}
+#include "cpu/fastmath.h"
 
 static inline float sigmoid_fast(float x)
 {
-    return 1.0f / (1.0f + exp_fast(-x));
+    return 1.0f / (1.0f + moe_exp_fast(-x));
 }
 
 #define SQRT_2_OVER_PI 0.79788456080286535588f
@@ -66,7 +47,7 @@ static inline float sigmoid_fast(float x)
 /* tanh(u) = 1 − 2/(e^{2u} + 1), exact at both ends in float */
 static inline float tanh_fast(float u)
 {
-    return 1.0f - 2.0f / (exp_fast(2.0f * u) + 1.0f);
+    return 1.0f - 2.0f / (moe_exp_fast(2.0f * u) + 1.0f);
 }
 
 /* The activation passes are the only non-BLAS arithmetic of the experts: compiled for
@@ -89,7 +70,7 @@ MOE_CLONES static void act_forward(float *a, const float *h1, const float *h3, i
     case MOE_ACT_RELU:
 #pragma omp simd
         for (int64_t i = 0; i < m; i++)
-            a[i] = h1[i] > 0 ? h1[i] : 0.0f;
+            a[i] = h1[i] < 0 ? 0.0f : h1[i]; /* NaN stays NaN, as torch.relu */
         break;
     case MOE_ACT_GELU_TANH:
 #pragma omp simd

@@ -14,6 +14,20 @@ static float softplusf(float x)
     return x > 0 ? x + log1pf(expf(-x)) : log1pf(expf(x));
 }
 
+/* in double for the smooth load: softplusf underflows to 0 below about −104 */
+static double softplus(double x)
+{
+    return x > 0 ? x + log1p(exp(-x)) : log1p(exp(x));
+}
+
+static double sigmoid(double x)
+{
+    if (x >= 0)
+        return 1.0 / (1.0 + exp(-x));
+    double ex = exp(x);
+    return ex / (1.0 + ex);
+}
+
 static float sigmoidf(float x)
 {
     if (x >= 0)
@@ -161,6 +175,34 @@ static double norm_cdf(double x)
     return 0.5 * erfc(-x * 0.70710678118654752440);
 }
 
+/*
+ * Φ(a/sd) with sd = softplus(zn), and ∂Φ/∂a = φ(a/sd)/sd, written so that sd may
+ * underflow to 0 (zn below about −745 in double; about −104 in float, which is why these
+ * run in double here as in ref/router.c): then the noise is nil and Φ(a/sd) is the step
+ * at a = 0, flat on both sides. Neither divides by zero nor forms 0·∞; NaN in, NaN out.
+ */
+static double noisy_cdf(double a, double zn)
+{
+    double sd = softplus(zn);
+    if (sd == 0)
+        return a > 0 ? 1.0 : a < 0 ? 0.0 : 0.5;
+    return norm_cdf(a / sd); /* a/sd may be ±inf: Φ is 0 or 1 there */
+}
+
+/* ∂Φ(a/sd)/∂a, and u = a/sd where that is not 0 (else u = 0, so g·u stays 0) */
+static double noisy_pdf(double a, double zn, double *u)
+{
+    double sd = softplus(zn);
+    *u = 0;
+    if (sd == 0)
+        return 0;
+    double v = a / sd, p = norm_pdf(v);
+    if (p == 0)
+        return 0;
+    *u = v;
+    return p / sd;
+}
+
 /* Per-thread rows of thresholds need E int64 and E bytes; E is at most a few hundred,
  * so a VLA-free fixed split: experts beyond this many use the heap once per thread. */
 #define STACK_E 1024
@@ -192,7 +234,7 @@ static void cpu_noisy_load_forward(moe_backend *b, moe_tensor load, moe_tensor z
                 row_thresholds(thr, hh + t * E, E, k, taken);
                 for (int64_t e = 0; e < E; e++) {
                     int64_t i = t * E + e, j = thr[e];
-                    acc[e] += j < 0 ? 1.0 : norm_cdf(((double)zz[i] - hh[t * E + j]) / softplusf(zzn[i]));
+                    acc[e] += j < 0 ? 1.0 : noisy_cdf((double)zz[i] - hh[t * E + j], zzn[i]);
                 }
             }
         }
@@ -230,14 +272,13 @@ static void cpu_noisy_load_backward(moe_backend *b, moe_tensor *dz, moe_tensor *
                 int64_t i = t * E + e, j = thr[e];
                 if (j < 0)
                     continue;
-                double sd = softplusf(zzn[i]), a = (double)zz[i] - hh[t * E + j];
-                double g = dl[e] * norm_pdf(a / sd) / sd;
+                double u, g = dl[e] * noisy_pdf((double)zz[i] - hh[t * E + j], zzn[i], &u);
                 if (gz)
                     gz[i] += (float)g;
                 if (gh)
                     gh[t * E + j] -= (float)g;
                 if (gzn)
-                    gzn[i] -= (float)(g * a / sd * sigmoidf(zzn[i]));
+                    gzn[i] -= (float)(g * u * sigmoid(zzn[i]));
             }
         }
         if (E > STACK_E) {

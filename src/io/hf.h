@@ -8,7 +8,7 @@
  *     moe_hf_export(model, "out-hf", MOE_ST_F32);                  // config.json, model.safetensors
  *
  *     moe_model_config c;
- *     moe_hf_read_config("some-hf-dir", &c, &arch);                // config.json -> cmoe config
+ *     moe_hf_read_config("some-hf-dir", &c, &arch, NULL, 0);       // config.json -> cmoe config
  *     moe_model_create(&c, backend, B, S, &m);
  *     moe_hf_load_weights("some-hf-dir", m, arch);                 // model.safetensors or shards
  *
@@ -61,14 +61,25 @@ const char *moe_hf_arch_name(moe_hf_arch a);
  * that has no equivalent. */
 moe_status moe_hf_arch_of(const moe_model_config *c, moe_hf_arch *arch);
 
-/* HF config.json text for c (moe_hf_arch_of must accept it); torch_dtype from dtype. */
+/* HF config.json text for c (moe_hf_arch_of must accept it), readable by transformers 4
+ * and 5: rope_theta and rope_parameters, torch_dtype and dtype (from dtype). */
 moe_status moe_hf_config_to_json(const moe_model_config *c, moe_st_dtype dtype, char **out);
 
-/* HF config.json text -> cmoe config (validated); refuses what cmoe cannot run
- * (other model types, rope_scaling, sliding windows, other activations). */
-moe_status moe_hf_config_from_json(const char *text, moe_model_config *c, moe_hf_arch *arch);
+/*
+ * HF config.json text -> cmoe config (validated). Both transformers 4's and 5's forms:
+ * rope_theta or rope_parameters {rope_type, rope_theta} (they must agree), torch_dtype
+ * or dtype (unused: the weights carry their dtype), head_dim null (= hidden_size /
+ * num_attention_heads), layer_types. Refuses, by name, what cmoe cannot run: other model
+ * types, rope types other than "default" (linear, dynamic, yarn, llama3, longrope, ...),
+ * partial rotary factors, sliding windows, activations other than silu and gelu.
+ * notes [notes_n] (may be NULL): the keys left out of the config that change the math
+ * and the class default taken for each, "; "-separated ("" when none) — for the caller
+ * to show.
+ */
+moe_status moe_hf_config_from_json(const char *text, moe_model_config *c, moe_hf_arch *arch, char *notes,
+                                   size_t notes_n);
 /* DIR/config.json */
-moe_status moe_hf_read_config(const char *dir, moe_model_config *c, moe_hf_arch *arch);
+moe_status moe_hf_read_config(const char *dir, moe_model_config *c, moe_hf_arch *arch, char *notes, size_t notes_n);
 
 /* Writes DIR/config.json and DIR/model.safetensors (dtype F32, BF16 or F16), both
  * atomically; DIR is created. */
@@ -76,7 +87,8 @@ moe_status moe_hf_export(moe_model *m, const char *dir, moe_st_dtype dtype);
 
 /* Sets every parameter of m from DIR/model.safetensors, or from the shards that
  * DIR/model.safetensors.index.json lists. Every tensor must be there with the HF shape
- * of the config; an unknown tensor is an error (rotary inv_freq buffers are ignored).
+ * of the config, and finite (NaN or Inf is refused, naming the tensor and the first bad
+ * element); an unknown tensor is an error (rotary inv_freq buffers are ignored).
  * Nothing of m is set when a check fails. */
 moe_status moe_hf_load_weights(const char *dir, moe_model *m, moe_hf_arch arch);
 

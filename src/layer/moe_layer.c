@@ -20,6 +20,7 @@
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -290,6 +291,13 @@ moe_status moe_layer_create(const moe_layer_config *c, moe_backend *b, int64_t m
         (st = b->alloc(b, wt, l->pw.numel, &l->gwbuf)) || (st = b->alloc(b, ct, l->pc.numel, &l->pcbuf)) ||
         (st = b->alloc(b, ct, l->pc.numel, &l->gcbuf)) || (st = b->alloc(b, wt, l->aw.numel, &l->awbuf)) ||
         (st = b->alloc(b, ct, l->ac.numel, &l->acbuf)) || (st = b->reserve(b, &w))) {
+        if (st == MOE_ERR_NOMEM) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", moe_last_error());
+            st = moe_error(st, "MoE layer %lld (hidden_size %lld, moe_intermediate_size %lld, num_local_experts %lld, "
+                           "%lld tokens): %s", (long long)c->layer, (long long)c->d_model, (long long)c->d_ff,
+                           (long long)c->n_experts, (long long)max_tokens, why);
+        }
         moe_layer_free(l);
         return st;
     }

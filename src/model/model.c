@@ -70,6 +70,8 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, moe_excha
             continue;
         moe_layer_config lc;
         if ((s = moe_model_layer_config(c, l, &lc)) || (s = moe_layer_create(&lc, b, m->maxN, ex, &k->moe))) {
+            if (s == MOE_ERR_NOMEM)
+                s = moe_model_size_error(c, m->maxN);
             moe_model_free(m);
             return s;
         }
@@ -86,6 +88,8 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, moe_excha
     if ((s = moe_model_layout(m)) || (s = b->alloc(b, ft, m->P.numel, &m->pbuf)) || (s = b->alloc(b, ft, m->P.numel, &m->gbuf)) ||
         (s = b->alloc(b, ft, m->A.numel, &m->abuf)) || (s = b->alloc(b, MOE_I32, 3 * m->maxN, &m->ibuf)) ||
         (s = b->alloc(b, ft == MOE_F64 ? MOE_F64 : MOE_F32, m->n_scalars, &m->sbuf)) || (s = b->reserve(b, &w))) {
+        if (s == MOE_ERR_NOMEM)
+            s = moe_model_size_error(c, m->maxN);
         moe_model_free(m);
         return s;
     }

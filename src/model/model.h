@@ -283,6 +283,17 @@ moe_status moe_model_param_tensors(moe_model *m, int i, moe_tensor *param, moe_t
  * last forward's loads (moe_optim_step calls it). */
 void moe_model_update_bias(moe_model *m);
 
+/*
+ * Why the numbers went bad, in words for the message that stops a diverging run: the
+ * first parameter (grads = 0) or gradient (grads = 1) holding NaN or ±Inf, with its name,
+ * element and value; else "every parameter is finite" and the largest |value| and where
+ * it is. found (may be NULL): 1 when a non-finite value was found.
+ */
+moe_status moe_model_explain_nonfinite(moe_model *m, int grads, char *buf, size_t n, int *found);
+/* The last error (an allocation that failed) with the config keys that sized the model:
+ * what moe_model_create says when the model does not fit the machine. */
+moe_status moe_model_size_error(const moe_model_config *c, int64_t tokens);
+
 /* ---- AdamW ---------------------------------------------------------------------- */
 
 /*
@@ -317,7 +328,9 @@ void moe_optim_free(moe_optim *o);
 
 typedef struct {
     double lr;         /* the rate used */
-    double grad_norm;  /* global norm of grad·grad_scale, before clipping */
+    double grad_norm;  /* global norm of grad·grad_scale, before clipping; when it is not
+                        * finite the step was skipped: parameters, moments and the step
+                        * count are as they were (the caller reports the divergence) */
     double clip_scale; /* the clipping factor applied (1: none) */
 } moe_optim_result;
 

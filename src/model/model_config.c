@@ -3,11 +3,13 @@
  * The MoE-layer keys are parsed by the layer's own table (config_json.c) from the same
  * flat object, so the model config is one HF-style object (as Mixtral's config.json).
  */
+#define _POSIX_C_SOURCE 200809L /* stat */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <jansson.h>
 
@@ -41,7 +43,7 @@ void moe_model_config_default(moe_model_config *c)
     c->num_attention_heads = 4;
     c->num_key_value_heads = 4;
     c->head_dim = 32;
-    c->max_position_embeddings = 256;
+    c->max_position_embeddings = 128; /* what cmoe train trains it on (--seq 128): no position it never saw */
     c->moe.n_experts = 8;
     c->moe.d_model = c->hidden_size;
     c->moe.d_ff = c->moe_intermediate_size;
@@ -153,10 +155,13 @@ moe_status moe_model_config_validate(const moe_model_config *c)
         if (c->num_experts_per_layer[l] < 0 || c->num_experts_per_layer[l] > INT32_MAX)
             BAD("config: num_experts_per_layer[%lld] must be >= 0 (0: dense layer; got %lld)", (long long)l,
                 (long long)c->num_experts_per_layer[l]);
-    if (!isfinite(c->initializer_range) || c->initializer_range <= 0)
-        BAD("config: initializer_range must be a finite number > 0 (got %g)", c->initializer_range);
-    if (!isfinite(c->switch_init_scale) || c->switch_init_scale < 0)
-        BAD("config: switch_init_scale must be >= 0 (0: off; got %g)", c->switch_init_scale);
+    /* the standard deviation of the initial weights: Hugging Face's default is 0.02, and
+     * above 1 the first forward pass of a deep model overflows rather than learns */
+    if (!(c->initializer_range > 0 && c->initializer_range <= 1))
+        BAD("config: initializer_range must be in (0, 1] (a standard deviation; 0.02 is usual; got %g)",
+            c->initializer_range);
+    if (!(c->switch_init_scale >= 0 && c->switch_init_scale <= 10))
+        BAD("config: switch_init_scale must be in [0, 10] (0: off; Switch uses 0.1; got %g)", c->switch_init_scale);
     /* the MoE keys (and hidden_act, which the dense layers use too) */
     moe_layer_config lc = c->moe;
     lc.d_model = c->hidden_size;
@@ -306,6 +311,9 @@ moe_status moe_model_config_load(const char *path, moe_model_config *c)
 {
     if (!path)
         BAD("config: no path");
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) /* jansson would say "invalid JSON at line 1" */
+        return moe_error(MOE_ERR_IO, "config %s: is a directory, not a JSON file", path);
     json_error_t err;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &err);
     if (!root) {

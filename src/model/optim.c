@@ -38,18 +38,21 @@ moe_status moe_optim_config_validate(const moe_optim_config *o)
 #define BAD(...) return moe_error(MOE_ERR_ARG, __VA_ARGS__)
     if (!o)
         BAD("optimizer: no configuration");
-    if (!isfinite(o->lr) || o->lr < 0)
-        BAD("optimizer: lr must be a finite number >= 0 (got %g)", o->lr);
+    /* AdamW moves every weight by about lr per step, whatever the gradient's scale, so a
+     * rate above 1 is no schedule at all (and 1e308 overflows the first update) */
+    if (!(o->lr >= 0 && o->lr <= 1))
+        BAD("optimizer: lr (--lr) must be in [0, 1] (AdamW moves each weight by about lr per step; got %g)", o->lr);
     if (!isfinite(o->min_lr_ratio) || o->min_lr_ratio < 0 || o->min_lr_ratio > 1)
         BAD("optimizer: min_lr_ratio must be in [0, 1] (got %g)", o->min_lr_ratio);
     if (o->warmup_steps < 0 || o->total_steps < 0)
         BAD("optimizer: warmup_steps and total_steps must be >= 0");
     if (!(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1))
         BAD("optimizer: beta1 and beta2 must be in [0, 1) (got %g, %g)", o->beta1, o->beta2);
-    if (!isfinite(o->eps) || o->eps <= 0)
-        BAD("optimizer: eps must be > 0 (got %g)", o->eps);
-    if (!isfinite(o->weight_decay) || o->weight_decay < 0)
-        BAD("optimizer: weight_decay must be >= 0 (got %g)", o->weight_decay);
+    if (!(o->eps > 0 && o->eps <= 1))
+        BAD("optimizer: eps must be in (0, 1] (1e-8 is usual; got %g)", o->eps);
+    /* decoupled decay multiplies the weights by 1 − lr·weight_decay each step */
+    if (!(o->weight_decay >= 0 && o->weight_decay * o->lr <= 1))
+        BAD("optimizer: weight_decay must be >= 0 with lr·weight_decay <= 1 (got %g, lr %g)", o->weight_decay, o->lr);
     if (!isfinite(o->grad_clip))
         BAD("optimizer: grad_clip must be finite (<= 0: off; got %g)", o->grad_clip);
 #undef BAD
@@ -161,11 +164,8 @@ moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
     if (s)
         return s;
     const double norm = grad_scale * sqrt(moe_model_host_scalar(o->m, MOE_SCALAR_GRAD_SUMSQ));
-    if (!isfinite(norm)) {
+    if (!isfinite(norm))
         o->t = t - 1; /* AdamW left the parameters and moments as they were */
-        return moe_error(MOE_ERR_ARG, "optimizer step: the gradient norm is not finite (step %lld); "
-                         "lower the learning rate", (long long)t);
-    }
     r->lr = lr;
     r->grad_norm = norm;
     r->clip_scale = moe_model_host_scalar(o->m, MOE_SCALAR_CLIP) / grad_scale;

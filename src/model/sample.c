@@ -1,6 +1,8 @@
-/* Temperature, top-k and top-p sampling of one logits row (host side, double). */
+/* Decoding within the trained context, and temperature, top-k and top-p sampling of one
+ * logits row (host side, double). */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "model/sample.h"
 
@@ -111,4 +113,44 @@ moe_status moe_sample_token(int32_t *token, double *probs, const double *logits,
         return st;
     *token = moe_sample_pick(probs, V, u);
     return MOE_OK;
+}
+
+/* ---- decoding within the trained context ------------------------------------------------- */
+
+moe_status moe_decoder_init(moe_decoder *d, moe_model *m, int64_t W)
+{
+    memset(d, 0, sizeof *d);
+    const int64_t maxp = moe_model_config_of(m)->max_position_embeddings;
+    if (W < 1 || W > maxp)
+        return moe_error(MOE_ERR_ARG, "decoder: context %lld is not in [1, max_position_embeddings = %lld]",
+                         (long long)W, (long long)maxp);
+    if (!(d->win = malloc((size_t)W * sizeof *d->win)))
+        return moe_error(MOE_ERR_NOMEM, "decoder: out of memory for a context of %lld tokens", (long long)W);
+    d->m = m;
+    d->W = W;
+    d->keep = W / 2;
+    return MOE_OK;
+}
+
+moe_status moe_decoder_push(moe_decoder *d, int32_t token, double *logits)
+{
+    moe_status s;
+    if (d->n == d->W) {
+        memmove(d->win, d->win + d->W - d->keep, (size_t)d->keep * sizeof *d->win);
+        d->n = d->keep;
+        d->slides++;
+        for (int64_t i = 0; i < d->keep; i++) /* the cache is rewritten from position 0 */
+            if ((s = moe_model_decode(d->m, d->win[i], i, logits)))
+                return s;
+    }
+    if ((s = moe_model_decode(d->m, token, d->n, logits)))
+        return s;
+    d->win[d->n++] = token;
+    return MOE_OK;
+}
+
+void moe_decoder_free(moe_decoder *d)
+{
+    free(d->win);
+    memset(d, 0, sizeof *d);
 }
