@@ -1,6 +1,13 @@
-# core: status, versions, Philox, arenas, routing plans, layer configs
+# core: status, versions, Philox, arenas, routing plans, layer configs, float formats,
+# durable writes and bounded inputs
 libcmoe_la_SOURCES += \
 	src/cmoe.h \
+	src/core/dtype.h \
+	src/core/dtype.c \
+	src/core/durable.h \
+	src/core/durable.c \
+	src/core/input.h \
+	src/core/input.c \
 	src/core/status.c \
 	src/core/version.c \
 	src/core/rng.c \
@@ -37,5 +44,5 @@ libcmoe_la_SOURCES += src/model/model.h src/model/model.c src/model/model_config
 	src/model/sample.h src/model/sample.c src/model/info.h src/model/info.c
 # files: safetensors, checkpoints, Hugging Face export/import, datasets (text, llm.c
 # shards, the synthetic generator)
-libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/checkpoint.h src/io/checkpoint.c \
+libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/safetensors_write.c src/io/checkpoint.h src/io/checkpoint.c \
 	src/io/hf.h src/io/hf.c src/io/data.h src/io/data.c src/io/synth.c
