@@ -45,4 +45,5 @@ libcmoe_la_SOURCES += src/model/model.h src/model/model.c src/model/model_config
 # files: safetensors, checkpoints, Hugging Face export/import, datasets (text, llm.c
 # shards, the synthetic generator)
 libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/safetensors_write.c src/io/checkpoint.h src/io/checkpoint.c \
-	src/io/hf.h src/io/hf.c src/io/data.h src/io/data_impl.h src/io/data.c src/io/data_load.c src/io/synth.c
+	src/io/hf.h src/io/hf.c src/io/rundir.h src/io/rundir.c src/io/rundir_ckpt.c src/io/rundir_metrics.c \
+	src/io/train_settings.c src/io/data.h src/io/data_impl.h src/io/data.c src/io/data_load.c src/io/synth.c

@@ -88,6 +88,18 @@ moe_status cli_mkdirs(const char *dir)
     return MOE_OK;
 }
 
+void cli_fmt_duration(char *buf, size_t n, double s)
+{
+    if (!(s >= 0) || s > 1e8)
+        snprintf(buf, n, "?");
+    else if (s < 60)
+        snprintf(buf, n, "%ds", (int)s);
+    else if (s < 3600)
+        snprintf(buf, n, "%dm%02ds", (int)s / 60, (int)s % 60);
+    else
+        snprintf(buf, n, "%dh%02dm", (int)s / 3600, ((int)s / 60) % 60);
+}
+
 /* ---- saving ------------------------------------------------------------------ */
 
 moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, int64_t step)
