@@ -35,8 +35,6 @@ void cli_fmt_duration(char *buf, size_t n, double s);
 
 /* dir/name into buf [n]; MOE_ERR_ARG when it does not fit. */
 moe_status cli_path(char *buf, size_t n, const char *dir, const char *name);
-/* mkdir -p */
-moe_status cli_mkdirs(const char *dir);
 
 /*
  * Writes DIR/model.safetensors atomically: every parameter as F32, and metadata config

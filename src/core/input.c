@@ -17,7 +17,7 @@
 
 #include "core/input.h"
 
-const char *moe_file_kind(mode_t mode)
+const char *moe_file_kind(unsigned mode)
 {
     if (S_ISREG(mode))
         return "regular file";

@@ -43,6 +43,6 @@ moe_status moe_read_fd(int fd, const struct stat *st, const char *path, const ch
 /* moe_input_open + moe_read_fd + close. */
 moe_status moe_read_all(const char *path, const char *what, size_t limit, int flags, char **buf, size_t *len);
 /* "regular file", "directory", "FIFO", "character device", ... */
-const char *moe_file_kind(mode_t mode);
+const char *moe_file_kind(unsigned mode);
 
 #endif

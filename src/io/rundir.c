@@ -318,21 +318,21 @@ void moe_rundir_close(moe_rundir *r, int failed, int *removed)
     r->wrote = 0;
 }
 
-moe_status moe_rundir_check_output(const char *dir, const char *const *names, int force, const char *what)
+moe_status moe_rundir_check_output(const char *dir, const char *const *names, int force)
 {
     dir_survey sv;
     moe_status s = refuse_root(dir);
     if (s || (s = survey(dir, &sv)) || force)
         return s;
     if (sv.n_run)
-        return moe_error(MOE_ERR_IO, "%s: '%s' holds a run (%s%s): refusing to overwrite it; pass another directory, "
-                         "or --force", what, dir, sv.run, sv.n_run > 4 ? ", ..." : "");
+        return moe_error(MOE_ERR_IO, "'%s' already holds a run (%s%s): refusing to overwrite it; pass another "
+                         "directory, or --force", dir, sv.run, sv.n_run > 4 ? ", ..." : "");
     char path[4200];
     struct stat st;
     for (int i = 0; names[i]; i++)
         if (join(path, sizeof path, dir, names[i]) == MOE_OK && lstat(path, &st) == 0)
-            return moe_error(MOE_ERR_IO, "%s: '%s' already exists: refusing to overwrite it; pass another directory, "
-                             "or --force", what, path);
+            return moe_error(MOE_ERR_IO, "'%s' already exists: refusing to overwrite it; pass another directory, or "
+                             "--force", path);
     return MOE_OK;
 }
 

@@ -126,8 +126,8 @@ void moe_rundir_close(moe_rundir *r, int failed, int *removed);
 
 /* An output directory of `cmoe export` / `cmoe import` (which write the files in names,
  * NULL-terminated): refused when it is '/', holds a run, or holds one of those files,
- * unless force. what: "export" or "import", for the message. */
-moe_status moe_rundir_check_output(const char *dir, const char *const *names, int force, const char *what);
+ * unless force. */
+moe_status moe_rundir_check_output(const char *dir, const char *const *names, int force);
 
 /* Cuts metrics.jsonl at path back to the lines of steps <= step (durably); a torn or
  * unparsable line is dropped. *dropped_torn counts those. */
