@@ -207,12 +207,16 @@ static volatile sig_atomic_t stop_signal;
 
 static void on_stop_signal(int sig)
 {
+    static const char msg[] = "\ncmoe train: stopping after this step (a checkpoint is saved); a second signal "
+                              "stops at once\n";
     if (stop_signal) {
         signal(sig, SIG_DFL);
         raise(sig);
         return;
     }
     stop_signal = sig;
+    ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1); /* async-signal-safe, unlike stdio */
+    (void)k;
 }
 
 static const int stop_signals[] = {SIGINT, SIGTERM, SIGHUP};

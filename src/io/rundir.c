@@ -41,7 +41,7 @@ static int is_ckpt_name(const char *name)
 
 /* What dir holds: the files that make it a run (into run[]), and the first other entry. */
 typedef struct {
-    int exists, n_run, n_other;
+    int exists, n_run, n_other, lock;
     char run[160];
     char other[256];
 } dir_survey;
@@ -60,8 +60,12 @@ static moe_status survey(const char *dir, dir_survey *sv)
     sv->exists = 1;
     for (struct dirent *e; (e = readdir(d));) {
         const char *n = e->d_name;
-        if (!strcmp(n, ".") || !strcmp(n, "..") || !strcmp(n, MOE_RUN_LOCK))
+        if (!strcmp(n, ".") || !strcmp(n, ".."))
             continue;
+        if (!strcmp(n, MOE_RUN_LOCK)) {
+            sv->lock = 1;
+            continue;
+        }
         if (!strcmp(n, MOE_RUN_METRICS) || !strcmp(n, MOE_RUN_WEIGHTS) || !strcmp(n, "train.json") || is_ckpt_name(n)) {
             size_t k = strlen(sv->run);
             if (sv->n_run++ < 4)
@@ -85,12 +89,51 @@ static moe_status refuse_root(const char *dir)
     return MOE_OK;
 }
 
-/* A new run may go into dir: not '/', no run there, nothing else there (unless force). */
-static moe_status check_new(const char *dir, int force)
+/* The pid in a lock file fd, into pid [n] ("" when none was written yet). */
+static void lock_pid(int fd, char *pid, size_t n)
+{
+    /* the holder writes its pid just after it locks: give it a moment */
+    pid[0] = '\0';
+    for (int i = 0; i < 50 && !pid[0]; i++) {
+        ssize_t k = pread(fd, pid, n - 1, 0);
+        pid[k > 0 ? k : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        if (!pid[0])
+            usleep(2000);
+    }
+}
+
+static moe_status in_use(const char *dir, const char *pid)
+{
+    return moe_error(MOE_ERR_IO, "'%s' is in use by process %s (a cmoe train running in it); wait for it to finish "
+                     "or stop it first", dir, pid[0] ? pid : "(unknown pid)");
+}
+
+/* MOE_ERR_IO naming the holder when dir's lock is held now; looked at without writing. */
+static moe_status probe_lock(const char *dir)
+{
+    char path[4200], pid[32];
+    if (join(path, sizeof path, dir, MOE_RUN_LOCK))
+        return MOE_OK;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return MOE_OK;
+    moe_status s = MOE_OK;
+    if (flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+        lock_pid(fd, pid, sizeof pid);
+        s = in_use(dir, pid);
+    }
+    close(fd);
+    return s;
+}
+
+/* A new run may go into dir: not '/', not in use (unless this process holds the lock), no
+ * run there, nothing else there (unless force). */
+static moe_status check_new(const char *dir, int force, int locked)
 {
     dir_survey sv;
     moe_status s = refuse_root(dir);
-    if (s || (s = survey(dir, &sv)))
+    if (s || (s = survey(dir, &sv)) || (sv.lock && !locked && (s = probe_lock(dir))))
         return s;
     if (force)
         return MOE_OK;
@@ -144,19 +187,11 @@ moe_status moe_rundir_lock(moe_rundir *r)
             return moe_error(MOE_ERR_IO, "cannot create the lock '%s': %s", path, strerror(errno));
         if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
             int e = errno;
-            char pid[32] = "";
-            /* the holder writes its pid just after it locks: give it a moment */
-            for (int i = 0; i < 50 && !pid[0]; i++) {
-                ssize_t k = pread(fd, pid, sizeof pid - 1, 0);
-                pid[k > 0 ? k : 0] = '\0';
-                pid[strcspn(pid, "\n")] = '\0';
-                if (!pid[0])
-                    usleep(2000);
-            }
+            char pid[32];
+            lock_pid(fd, pid, sizeof pid);
             close(fd);
             if (e == EWOULDBLOCK)
-                return moe_error(MOE_ERR_IO, "'%s' is in use by process %s (a cmoe train running in it); wait for it "
-                                 "to finish or stop it first", r->dir, pid[0] ? pid : "(unknown pid)");
+                return in_use(r->dir, pid);
             return moe_error(MOE_ERR_IO, "cannot lock '%s': %s", path, strerror(e));
         }
         /* the holder before us removes the file when it ends: lock the file that is there */
@@ -212,8 +247,8 @@ moe_status moe_rundir_create(const char *dir, int force, moe_rundir *r)
     rundir_init(r, dir);
     r->fresh = 1;
     moe_status s;
-    if ((s = check_new(dir, force)) || (s = moe_mkdirs(dir, &r->made)) || (s = moe_rundir_lock(r)) ||
-        (s = check_new(dir, force))) {
+    if ((s = check_new(dir, force, 0)) || (s = moe_mkdirs(dir, &r->made)) || (s = moe_rundir_lock(r)) ||
+        (s = check_new(dir, force, 1))) {
         unlock(r);
         moe_made_dirs_undo(&r->made);
         return s;
@@ -307,10 +342,10 @@ void moe_rundir_close(moe_rundir *r, int failed, int *removed)
         for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
             if ((r->wrote & files[i].bit) && join(path, sizeof path, r->dir, files[i].name) == MOE_OK)
                 unlink(path);
+        if (removed)
+            *removed = (r->wrote & (WROTE_CONFIG | WROTE_TRAIN | WROTE_METRICS)) != 0 || r->made.n;
         unlock(r);
         moe_made_dirs_undo(&r->made);
-        if (removed)
-            *removed = r->wrote != 0;
     } else {
         unlock(r);
         moe_made_dirs_clear(&r->made);
