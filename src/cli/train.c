@@ -36,8 +36,6 @@
 #include "presets.h"
 #include "run.h"
 
-#define DEFAULT_DATA "datasets/brown/brown.txt.gz"
-
 /* The command line: the settings (io/rundir.h) and what only this process cares about. */
 typedef struct {
     moe_train_settings t;
@@ -124,7 +122,7 @@ void help_train(void)
            "(130, 143, 129); --resume DIR continues. A second signal exits at once. One process\n"
            "trains in a directory at a time (DIR/.cmoe.lock names it).\n"
            "Exit status: 0 ok, 1 failure (bad data or config; the reason on stderr), 2 usage.\n",
-           DEFAULT_DATA, DEFAULT_DATA, d.t.steps, d.t.batch, d.t.seq, d.t.accum, d.t.oc.lr, d.t.seed, d.t.backend,
+           CLI_DEFAULT_DATA, CLI_DEFAULT_DATA, d.t.steps, d.t.batch, d.t.seq, d.t.accum, d.t.oc.lr, d.t.seed, d.t.backend,
            d.t.eval_every, d.t.eval_batches, d.log_every, d.t.keep);
 }
 
@@ -145,38 +143,6 @@ static double now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int file_exists(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
-/* The default dataset: ./datasets/brown, then $CMOE_DATA (a file, or a directory that
- * holds brown/brown.txt.gz like the source tree's datasets/). */
-static moe_status find_default_data(char *out, size_t n)
-{
-    const char *env = getenv("CMOE_DATA");
-    char env_brown[4096] = "";
-    if (env && *env)
-        snprintf(env_brown, sizeof env_brown, "%s/brown/brown.txt.gz", env);
-    const char *cand[3] = {DEFAULT_DATA, env && *env ? env : "", env_brown};
-    for (int i = 0; i < 3; i++)
-        if (*cand[i] && strlen(cand[i]) < n && file_exists(cand[i])) {
-            memcpy(out, cand[i], strlen(cand[i]) + 1);
-            return MOE_OK;
-        }
-#ifdef CMOE_PKGDATADIR
-    snprintf(out, n, "%s/datasets/brown/brown.txt.gz", CMOE_PKGDATADIR);
-    if (file_exists(out))
-        return MOE_OK;
-#endif
-    return moe_error(MOE_ERR_IO,
-                     "no --data given and the default dataset %s is not here%s; run from the cmoe source "
-                     "tree, set CMOE_DATA to its datasets/ directory, or pass --data PATH (text, .gz, an llm.c "
-                     "shard, a directory of shards, or synth)",
-                     DEFAULT_DATA, env && *env ? " nor under $CMOE_DATA" : " (and CMOE_DATA is not set)");
 }
 
 /* ---- progress ----------------------------------------------------------------------- */
@@ -364,13 +330,19 @@ static moe_status setup(train_run *r)
     char data[4096];
     if (r->o.resume || r->o.data)
         snprintf(data, sizeof data, "%s", r->o.resume && !r->o.data ? t->data : r->o.data);
-    else if ((s = find_default_data(data, sizeof data)))
+    else if ((s = cli_default_data(data, sizeof data)))
         return s;
     moe_data_options dopt;
     moe_data_options_default(&dopt);
     dopt.vocab = r->cfg.vocab_size <= 65536 ? r->cfg.vocab_size : 65536;
-    if ((s = moe_dataset_open(data, &dopt, &r->d)))
+    if ((s = moe_dataset_open(data, &dopt, &r->d))) {
+        if (s == MOE_ERR_IO && r->o.resume && !r->o.data) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", moe_last_error());
+            return moe_error(s, "%s; if the data moved, pass --data NEWPATH (checked to be the same data)", why);
+        }
         return s;
+    }
     if (r->o.resume && (s = moe_run_record_check_data(&r->rec, r->d)))
         return s;
     if (moe_dataset_vocab(r->d) > r->cfg.vocab_size)

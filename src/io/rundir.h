@@ -154,7 +154,7 @@ typedef struct {
 /* PATH a directory: its newest checkpoint that opens and matches the run's config.json,
  * saying in notes which newer ones failed and why; MOE_ERR_FORMAT listing every failure
  * when none is valid. PATH a file: that checkpoint or its error (no fallback: the user
- * named it). dir_out (may be NULL) is set to the run directory first, also on failure. */
+ * named it). */
 moe_status moe_resume_find(const char *path, moe_resume_point *rp);
 /* The run directory of --resume PATH (PATH, or the directory of the file PATH). */
 moe_status moe_resume_dir(const char *path, char *dir, size_t n);
