@@ -264,9 +264,10 @@ moe_status moe_rundir_open(const char *dir, moe_rundir *r)
 {
     rundir_init(r, dir);
     struct stat sb;
-    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-        return moe_error(MOE_ERR_IO, "run directory '%s': %s", dir, errno && !S_ISDIR(sb.st_mode) ? strerror(errno)
-                                                                                                   : "not a directory");
+    if (stat(dir, &sb) != 0)
+        return moe_error(MOE_ERR_IO, "run directory '%s': %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode))
+        return moe_error(MOE_ERR_IO, "run directory '%s' is not a directory", dir);
     return moe_rundir_lock(r);
 }
 
