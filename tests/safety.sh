@@ -239,6 +239,14 @@ unchanged "export into a run" "$R" "$tmp/plain"
 snap "$H" >"$tmp/before"
 run 1 "config.json' already exists" export --format hf "$R" "$H"
 unchanged "export over config.json" "$H"
+# --force into a directory whose metrics.jsonl links elsewhere: the link is replaced, its
+# target not truncated
+echo "precious" >"$tmp/precious.txt"
+mkdir "$tmp/forced"
+ln -s ../precious.txt "$tmp/forced/metrics.jsonl"
+snap "$tmp/precious.txt" >"$tmp/before"
+run 0 "" train $tiny --steps 2 --force --out "$tmp/forced"
+unchanged "train --force over a linked metrics.jsonl" "$tmp/precious.txt"
 # a run that diverges, and one that meets a full disk, leave nothing behind (diverging on ref,
 # whose exp() takes NaN in its stride)
 run 1 "training diverged" train $tiny --steps 20 --lr 1e300 --warmup 0 --backend ref --out "$tmp/d/deep/diverged"

@@ -287,7 +287,11 @@ moe_status moe_rundir_start(moe_rundir *r, const char *config_json, const char *
         return s;
     if (resume_step >= 0 && (s = moe_metrics_cut(path, resume_step, NULL)))
         return s;
-    int flags = O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resume_step < 0 ? O_TRUNC : 0);
+    /* a new run (into a directory --force let us use) starts a file of its own: whatever the
+     * name was, a link included, is replaced rather than truncated through */
+    if (resume_step < 0 && unlink(path) != 0 && errno != ENOENT)
+        return moe_error(MOE_ERR_IO, "cannot replace '%s': %s", path, strerror(errno));
+    int flags = O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resume_step < 0 ? O_EXCL : 0);
     if ((r->metrics_fd = open(path, flags, 0644)) < 0)
         return moe_error(MOE_ERR_IO, "cannot write '%s': %s", path, strerror(errno));
     r->wrote |= WROTE_METRICS;
