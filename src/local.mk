@@ -1,9 +1,14 @@
-# core: status, versions, Philox, arenas, routing plans, layer configs
+# core: status, versions, Philox, arenas, routing plans, layer configs, float formats,
+# durable writes and bounded inputs
 libcmoe_la_SOURCES += \
 	src/cmoe.h \
-	src/core/status.c \
 	src/core/dtype.h \
 	src/core/dtype.c \
+	src/core/durable.h \
+	src/core/durable.c \
+	src/core/input.h \
+	src/core/input.c \
+	src/core/status.c \
 	src/core/version.c \
 	src/core/rng.c \
 	src/core/arena.c \
@@ -39,5 +44,7 @@ libcmoe_la_SOURCES += src/model/model.h src/model/model_impl.h src/model/model.c
 	src/model/sample.h src/model/sample.c src/model/info.h src/model/info.c
 # files: safetensors, checkpoints, Hugging Face export/import, datasets (text, llm.c
 # shards, the synthetic generator)
-libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/checkpoint.h src/io/checkpoint.c \
-	src/io/hf.h src/io/hf_config.c src/io/hf.c src/io/data.h src/io/data.c src/io/synth.c
+libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/safetensors_write.c src/io/checkpoint.h \
+	src/io/checkpoint.c src/io/hf.h src/io/hf_config.c src/io/hf.c src/io/rundir.h src/io/rundir.c \
+	src/io/rundir_ckpt.c src/io/rundir_metrics.c src/io/train_settings.c src/io/data.h src/io/data_impl.h \
+	src/io/data.c src/io/data_load.c src/io/synth.c

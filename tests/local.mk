@@ -143,3 +143,18 @@ tests_test_determinism_SOURCES = tests/test_determinism.c tests/testutil.h
 tests_test_determinism_CFLAGS = $(TEST_CFLAGS)
 tests_test_determinism_LDADD = $(TEST_LDADD)
 endif
+# never destroying what is not cmoe's: outputs that are devices, FIFOs, symlinks or inputs,
+# run directories and their lock, signals, pipes and unbounded inputs (issue 9)
+TESTS += tests/safety.sh
+EXTRA_DIST += tests/safety.sh
+# the durable write and bounded inputs (core/), the run directory (io/rundir.h)
+if HAVE_CHECK
+check_PROGRAMS += tests/test_durable tests/test_rundir
+TESTS += tests/test_durable tests/test_rundir
+tests_test_durable_SOURCES = tests/test_durable.c tests/testutil.h
+tests_test_durable_CFLAGS = $(TEST_CFLAGS)
+tests_test_durable_LDADD = $(TEST_LDADD)
+tests_test_rundir_SOURCES = tests/test_rundir.c tests/testutil.h
+tests_test_rundir_CFLAGS = $(TEST_CFLAGS)
+tests_test_rundir_LDADD = $(TEST_LDADD)
+endif

@@ -113,8 +113,36 @@ run 0 "" train --resume "$K" --steps 15 --keep 0
 [ "$(awk 'END { print NR }' "$K/metrics.jsonl")" -eq 15 ] || fail "--steps 15 did not extend the run to 15 steps"
 [ -f "$K/ckpt-15.safetensors" ] || fail "no checkpoint at the new end"
 run 2 "cannot be given with --resume" train --resume "$K" --lr 0.1
-run 2 "cannot be given with --resume" train --resume "$K" --data synth
+# --data may name the same data again (it is checked by what it is), not other data
+sums "$K" >"$tmp/before"
+run 1 "the data changed since the checkpoint: synth:tasks=4,vocab=32,seed=1,val=64 -> synth:tasks=2" \
+    train --resume "$K" --steps 16 --data synth:tasks=2
+sums "$K" >"$tmp/after"
+cmp -s "$tmp/before" "$tmp/after" || fail "a refused --data changed the run directory"
 run 1 "beyond --steps" train --resume "$K" --steps 5
+
+# ---- the data is what it is, not how its path was typed ------------------------------------------
+# trained with a relative path, resumed from another directory: the same file (it used to
+# fail, comparing 'text.txt' with '/.../text.txt'); then moved (--data names it again);
+# then changed, which is refused naming what differs
+P="$tmp/proj"
+mkdir -p "$P"
+awk 'BEGIN { for (i = 0; i < 20000; i++) printf "%c", (i * 7 + int(i / 13)) % 31 + 1 }' >"$P/text.txt"
+cmoe_abs=$(cd "$(dirname "$cmoe")" && pwd)/$(basename "$cmoe")
+if (cd "$P" && "$cmoe_abs" train --preset tiny --data text.txt --steps 4 --batch 2 --seq 8 --eval-every 0 \
+    --save-every 2 --out run >/dev/null 2>&1); then
+    (cd / && "$cmoe_abs" train --resume "$P/run" --steps 6 >"$tmp/stdout" 2>"$tmp/stderr") &&
+        echo "ok: a run trained on a relative path resumes from another directory" ||
+        { fail "resume from another directory: $(cat "$tmp/stderr")"; }
+    mv "$P/text.txt" "$P/moved.txt"
+    run 0 "" train --resume "$P/run" --steps 8 --data "$P/moved.txt"
+    grep -q "\"data\": \"$P/moved.txt\"" "$P/run/train.json" || fail "train.json does not name the moved data"
+    printf '\001' >>"$P/moved.txt"
+    run 1 "the data changed since the checkpoint: size 20000 -> 20001 bytes, CRC-32 [0-9a-f]* -> [0-9a-f]*" \
+        train --resume "$P/run" --steps 10
+else
+    fail "could not train on $P/text.txt"
+fi
 
 # ---- Ctrl-C writes a checkpoint of the step it stopped after ---------------------------------
 G="$tmp/sigint"
@@ -165,9 +193,21 @@ cp "$D/model.safetensors" "$ck"
 bad "weights only" "a weights-only file"
 sed 's/"moe_intermediate_size": 16/"moe_intermediate_size": 24/' "$A/config.json" >"$tmp/other.json"
 run 0 "" train --config "$tmp/other.json" --data synth --steps 2 --batch 2 --seq 8 --save-every 2 --out "$tmp/other"
-cp "$tmp/other/ckpt-2.safetensors" "$D/ckpt-30.safetensors"
-bad "another model's checkpoint" "does not match the run's"
-rm -f "$D/ckpt-30.safetensors"
+# a newer checkpoint that fails (here another model's) is named and skipped for the newest
+# valid one; named as the exact file, it is refused
+E="$tmp/fallback"
+cp -r "$D" "$E"
+cp "$tmp/other/ckpt-2.safetensors" "$E/ckpt-30.safetensors"
+sums "$E" >"$tmp/before"
+run 1 "does not match the run's config.json" train --resume "$E/ckpt-30.safetensors"
+sums "$E" >"$tmp/after"
+cmp -s "$tmp/before" "$tmp/after" || fail "a refused checkpoint file changed the run directory"
+run 0 "" train --resume "$E"
+grep -q "skipped a checkpoint that failed: $E/ckpt-30.safetensors: the checkpoint's config does not match" \
+    "$tmp/stdout" || fail "the failed newer checkpoint was not named with its reason"
+grep -q "continuing from the newest valid one, $E/ckpt-10.safetensors" "$tmp/stdout" &&
+    grep -q "resumed from $E/ckpt-10.safetensors at step 10" "$tmp/stdout" || fail "did not fall back to ckpt-10"
+same_after "$A" "$E" 10 "resume past a bad newer checkpoint"
 cp "$tmp/good.safetensors" "$tmp/keep.safetensors"
 rm "$ck"
 bad "no checkpoint" "no checkpoint (ckpt-STEP.safetensors)"

@@ -6,6 +6,8 @@
 #include <errno.h>
 #include <ftw.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -706,6 +708,168 @@ START_TEST(test_brown_corpus)
 }
 END_TEST
 
+/* ---- streams, gzip members and garbage, identity ------------------------------------- */
+
+/* A child writes n bytes of p into a pipe, starting after delay_ms; returns "/dev/fd/N". */
+static const char *pipe_of(const void *p, size_t n, int delay_ms, pid_t *pid)
+{
+    static char path[32];
+    int fd[2];
+    ck_assert_int_eq(pipe(fd), 0);
+    *pid = fork();
+    ck_assert_int_ge(*pid, 0);
+    if (*pid == 0) {
+        close(fd[0]);
+        struct timespec ts = {0, (long)delay_ms * 1000000L};
+        nanosleep(&ts, NULL);
+        _exit(write(fd[1], p, n) == (ssize_t)n ? 0 : 1);
+    }
+    close(fd[1]);
+    snprintf(path, sizeof path, "/dev/fd/%d", fd[0]);
+    return path;
+}
+
+START_TEST(test_streams)
+{
+    setup_tmp();
+    char *t = make_text(20000);
+    write_bytes(tpath("a.txt"), t, 20000);
+    write_gzip(tpath("a.gz"), t, 20000);
+    moe_dataset *ref = open_ok(tpath("a.txt"), NULL);
+    /* a pipe of plain text and one of gzip, read once: every byte, the same tokens */
+    for (int gz = 0; gz < 2; gz++) {
+        FILE *f = fopen(tpath(gz ? "a.gz" : "a.txt"), "rb");
+        static char buf[65536];
+        size_t n = fread(buf, 1, sizeof buf, f);
+        fclose(f);
+        pid_t pid;
+        const char *path = pipe_of(buf, n, gz ? 200 : 0, &pid); /* gzip: a writer that comes late */
+        moe_dataset *d = open_ok(path, NULL);
+        close(atoi(path + 8));
+        waitpid(pid, NULL, 0);
+        ck_assert_int_eq(moe_dataset_train_tokens(d) + moe_dataset_val_tokens(d), 20000);
+        ck_assert_int_eq(moe_dataset_train_tokens(d), moe_dataset_train_tokens(ref));
+        const moe_data_identity *a = moe_dataset_identity(d);
+        ck_assert_uint_eq(a->size, n);
+        moe_dataset_free(d);
+    }
+    moe_dataset_free(ref);
+    /* a shard cannot come through a pipe (it is mapped); an endless device is refused */
+    int32_t tok[64] = {0};
+    ck_assert_int_eq(moe_shard_write(tpath("s.bin"), tok, 64), MOE_OK);
+    FILE *f = fopen(tpath("s.bin"), "rb");
+    static char sb[4096];
+    size_t n = fread(sb, 1, sizeof sb, f);
+    fclose(f);
+    pid_t pid;
+    const char *path = pipe_of(sb, n, 0, &pid);
+    moe_dataset *d = NULL;
+    ck_assert_int_eq(moe_dataset_open(path, NULL, &d), MOE_ERR_FORMAT);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "must be a regular file"));
+    close(atoi(path + 8));
+    waitpid(pid, NULL, 0);
+    expect_fail("/dev/zero", NULL, MOE_ERR_IO, "character device");
+    free(t);
+    teardown_tmp();
+}
+END_TEST
+
+START_TEST(test_gzip_members_and_garbage)
+{
+    setup_tmp();
+    char *t = make_text(5000);
+    write_gzip(tpath("one.gz"), t, 5000);
+    FILE *f = fopen(tpath("one.gz"), "rb");
+    static char gz[65536];
+    size_t n = fread(gz, 1, sizeof gz, f);
+    fclose(f);
+    /* two members: both texts */
+    FILE *w = fopen(tpath("two.gz"), "wb");
+    fwrite(gz, 1, n, w);
+    fwrite(gz, 1, n, w);
+    fclose(w);
+    moe_dataset *d = open_ok(tpath("two.gz"), NULL);
+    ck_assert_int_eq(moe_dataset_train_tokens(d) + moe_dataset_val_tokens(d), 10000);
+    moe_dataset_free(d);
+    /* zero padding after the member is taken, as gzip(1) does */
+    w = fopen(tpath("pad.gz"), "wb");
+    fwrite(gz, 1, n, w);
+    static const char zeros[100];
+    fwrite(zeros, 1, sizeof zeros, w);
+    fclose(w);
+    d = open_ok(tpath("pad.gz"), NULL);
+    ck_assert_int_eq(moe_dataset_train_tokens(d) + moe_dataset_val_tokens(d), 5000);
+    moe_dataset_free(d);
+    /* anything else after it is refused, naming the count and the offset */
+    w = fopen(tpath("junk.gz"), "wb");
+    fwrite(gz, 1, n, w);
+    fwrite("junk!", 1, 5, w);
+    fclose(w);
+    char want[128];
+    snprintf(want, sizeof want, "5 bytes of trailing garbage after the gzip data, which ends at byte %zu", n);
+    expect_fail(tpath("junk.gz"), NULL, MOE_ERR_FORMAT, want);
+    free(t);
+    teardown_tmp();
+}
+END_TEST
+
+START_TEST(test_identity)
+{
+    setup_tmp();
+    char *t = make_text(3000);
+    write_bytes(tpath("x.txt"), t, 3000);
+    moe_dataset *a = open_ok(tpath("x.txt"), NULL);
+    char cwd[1024], why[8192];
+    ck_assert_ptr_nonnull(getcwd(cwd, sizeof cwd));
+    ck_assert_int_eq(chdir(tmpdir), 0);
+    moe_dataset *b = open_ok("./x.txt", NULL); /* another spelling of the same file */
+    ck_assert_int_eq(chdir(cwd), 0);
+    const moe_data_identity *ia = moe_dataset_identity(a), *ib = moe_dataset_identity(b);
+    ck_assert_str_eq(ia->path, ib->path);
+    ck_assert_str_eq(ia->kind, "text");
+    ck_assert_uint_eq(ia->size, 3000);
+    ck_assert_uint_eq(ia->crc32, crc32(0, (const Bytef *)t, 3000));
+    ck_assert_int_eq(moe_data_identity_differs(ia, ib, why, sizeof why), 0);
+    /* moved: the same data */
+    ck_assert_int_eq(rename(tpath("x.txt"), tpath("y.txt")), 0);
+    moe_dataset *c = open_ok(tpath("y.txt"), NULL);
+    ck_assert_int_eq(moe_data_identity_differs(ia, moe_dataset_identity(c), why, sizeof why), 0);
+    moe_dataset_free(c);
+    /* one byte more: size and checksum named, and both paths */
+    t[2999] = 'q';
+    write_bytes(tpath("y.txt"), t, 3000);
+    FILE *f = fopen(tpath("y.txt"), "ab");
+    fputc('z', f);
+    fclose(f);
+    c = open_ok(tpath("y.txt"), NULL);
+    ck_assert_int_eq(moe_data_identity_differs(ia, moe_dataset_identity(c), why, sizeof why), 1);
+    ck_assert_msg(strstr(why, "size 3000 -> 3001 bytes, CRC-32") && strstr(why, "y.txt"), "%s", why);
+    moe_dataset_free(c);
+    /* shards: names, sizes and headers */
+    mkdir(tpath("sh"), 0700);
+    int32_t tok[100];
+    for (int i = 0; i < 100; i++)
+        tok[i] = i;
+    ck_assert_int_eq(moe_shard_write(tpath("sh/a_train_000.bin"), tok, 100), MOE_OK);
+    ck_assert_int_eq(moe_shard_write(tpath("sh/a_val_000.bin"), tok, 50), MOE_OK);
+    moe_dataset *s1 = open_ok(tpath("sh"), NULL);
+    ck_assert_str_eq(moe_dataset_identity(s1)->kind, "shards");
+    ck_assert_uint_eq(moe_dataset_identity(s1)->size, 2 * 1024 + 2 * 150);
+    ck_assert_int_eq(moe_shard_write(tpath("sh/a_val_000.bin"), tok, 60), MOE_OK); /* rewritten */
+    moe_dataset *s2 = open_ok(tpath("sh"), NULL);
+    ck_assert_int_eq(moe_data_identity_differs(moe_dataset_identity(s1), moe_dataset_identity(s2), why, sizeof why),
+                     1);
+    ck_assert_int_eq(moe_data_identity_differs(ia, moe_dataset_identity(s1), why, sizeof why), 1);
+    ck_assert_ptr_nonnull(strstr(why, "text"));
+    moe_dataset_free(s1);
+    moe_dataset_free(s2);
+    moe_dataset_free(a);
+    moe_dataset_free(b);
+    free(t);
+    teardown_tmp();
+}
+END_TEST
+
 static Suite *data_suite(void)
 {
     Suite *s = suite_create("data");
@@ -721,6 +885,9 @@ static Suite *data_suite(void)
     tcase_add_test(tc, test_synth_deterministic_and_in_range);
     tcase_add_test(tc, test_synth_learnable);
     tcase_add_test(tc, test_brown_corpus);
+    tcase_add_test(tc, test_streams);
+    tcase_add_test(tc, test_gzip_members_and_garbage);
+    tcase_add_test(tc, test_identity);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/dtype.h"
 #include "io/hf.h"
 #include "testutil.h"
 
@@ -263,7 +264,7 @@ START_TEST(test_bf16)
         moe_model_get_param(m2, i, x + n);
         moe_st_from_f64(MOE_ST_BF16, x, n, h);
         for (int64_t k = 0; k < n; k++)
-            ck_assert(x[n + k] == moe_st_bf16_to_double(h[k]));
+            ck_assert(x[n + k] == moe_bf16_to_f64(h[k]));
         free(x);
         free(h);
     }

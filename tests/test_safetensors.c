@@ -9,13 +9,17 @@
  * "config" metadata. Exit 0 when they match, 1 otherwise.
  */
 #define _POSIX_C_SOURCE 200809L
+#include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/dtype.h"
 #include "io/safetensors.h"
 #include "testutil.h"
 
@@ -28,6 +32,18 @@ static const char *tmp(const char *name)
     slot = (slot + 1) % 4;
     snprintf(path[slot], sizeof path[slot], "%s/%s", dir, name);
     return path[slot];
+}
+
+/* entries of directory d whose name starts with prefix */
+static int count_entries(const char *d, const char *prefix)
+{
+    DIR *dp = opendir(d);
+    ck_assert_ptr_nonnull(dp);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(dp));)
+        n += strncmp(e->d_name, prefix, strlen(prefix)) == 0;
+    closedir(dp);
+    return n;
 }
 
 static void write_bytes(const char *path, const void *p, size_t n)
@@ -101,7 +117,7 @@ START_TEST(round_trip_every_dtype)
     const char *path = tmp("all.safetensors");
     ck_assert_msg(moe_st_writer_write(w, path) == MOE_OK, "%s", moe_last_error());
     moe_st_writer_free(w);
-    ck_assert_int_ne(access(tmp("all.safetensors.tmp"), F_OK), 0);
+    ck_assert_int_eq(count_entries(dir, "all.safetensors.tmp"), 0);
 
     moe_st_file *f;
     ck_assert_msg(moe_st_read(path, &f) == MOE_OK, "%s", moe_last_error());
@@ -221,14 +237,14 @@ static void put16(uint8_t *p, uint16_t v)
 START_TEST(conversions)
 {
     /* known half and bfloat16 patterns */
-    ck_assert(moe_st_half_to_double(0x3C00) == 1.0);
-    ck_assert(moe_st_half_to_double(0xC000) == -2.0);
-    ck_assert(moe_st_half_to_double(0x7BFF) == 65504.0);
-    ck_assert(moe_st_half_to_double(0x0001) == ldexp(1, -24));
-    ck_assert(isinf(moe_st_half_to_double(0x7C00)));
-    ck_assert(isnan(moe_st_half_to_double(0x7E00)));
-    ck_assert(moe_st_bf16_to_double(0x3F80) == 1.0);
-    ck_assert(moe_st_bf16_to_double(0xC040) == -3.0);
+    ck_assert(moe_f16_to_f64(0x3C00) == 1.0);
+    ck_assert(moe_f16_to_f64(0xC000) == -2.0);
+    ck_assert(moe_f16_to_f64(0x7BFF) == 65504.0);
+    ck_assert(moe_f16_to_f64(0x0001) == ldexp(1, -24));
+    ck_assert(isinf(moe_f16_to_f64(0x7C00)));
+    ck_assert(isnan(moe_f16_to_f64(0x7E00)));
+    ck_assert(moe_bf16_to_f64(0x3F80) == 1.0);
+    ck_assert(moe_bf16_to_f64(0xC040) == -3.0);
 
     /* round to nearest, ties to even */
     double in[] = {1.0, 1 + ldexp(1, -11), 1 + 3 * ldexp(1, -11), 65504, 65519, 65520, -0.0, ldexp(1, -25) * 1.5,
@@ -248,7 +264,7 @@ START_TEST(conversions)
     for (uint32_t u = 0; u < 0x10000; u++) {
         if ((u & 0x7C00) == 0x7C00)
             continue;
-        double d = moe_st_half_to_double((uint16_t)u);
+        double d = moe_f16_to_f64((uint16_t)u);
         uint16_t back;
         moe_st_from_f64(MOE_ST_F16, &d, 1, &back);
         ck_assert_msg(back == u, "half %04x -> %g -> %04x", u, d, back);
@@ -398,7 +414,13 @@ START_TEST(io_errors)
     ck_assert(moe_st_read(missing, &f) == MOE_ERR_IO);
     ck_assert_ptr_nonnull(strstr(moe_last_error(), missing));
     ck_assert(moe_st_read(dir, &f) == MOE_ERR_IO); /* a directory */
-    ck_assert_ptr_nonnull(strstr(moe_last_error(), "not a regular file"));
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "is a directory"));
+    /* a FIFO without a writer: refused at once, not waited on */
+    const char *fifo = tmp("fifo.safetensors");
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    ck_assert(moe_st_read(fifo, &f) == MOE_ERR_IO);
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "FIFO"));
+    remove(fifo);
 
     moe_st_writer *w;
     ck_assert(moe_st_writer_create(&w) == MOE_OK);
@@ -411,27 +433,35 @@ START_TEST(io_errors)
 }
 END_TEST
 
-/* A failed write leaves the old file as it was and no temporary behind. */
+/* A failed write (the disk full: the file-size limit makes write() fail with EFBIG) leaves
+ * the old file as it was and no temporary behind. */
 START_TEST(atomic_writer)
 {
-    const char *path = tmp("atomic.safetensors"), *tpath = tmp("atomic.safetensors.tmp");
+    const char *path = tmp("atomic.safetensors");
     write_bytes(path, "old contents", 12);
-    ck_assert_int_eq(mkdir(tpath, 0700), 0); /* PATH.tmp cannot be created as a file */
     moe_st_writer *w;
     ck_assert(moe_st_writer_create(&w) == MOE_OK);
-    double v[2] = {1, 2};
-    int64_t s[1] = {2};
+    static double v[4096];
+    int64_t s[1] = {4096};
     ck_assert(moe_st_writer_add(w, "v", MOE_ST_F64, 1, s, v) == MOE_OK);
-    ck_assert(moe_st_writer_write(w, path) == MOE_ERR_IO);
+    struct rlimit old, small = {1000, 1000};
+    ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    small.rlim_max = old.rlim_max;
+    signal(SIGXFSZ, SIG_IGN);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+    moe_status st = moe_st_writer_write(w, path);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    ck_assert_msg(st == MOE_ERR_IO, "%s", moe_last_error());
+    ck_assert_ptr_nonnull(strstr(moe_last_error(), "File too large"));
     char buf[64];
     size_t n = read_bytes(path, buf, sizeof buf);
     ck_assert_uint_eq(n, 12);
     ck_assert(memcmp(buf, "old contents", 12) == 0);
-    ck_assert_int_eq(rmdir(tpath), 0);
-    /* now it succeeds, replaces the old file and leaves no PATH.tmp */
+    ck_assert_int_eq(count_entries(dir, "atomic.safetensors.tmp"), 0);
+    /* now it succeeds, replaces the old file and leaves no temporary */
     ck_assert_msg(moe_st_writer_write(w, path) == MOE_OK, "%s", moe_last_error());
     moe_st_writer_free(w);
-    ck_assert_int_ne(access(tpath, F_OK), 0);
+    ck_assert_int_eq(count_entries(dir, "atomic.safetensors.tmp"), 0);
     moe_st_file *f;
     ck_assert(moe_st_read(path, &f) == MOE_OK);
     ck_assert_int_eq(f->n, 1);
@@ -558,7 +588,6 @@ int main(int argc, char **argv)
                                         "atomic.safetensors", "foreign.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
         remove(tmp(files[i]));
-    rmdir(tmp("atomic.safetensors.tmp"));
     if (rmdir(dir) != 0)
         fprintf(stderr, "note: could not remove %s: %s\n", dir, strerror(errno));
     return rc;

@@ -66,7 +66,7 @@ check_metrics "$syn" 20 2
 for f in config.json train.json model.safetensors; do
     [ -s "$syn/$f" ] || fail "synth run: $f missing"
 done
-[ -e "$syn/model.safetensors.tmp" ] && fail "a temporary weights file was left behind"
+ls "$syn" | grep -q "\.tmp" && fail "a temporary weights file was left behind"
 grep -q '"layers":\[{"layer":1,"experts":4,"load":\[' "$syn/metrics.jsonl" ||
     fail "metrics: no per-layer expert load of MoE layer 1 (4 experts)"
 grep -q '"layer":2,"experts":6' "$syn/metrics.jsonl" || fail "metrics: no entry for layer 2 (6 experts)"

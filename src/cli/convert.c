@@ -17,7 +17,9 @@
 
 #include "cmoe.h"
 #include "commands.h"
+#include "core/durable.h"
 #include "io/hf.h"
+#include "io/rundir.h"
 #include "run.h"
 
 static int usage(const char *cmd, const char *fmt, ...)
@@ -56,7 +58,7 @@ static const char mapping_text[] =
 
 void help_export(void)
 {
-    printf("usage: cmoe export --format hf [--dtype f32|bf16|f16] RUN_DIR OUT_DIR\n\n"
+    printf("usage: cmoe export --format hf [--dtype f32|bf16|f16] [--force] RUN_DIR OUT_DIR\n\n"
            "Writes the model of a cmoe run (RUN_DIR/model.safetensors) as a Hugging Face\n"
            "transformers checkpoint: OUT_DIR/config.json and OUT_DIR/model.safetensors, loadable\n"
            "with AutoModelForCausalLM.from_pretrained(OUT_DIR).\n\n"
@@ -69,6 +71,8 @@ void help_export(void)
            "Options:\n"
            "  --format hf         the only format (required)\n"
            "  --dtype T           f32 (default; import gives back the same bits), bf16 or f16\n"
+           "  --force             write into OUT_DIR even when it holds a run or config.json or\n"
+           "                      model.safetensors (never over RUN_DIR's own files)\n"
            "  --help              this text\n",
            mapping_text);
 }
@@ -93,7 +97,7 @@ void help_import(void)
            "the context, activations other than silu and gelu, tensors that are missing, of\n"
            "the wrong shape, not finite (NaN, Inf) or not part of the model (rotary inv_freq\n"
            "buffers are ignored).\n"
-           "RUN_DIR must not hold a run (--force overwrites).\n\n"
+           "RUN_DIR must not hold a run, config.json or model.safetensors (--force overwrites).\n\n"
            "Options:\n"
            "  --format hf         the only format (required)\n"
            "  --force             write into RUN_DIR even when it holds a run\n"
@@ -124,11 +128,7 @@ static int parse(const char *cmd, int argc, char **argv, const char **dtype, int
                 return usage(cmd, "unknown option '--dtype' (export only)");
             *dtype = optarg;
             break;
-        case OPT_FORCE:
-            if (!force)
-                return usage(cmd, "unknown option '--force' (import only)");
-            *force = 1;
-            break;
+        case OPT_FORCE: *force = 1; break;
         case OPT_HELP: return -1;
         case ':': return usage(cmd, "option '%s' needs an argument", argv[optind - 1]);
         default: return usage(cmd, "unknown option '%s'", argv[optind - 1]);
@@ -145,10 +145,28 @@ static int parse(const char *cmd, int argc, char **argv, const char **dtype, int
     return 0;
 }
 
+/* what export and import write into their output directory */
+static const char *const written[] = {"config.json", CLI_RUN_WEIGHTS, NULL};
+
+/* The output directory's files must not be the input's (the same directory under another
+ * name, a symlink): refused even with --force. */
+static moe_status same_files(const char *out_dir, const char *in_dir)
+{
+    char a[4200], b[4200];
+    for (int i = 0; written[i]; i++) {
+        moe_status s;
+        if ((s = cli_path(a, sizeof a, out_dir, written[i])) || (s = cli_path(b, sizeof b, in_dir, written[i])) ||
+            (s = moe_refuse_same_file(a, b, "input")))
+            return s;
+    }
+    return MOE_OK;
+}
+
 int cmd_export(int argc, char **argv)
 {
     const char *dt = "f32", *run_dir, *out;
-    int rc = parse("export", argc, argv, &dt, NULL, &run_dir, &out);
+    int force = 0;
+    int rc = parse("export", argc, argv, &dt, &force, &run_dir, &out);
     if (rc < 0) {
         help_export();
         return EXIT_OK;
@@ -165,12 +183,26 @@ int cmd_export(int argc, char **argv)
     else
         return usage("export", "--dtype '%s': use f32, bf16 or f16", dt);
     cli_run r;
+    moe_made_dirs made = {0};
+    int wrote = 0;
     moe_status s = cli_run_open(run_dir, &r);
     moe_hf_arch arch;
-    /* refuse before anything is built or written */
-    if (!s && !(s = moe_hf_arch_of(&r.cfg, &arch)) && !(s = cli_mkdirs(out)) &&
-        !(s = cli_run_build(&r, "ref", 1, 1, 1)))
+    /* refuse before anything is built or written: never over a run or a file of OUT_DIR
+     * (unless --force), never over the input itself (not even with --force) */
+    if (!s && !(s = moe_hf_arch_of(&r.cfg, &arch)) && !(s = same_files(out, run_dir)) &&
+        !(s = moe_rundir_check_output(out, written, force)) && !(s = moe_mkdirs(out, &made)) &&
+        !(s = cli_run_build(&r, "ref", 1, 1, 1))) {
+        wrote = 1;
         s = moe_hf_export(r.model, out, dtype);
+    }
+    if (s) {
+        char path[4200]; /* without --force neither file was there before */
+        for (int i = 0; wrote && !force && written[i]; i++)
+            if (cli_path(path, sizeof path, out, written[i]) == MOE_OK)
+                remove(path);
+        moe_made_dirs_undo(&made);
+    }
+    moe_made_dirs_clear(&made);
     if (!s)
         printf("cmoe export: %s -> %s (%s, %s, %lld parameters): config.json, model.safetensors\n", run_dir, out,
                moe_hf_arch_name(arch), moe_st_dtype_name(dtype), (long long)moe_model_numel(r.model));
@@ -190,37 +222,28 @@ int cmd_import(int argc, char **argv)
     if (rc)
         return rc;
     char path[4200];
-    struct stat sb;
-    if (cli_path(path, sizeof path, run_dir, CLI_RUN_WEIGHTS) == MOE_OK && stat(path, &sb) == 0 && !force) {
-        fprintf(stderr, "cmoe import: '%s' already holds a run; pass another RUN_DIR, or --force to overwrite it\n",
-                run_dir);
-        return EXIT_FAIL;
-    }
+    moe_made_dirs made = {0};
+    int wrote = 0;
     moe_model_config c;
     moe_hf_arch arch;
     moe_backend *b = NULL;
     moe_model *m = NULL;
     char *cfg_json = NULL;
     char notes[2048];
-    moe_status s = moe_hf_read_config(hf_dir, &c, &arch, notes, sizeof notes);
+    moe_status s = same_files(run_dir, hf_dir);
+    if (!s)
+        s = moe_rundir_check_output(run_dir, written, force);
+    if (!s)
+        s = moe_hf_read_config(hf_dir, &c, &arch, notes, sizeof notes);
     if (!s && notes[0]) /* defaults that change the math: said, never silent */
         fprintf(stderr, "cmoe import: note: %s/config.json: %s\n", hf_dir, notes);
     /* the ref backend holds double: every F32/BF16/F16 value passes unchanged */
     if (!s && !(s = moe_backend_create("ref", NULL, &b)) && !(s = moe_model_create(&c, b, NULL, 1, 1, &m)) &&
-        !(s = moe_hf_load_weights(hf_dir, m, arch)) && !(s = cli_mkdirs(run_dir)) &&
+        !(s = moe_hf_load_weights(hf_dir, m, arch)) && !(s = moe_mkdirs(run_dir, &made)) &&
         !(s = moe_model_config_to_json(&c, 1, &cfg_json))) {
-        FILE *f = NULL;
-        char tmp[4300];
-        if ((s = cli_path(path, sizeof path, run_dir, "config.json")) == MOE_OK) {
-            snprintf(tmp, sizeof tmp, "%s.tmp", path);
-            f = fopen(tmp, "w");
-            int bad = !f || fputs(cfg_json, f) < 0 || fputc('\n', f) == EOF;
-            bad |= f && fclose(f) != 0;
-            if (bad || rename(tmp, path) != 0) {
-                remove(tmp);
-                s = moe_error(MOE_ERR_IO, "cannot write '%s': %s", path, strerror(errno));
-            }
-        }
+        wrote = 1;
+        if ((s = cli_path(path, sizeof path, run_dir, "config.json")) == MOE_OK)
+            s = moe_durable_write_text(path, cfg_json);
         json_t *t = json_pack("{s:s, s:s}", "imported_from", hf_dir, "architecture", moe_hf_arch_name(arch));
         char *train = t ? json_dumps(t, JSON_COMPACT) : NULL;
         if (!s)
@@ -228,6 +251,15 @@ int cmd_import(int argc, char **argv)
         free(train);
         json_decref(t);
     }
+    if (s) {
+        /* without --force neither file was there before: what this command wrote goes, so
+         * the next attempt needs no --force */
+        for (int i = 0; wrote && !force && written[i]; i++)
+            if (cli_path(path, sizeof path, run_dir, written[i]) == MOE_OK)
+                remove(path);
+        moe_made_dirs_undo(&made);
+    }
+    moe_made_dirs_clear(&made);
     if (!s)
         printf("cmoe import: %s (%s, %lld parameters) -> %s: config.json, model.safetensors\n", hf_dir,
                moe_hf_arch_name(arch), (long long)moe_model_numel(m), run_dir);

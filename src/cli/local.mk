@@ -10,7 +10,7 @@ cmoe_LDADD += $(BLAS_LIBS)
 cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.c src/cli/sample.c src/cli/eval.c
 cmoe_LDADD += $(JANSSON_LIBS)
 # cmoe info and cmoe report; presets by name (./configs, $CMOE_CONFIGS, installed)
-cmoe_SOURCES += src/cli/presets.h src/cli/presets.c src/cli/info.c src/cli/report.c
+cmoe_SOURCES += src/cli/presets.h src/cli/presets.c src/cli/info.c src/cli/report.h src/cli/report.c src/cli/report_metrics.c src/cli/svg.h src/cli/svg.c
 cmoe_CPPFLAGS = $(AM_CPPFLAGS) -DCMOE_PKGDATADIR='"$(pkgdatadir)"'
 # the model presets, installed so that --preset NAME works outside the source tree
 presetsdir = $(pkgdatadir)/configs

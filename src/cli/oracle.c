@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "cmoe.h"
+#include "core/durable.h"
 #include "commands.h"
 #include "io/safetensors.h"
 
@@ -482,6 +483,8 @@ int cmd_oracle(int argc, char **argv)
             return usage("--example-inputs writes an inputs file; it takes --config, --tokens and --seed only");
         if (!o.have_tokens)
             return usage("--example-inputs needs --tokens T");
+        if (moe_refuse_same_file(o.example, o.config, "--config"))
+            return failed();
         return write_example(&o);
     }
     if (o.have_tokens || o.have_seed)
@@ -490,5 +493,7 @@ int cmd_oracle(int argc, char **argv)
         return usage("--inputs IN.safetensors is required");
     if (!o.out)
         return usage("--out OUT.safetensors is required");
+    if (moe_refuse_same_file(o.out, o.inputs, "--inputs") || moe_refuse_same_file(o.out, o.config, "--config"))
+        return failed();
     return run_oracle(&o);
 }

@@ -1,4 +1,5 @@
-/* Model presets by name: ./configs, $CMOE_CONFIGS, $(pkgdatadir)/configs, built-ins. */
+/* Model presets by name: ./configs, $CMOE_CONFIGS, $(pkgdatadir)/configs, built-ins; and
+ * the default dataset, found the same way. */
 #define _POSIX_C_SOURCE 200809L
 #include "config.h"
 
@@ -125,4 +126,36 @@ void cli_preset_list(void (*fn)(const char *name, const char *path, void *ctx), 
             fn(builtins[i], NULL, ctx);
     for (int i = 0; i < n; i++)
         free(names[i]);
+}
+
+/* ---- the default dataset ---------------------------------------------------------- */
+
+static int file_exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+moe_status cli_default_data(char *out, size_t n)
+{
+    const char *env = getenv("CMOE_DATA");
+    char env_brown[4096] = "";
+    if (env && *env)
+        snprintf(env_brown, sizeof env_brown, "%s/brown/brown.txt.gz", env);
+    const char *cand[3] = {CLI_DEFAULT_DATA, env && *env ? env : "", env_brown};
+    for (int i = 0; i < 3; i++)
+        if (*cand[i] && strlen(cand[i]) < n && file_exists(cand[i])) {
+            memcpy(out, cand[i], strlen(cand[i]) + 1);
+            return MOE_OK;
+        }
+#ifdef CMOE_PKGDATADIR
+    snprintf(out, n, "%s/datasets/brown/brown.txt.gz", CMOE_PKGDATADIR);
+    if (file_exists(out))
+        return MOE_OK;
+#endif
+    return moe_error(MOE_ERR_IO,
+                     "no --data given and the default dataset %s is not here%s; run from the cmoe source "
+                     "tree, set CMOE_DATA to its datasets/ directory, or pass --data PATH (text, .gz, an llm.c "
+                     "shard, a directory of shards, or synth)",
+                     CLI_DEFAULT_DATA, env && *env ? " nor under $CMOE_DATA" : " (and CMOE_DATA is not set)");
 }

@@ -5,7 +5,7 @@
  * load balance, a heatmap of each MoE layer's expert load over time, dropped tokens and
  * every aux loss.
  *
- * Long runs are reduced before drawing (line charts to at most MAX_POINTS bucket means,
+ * Long runs are reduced before drawing (line charts to at most SVG_MAX_POINTS bucket means,
  * heatmaps to a cell budget), so the page stays small whatever the number of steps.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -23,19 +23,14 @@
 #include <jansson.h>
 
 #include "cmoe.h"
+#include "core/durable.h"
+#include "core/input.h"
 #include "commands.h"
 #include "model/info.h"
 #include "run.h"
+#include "report.h"
+#include "svg.h"
 
-enum {
-    MAX_POINTS = 800,      /* points per drawn line */
-    LAYER_BINS = 400,      /* time buckets of the per-layer series */
-    HEAT_CELLS = 60000,    /* rectangles over all heatmaps */
-    HEAT_TITLES = 25000,   /* hover titles only below this many cells */
-    N_AUX = 6,
-};
-
-static const char *const aux_keys[N_AUX] = {"lb", "importance", "load", "z", "mi", "total"};
 static const char *const aux_titles[N_AUX] = {
     "Load-balancing loss (Switch / GShard)", "Importance loss (Shazeer)", "Load loss (Shazeer)",
     "Router z-loss (ST-MoE)", "Mutual-information loss (Mod-Squad)", "Aux total per layer (coefficients applied)"};
@@ -57,301 +52,6 @@ void help_report(void)
            "malformed line (the message gives its number); 2 usage.\n");
 }
 
-/* ---- growing arrays ------------------------------------------------------------- */
-
-typedef struct {
-    double *v;
-    int64_t n, cap;
-} vec;
-
-static int vec_push(vec *a, double x)
-{
-    if (a->n == a->cap) {
-        int64_t cap = a->cap ? 2 * a->cap : 256;
-        double *v = realloc(a->v, (size_t)cap * sizeof *v);
-        if (!v)
-            return -1;
-        a->v = v;
-        a->cap = cap;
-    }
-    a->v[a->n++] = x;
-    return 0;
-}
-
-/* ---- what metrics.jsonl holds ---------------------------------------------------- */
-
-enum { S_STEP, S_LOSS, S_CE, S_AUX, S_LR, S_GNORM, S_TOKENS, S_TPS, S_ELAPSED, S_VAL, S_LMM, S_DROP, N_SERIES };
-static const char *const series_keys[N_SERIES] = {"step", "loss", "ce", "aux", "lr", "grad_norm", "tokens",
-                                                  "tokens_per_s", "elapsed_s", "val_loss", "load_max_over_mean",
-                                                  "dropped_frac"};
-
-typedef struct {
-    int64_t layer, E;
-    double *share;          /* [bins, E] Σ over the bin's steps of count_e / Σ count */
-    double *aux[N_AUX];     /* [bins] Σ over the bin's steps */
-    double *dropped;        /* [bins] */
-    int64_t *n;             /* [bins] steps in each bin */
-} layer_data;
-
-typedef struct {
-    int64_t n;                /* steps (records) */
-    vec s[N_SERIES];          /* S_TOKENS holds the cumulative count */
-    int has[N_SERIES];        /* the key appeared at least once */
-    int nl;
-    layer_data *l;
-    int64_t bins;             /* time buckets of the per-layer data */
-    int aux_nonzero[N_AUX];
-} metrics;
-
-static void metrics_free(metrics *m)
-{
-    for (int i = 0; i < N_SERIES; i++)
-        free(m->s[i].v);
-    for (int i = 0; i < m->nl; i++) {
-        free(m->l[i].share);
-        for (int a = 0; a < N_AUX; a++)
-            free(m->l[i].aux[a]);
-        free(m->l[i].dropped);
-        free(m->l[i].n);
-    }
-    free(m->l);
-}
-
-static int fail(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("cmoe report: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    return EXIT_FAIL;
-}
-
-static char *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap + 1);
-    while (buf) {
-        size_t k = fread(buf + n, 1, cap - n, f);
-        n += k;
-        if (n < cap)
-            break;
-        char *b = realloc(buf, 2 * cap + 1);
-        if (!b) {
-            free(buf);
-            buf = NULL;
-            break;
-        }
-        buf = b;
-        cap *= 2;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (buf && err) {
-        free(buf);
-        return NULL;
-    }
-    if (buf) {
-        buf[n] = '\0';
-        *len = n;
-    }
-    return buf;
-}
-
-/* The layer structure from the first record. */
-static int layers_from(json_t *layers, int64_t lineno, metrics *m)
-{
-    m->nl = (int)json_array_size(layers);
-    m->l = calloc((size_t)m->nl + 1, sizeof *m->l);
-    if (!m->l)
-        return fail("out of memory");
-    for (int i = 0; i < m->nl; i++) {
-        json_t *o = json_array_get(layers, (size_t)i), *load = json_object_get(o, "load");
-        json_t *li = json_object_get(o, "layer");
-        if (!json_is_object(o) || !json_is_integer(li) || !json_is_array(load) || json_array_size(load) == 0)
-            return fail("metrics.jsonl line %lld: layers[%d] needs \"layer\" (an integer) and \"load\" (an array of "
-                        "counts, one per expert)", (long long)lineno, i);
-        layer_data *L = &m->l[i];
-        L->layer = json_integer_value(li);
-        L->E = (int64_t)json_array_size(load);
-        L->share = calloc((size_t)(m->bins * L->E), sizeof *L->share);
-        L->dropped = calloc((size_t)m->bins, sizeof *L->dropped);
-        L->n = calloc((size_t)m->bins, sizeof *L->n);
-        int ok = L->share && L->dropped && L->n;
-        for (int a = 0; a < N_AUX; a++)
-            ok = ok && (L->aux[a] = calloc((size_t)m->bins, sizeof *L->aux[a]));
-        if (!ok)
-            return fail("out of memory");
-    }
-    return 0;
-}
-
-static double num_or_nan(json_t *v)
-{
-    return json_is_number(v) ? json_number_value(v) : NAN;
-}
-
-static int add_layers(json_t *layers, int64_t lineno, int64_t bin, metrics *m)
-{
-    if (!layers && m->nl == 0)
-        return 0;
-    if (!json_is_array(layers) || (int)json_array_size(layers) != m->nl)
-        return fail("metrics.jsonl line %lld: \"layers\" must be an array of %d MoE layers, as on the first line",
-                    (long long)lineno, m->nl);
-    for (int i = 0; i < m->nl; i++) {
-        layer_data *L = &m->l[i];
-        json_t *o = json_array_get(layers, (size_t)i), *load = json_object_get(o, "load");
-        json_t *li = json_object_get(o, "layer"), *aux = json_object_get(o, "aux");
-        if (!json_is_object(o) || !json_is_integer(li) || json_integer_value(li) != L->layer || !json_is_array(load) ||
-            (int64_t)json_array_size(load) != L->E)
-            return fail("metrics.jsonl line %lld: layers[%d] must be layer %lld with a \"load\" array of %lld "
-                        "counts, as on the first line", (long long)lineno, i, (long long)L->layer, (long long)L->E);
-        double sum = 0;
-        for (int64_t e = 0; e < L->E; e++) {
-            json_t *c = json_array_get(load, (size_t)e);
-            if (!json_is_number(c) || json_number_value(c) < 0)
-                return fail("metrics.jsonl line %lld: layer %lld load[%lld] must be a count >= 0", (long long)lineno,
-                            (long long)L->layer, (long long)e);
-            sum += json_number_value(c);
-        }
-        for (int64_t e = 0; sum > 0 && e < L->E; e++)
-            L->share[bin * L->E + e] += json_number_value(json_array_get(load, (size_t)e)) / sum;
-        double d = num_or_nan(json_object_get(o, "dropped"));
-        L->dropped[bin] += isfinite(d) ? d : 0;
-        for (int a = 0; a < N_AUX; a++) {
-            double v = json_is_object(aux) ? num_or_nan(json_object_get(aux, aux_keys[a])) : NAN;
-            if (isfinite(v)) {
-                L->aux[a][bin] += v;
-                m->aux_nonzero[a] |= v != 0;
-            }
-        }
-        L->n[bin]++;
-    }
-    return 0;
-}
-
-static int parse_record(const char *line, int64_t lineno, int64_t index, metrics *m)
-{
-    json_error_t err;
-    json_t *o = json_loads(line, JSON_DECODE_ANY, &err);
-    if (!o)
-        return fail("metrics.jsonl line %lld: invalid JSON at column %d: %s", (long long)lineno, err.column, err.text);
-    int rc = 0;
-    if (!json_is_object(o)) {
-        rc = fail("metrics.jsonl line %lld: not a JSON object", (long long)lineno);
-        goto done;
-    }
-    if (!json_is_integer(json_object_get(o, "step"))) {
-        rc = fail("metrics.jsonl line %lld: no \"step\" (an integer)", (long long)lineno);
-        goto done;
-    }
-    for (int i = 0; i < N_SERIES; i++) {
-        json_t *v = json_object_get(o, series_keys[i]);
-        if (v && !json_is_number(v) && !json_is_null(v)) {
-            rc = fail("metrics.jsonl line %lld: \"%s\" must be a number", (long long)lineno, series_keys[i]);
-            goto done;
-        }
-        double x = num_or_nan(v);
-        m->has[i] |= v != NULL && isfinite(x);
-        if (i == S_TOKENS) /* per step in the file, cumulative here */
-            x = (m->s[i].n ? m->s[i].v[m->s[i].n - 1] : 0) + (isfinite(x) ? x : NAN);
-        if (vec_push(&m->s[i], x)) {
-            rc = fail("out of memory");
-            goto done;
-        }
-    }
-    json_t *layers = json_object_get(o, "layers");
-    if (index == 0 && json_is_array(layers) && (rc = layers_from(layers, lineno, m)))
-        goto done;
-    rc = add_layers(layers, lineno, index * m->bins / m->n, m);
-done:
-    json_decref(o);
-    return rc;
-}
-
-static int is_blank(const char *s)
-{
-    for (; *s; s++)
-        if (*s != ' ' && *s != '\t' && *s != '\r')
-            return 0;
-    return 1;
-}
-
-static int load_metrics(const char *path, metrics *m)
-{
-    memset(m, 0, sizeof *m);
-    size_t len;
-    char *text = read_all(path, &len);
-    if (!text)
-        return fail("cannot read %s: %s", path, strerror(errno ? errno : EIO));
-    if (memchr(text, '\0', len)) {
-        free(text);
-        return fail("%s holds a NUL byte: not a metrics.jsonl written by cmoe train", path);
-    }
-    for (char *p = text; *p;) { /* records = non-blank lines */
-        char *nl = strchr(p, '\n');
-        if (nl)
-            *nl = '\0';
-        m->n += !is_blank(p);
-        if (nl)
-            *nl = '\n';
-        p = nl ? nl + 1 : p + strlen(p);
-    }
-    if (m->n == 0) {
-        free(text);
-        return fail("%s is empty: no training steps to report (has the run started?)", path);
-    }
-    m->bins = m->n < LAYER_BINS ? m->n : LAYER_BINS;
-    int rc = 0;
-    int64_t lineno = 0, index = 0;
-    for (char *p = text; *p && !rc;) {
-        char *nl = strchr(p, '\n');
-        if (nl)
-            *nl = '\0';
-        lineno++;
-        if (!is_blank(p))
-            rc = parse_record(p, lineno, index++, m);
-        p = nl ? nl + 1 : p + strlen(p);
-    }
-    free(text);
-    return rc;
-}
-
-/* ---- HTML and SVG helpers --------------------------------------------------------- */
-
-static void esc(FILE *f, const char *s)
-{
-    for (; *s; s++)
-        switch (*s) {
-        case '&': fputs("&amp;", f); break;
-        case '<': fputs("&lt;", f); break;
-        case '>': fputs("&gt;", f); break;
-        case '"': fputs("&quot;", f); break;
-        case '\'': fputs("&#39;", f); break;
-        default: fputc(*s, f);
-        }
-}
-
-/* 1234567 -> "1.23M"; small numbers as %g */
-static void fmt_num(char *buf, size_t n, double v)
-{
-    double a = fabs(v);
-    if (a >= 1e12)
-        snprintf(buf, n, "%.3gT", v / 1e12);
-    else if (a >= 1e9)
-        snprintf(buf, n, "%.3gB", v / 1e9);
-    else if (a >= 1e6)
-        snprintf(buf, n, "%.3gM", v / 1e6);
-    else if (a >= 1e3)
-        snprintf(buf, n, "%.3gk", v / 1e3);
-    else
-        snprintf(buf, n, "%.4g", v);
-}
-
 static void fmt_duration(char *buf, size_t n, double s)
 {
     if (!isfinite(s) || s < 0)
@@ -362,190 +62,6 @@ static void fmt_duration(char *buf, size_t n, double s)
         snprintf(buf, n, "%d min %02d s", (int)s / 60, (int)s % 60);
     else
         snprintf(buf, n, "%d h %02d min", (int)(s / 3600), ((int)s / 60) % 60);
-}
-
-/* Tick step 1, 2 or 5 × 10^k giving about `want` intervals over [lo, hi]. */
-static double nice_step(double lo, double hi, int want)
-{
-    double raw = (hi - lo) / want, p = pow(10, floor(log10(raw))), r = raw / p;
-    return (r < 1.5 ? 1 : r < 3.5 ? 2 : r < 7.5 ? 5 : 10) * p;
-}
-
-typedef struct {
-    const char *label, *color;
-    const double *x, *y;
-    int64_t n;
-    double width, opacity;
-    int dots, dash;
-} line;
-
-enum { CW = 600, CH = 290, ML = 62, MR = 18, MT = 14, MB = 44 };
-
-typedef struct {
-    double x0, x1, y0, y1;
-    int logy;
-} frame;
-
-static double px(const frame *fr, double x)
-{
-    return ML + (x - fr->x0) / (fr->x1 - fr->x0) * (CW - ML - MR);
-}
-
-static double py(const frame *fr, double y)
-{
-    if (fr->logy)
-        y = log10(y);
-    return CH - MB - (y - fr->y0) / (fr->y1 - fr->y0) * (CH - MT - MB);
-}
-
-static void axes(FILE *f, frame *fr, const char *xlabel, const char *ylabel)
-{
-    char b[32];
-    /* y grid and labels; a log axis gets 1, 2, 5 × 10^k (only 10^k over many decades) */
-    double ticks[64];
-    int nt = 0;
-    double st = nice_step(fr->y0, fr->y1, 5);
-    if (fr->logy) {
-        static const double m125[3] = {1, 2, 5};
-        const int dense = fr->y1 - fr->y0 < 2.5;
-        for (double d = floor(fr->y0); d <= ceil(fr->y1) && nt < 60; d++)
-            for (int i = 0; i < (dense ? 3 : 1); i++) {
-                double t = d + log10(m125[i]);
-                if (t >= fr->y0 && t <= fr->y1)
-                    ticks[nt++] = t;
-            }
-    } else {
-        for (double t = ceil(fr->y0 / st) * st; t <= fr->y1 + 1e-9 * st && nt < 60; t += st)
-            ticks[nt++] = fabs(t) < 1e-12 * st ? 0 : t;
-    }
-    for (int i = 0; i < nt; i++) {
-        double y = CH - MB - (ticks[i] - fr->y0) / (fr->y1 - fr->y0) * (CH - MT - MB);
-        fmt_num(b, sizeof b, fr->logy ? pow(10, ticks[i]) : ticks[i]);
-        fprintf(f, "<line class=\"grid\" x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\"/>", ML, CW - MR, y, y);
-        fprintf(f, "<text class=\"tick\" x=\"%d\" y=\"%.1f\" text-anchor=\"end\">%s</text>", ML - 6, y + 4, b);
-    }
-    st = nice_step(fr->x0, fr->x1, 6);
-    for (double t = ceil(fr->x0 / st) * st; t <= fr->x1 + 1e-9 * st; t += st) {
-        double x = px(fr, t);
-        fmt_num(b, sizeof b, fabs(t) < 1e-12 * st ? 0 : t);
-        fprintf(f, "<line class=\"grid\" x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\"/>", x, x, MT, CH - MB);
-        fprintf(f, "<text class=\"tick\" x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>", x, CH - MB + 16, b);
-    }
-    fprintf(f, "<rect class=\"frame\" x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\"/>", ML, MT, CW - ML - MR,
-            CH - MT - MB);
-    fprintf(f, "<text class=\"axis\" x=\"%d\" y=\"%d\" text-anchor=\"middle\">", (ML + CW - MR) / 2, CH - 8);
-    esc(f, xlabel);
-    fprintf(f, "</text><text class=\"axis\" transform=\"translate(14 %d) rotate(-90)\" text-anchor=\"middle\">",
-            (MT + CH - MB) / 2);
-    esc(f, ylabel);
-    fputs("</text>", f);
-}
-
-/* A polyline of at most MAX_POINTS bucket means (finite points only; gaps break it). */
-static void draw_line(FILE *f, const frame *fr, const line *L)
-{
-    int64_t per = L->n > MAX_POINTS ? (L->n + MAX_POINTS - 1) / MAX_POINTS : 1;
-    int open = 0, drawn = 0;
-    for (int64_t i = 0; i < L->n; i += per) {
-        double sx = 0, sy = 0;
-        int64_t k = 0;
-        for (int64_t j = i; j < i + per && j < L->n; j++)
-            if (isfinite(L->x[j]) && isfinite(L->y[j]) && (!fr->logy || L->y[j] > 0)) {
-                sx += L->x[j];
-                sy += L->y[j];
-                k++;
-            }
-        if (!k) {
-            if (open)
-                fputs("\"/>", f);
-            open = 0;
-            continue;
-        }
-        double x = px(fr, sx / k), y = py(fr, sy / k);
-        if (!open) {
-            fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"%.1f\" stroke-opacity=\"%.2f\" "
-                       "stroke-linejoin=\"round\"%s points=\"", L->color, L->width, L->opacity,
-                    L->dash ? " stroke-dasharray=\"5 4\"" : "");
-            open = 1;
-        }
-        fprintf(f, "%.1f,%.1f ", x, y);
-        drawn++;
-    }
-    if (open)
-        fputs("\"/>", f);
-    (void)drawn;
-    for (int64_t i = 0; L->dots && i < L->n; i++) /* few: evaluation steps */
-        if (isfinite(L->x[i]) && isfinite(L->y[i]) && (!fr->logy || L->y[i] > 0))
-            fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.2\" fill=\"%s\" stroke=\"#fff\" stroke-width=\"1\"/>",
-                    px(fr, L->x[i]), py(fr, L->y[i]), L->color);
-}
-
-typedef struct {
-    const char *title, *xlabel, *ylabel, *note;
-    int logy, zero_based, legend;
-} chart_opts;
-
-/* One figure: title, legend, the SVG. Lines with label NULL stay out of the legend. */
-static void chart(FILE *f, const chart_opts *o, const line *lines, int nl)
-{
-    frame fr = {INFINITY, -INFINITY, INFINITY, -INFINITY, o->logy};
-    for (int i = 0; i < nl; i++)
-        for (int64_t j = 0; j < lines[i].n; j++) {
-            double x = lines[i].x[j], y = lines[i].y[j];
-            if (!isfinite(x) || !isfinite(y) || (o->logy && y <= 0))
-                continue;
-            y = o->logy ? log10(y) : y;
-            fr.x0 = fmin(fr.x0, x);
-            fr.x1 = fmax(fr.x1, x);
-            fr.y0 = fmin(fr.y0, y);
-            fr.y1 = fmax(fr.y1, y);
-        }
-    fputs("<figure class=\"card\"><figcaption>", f);
-    esc(f, o->title);
-    fputs("</figcaption>", f);
-    if (o->legend) {
-        fputs("<div class=\"legend\">", f);
-        for (int i = 0; i < nl; i++)
-            if (lines[i].label) {
-                fprintf(f, "<span><i style=\"background:%s\"></i>", lines[i].color);
-                esc(f, lines[i].label);
-                fputs("</span>", f);
-            }
-        fputs("</div>", f);
-    }
-    if (!(fr.x0 <= fr.x1)) {
-        fputs("<p class=\"empty\">no values recorded</p></figure>\n", f);
-        return;
-    }
-    if (o->zero_based && !o->logy && fr.y0 > 0)
-        fr.y0 = 0;
-    if (fr.x1 == fr.x0) {
-        fr.x0 -= 0.5;
-        fr.x1 += 0.5;
-    }
-    if (fr.y1 == fr.y0) {
-        double d = fr.y0 == 0 ? 1 : fabs(fr.y0) * 0.1;
-        fr.y0 -= o->zero_based && fr.y0 == 0 ? 0 : d;
-        fr.y1 += d;
-    } else {
-        double pad = 0.05 * (fr.y1 - fr.y0);
-        fr.y1 += pad;
-        if (!(o->zero_based && fr.y0 == 0))
-            fr.y0 -= pad;
-    }
-    fprintf(f, "<svg viewBox=\"0 0 %d %d\" role=\"img\" aria-label=\"", CW, CH);
-    esc(f, o->title);
-    fputs("\">", f);
-    axes(f, &fr, o->xlabel, o->ylabel);
-    for (int i = 0; i < nl; i++)
-        draw_line(f, &fr, &lines[i]);
-    fputs("</svg>", f);
-    if (o->note) {
-        fputs("<p class=\"note\">", f);
-        esc(f, o->note);
-        fputs("</p>", f);
-    }
-    fputs("</figure>\n", f);
 }
 
 /* Debiased exponential moving average (TensorBoard's smoothing), NaN-skipping. */
@@ -569,10 +85,6 @@ static double smoothing(int64_t n)
     win = win < 1 ? 1 : win > 200 ? 200 : win;
     return 1 - 1 / win;
 }
-
-static const char *const palette[] = {"#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626",
-                                      "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"};
-#define PALETTE_N ((int)(sizeof palette / sizeof *palette))
 
 /* ---- the sections -------------------------------------------------------------------- */
 
@@ -609,12 +121,12 @@ static const char *css =
     ".heat text{font-size:10px;fill:#6b7280}"
     "footer{color:#9ca3af;font-size:12px;text-align:center;margin-top:30px}";
 
-static void stat(FILE *f, const char *label, const char *value)
+static void stat_box(FILE *f, const char *label, const char *value)
 {
     fputs("<div class=\"stat\"><span>", f);
-    esc(f, label);
+    svg_esc(f, label);
     fputs("</span><b>", f);
-    esc(f, value);
+    svg_esc(f, value);
     fputs("</b></div>", f);
 }
 
@@ -631,10 +143,10 @@ static void summary(FILE *f, const metrics *m, const double *ce_smooth, const mo
     char b[64], c[64];
     fputs("<div class=\"stats\">", f);
     snprintf(b, sizeof b, "%lld", (long long)last_finite(&m->s[S_STEP]));
-    stat(f, "steps", b);
+    stat_box(f, "steps", b);
     if (m->has[S_TOKENS]) {
-        fmt_num(b, sizeof b, last_finite(&m->s[S_TOKENS]));
-        stat(f, "tokens", b);
+        svg_fmt_num(b, sizeof b, last_finite(&m->s[S_TOKENS]));
+        stat_box(f, "tokens", b);
     }
     const vec *tr = m->has[S_CE] ? &m->s[S_CE] : &m->s[S_LOSS];
     if (m->has[S_CE] || m->has[S_LOSS]) {
@@ -642,7 +154,7 @@ static void summary(FILE *f, const metrics *m, const double *ce_smooth, const mo
         for (int64_t i = m->n - 1; i >= 0 && !isfinite(last); i--)
             last = ce_smooth[i];
         snprintf(b, sizeof b, "%.4f", last);
-        stat(f, "train loss (smoothed)", b);
+        stat_box(f, "train loss (smoothed)", b);
         (void)tr;
     }
     if (m->has[S_VAL]) {
@@ -651,9 +163,9 @@ static void summary(FILE *f, const metrics *m, const double *ce_smooth, const mo
             if (isfinite(m->s[S_VAL].v[i]) && (best < 0 || m->s[S_VAL].v[i] < m->s[S_VAL].v[best]))
                 best = i;
         snprintf(b, sizeof b, "%.4f", last_finite(&m->s[S_VAL]));
-        stat(f, "validation loss (last)", b);
+        stat_box(f, "validation loss (last)", b);
         snprintf(c, sizeof c, "%.4f @ %lld", m->s[S_VAL].v[best], (long long)m->s[S_STEP].v[best]);
-        stat(f, "validation loss (best)", c);
+        stat_box(f, "validation loss (best)", c);
     }
     if (m->has[S_TPS]) {
         /* the median, robust to the first (warm-up) steps */
@@ -669,22 +181,22 @@ static void summary(FILE *f, const metrics *m, const double *ce_smooth, const mo
                 t[j - 1] = x;
             }
         if (k) {
-            fmt_num(b, sizeof b, t[k / 2]);
+            svg_fmt_num(b, sizeof b, t[k / 2]);
             strncat(b, " /s", sizeof b - strlen(b) - 1);
-            stat(f, "tokens / s (median)", b);
+            stat_box(f, "tokens / s (median)", b);
         }
         free(t);
     }
     if (m->has[S_ELAPSED]) {
         fmt_duration(b, sizeof b, last_finite(&m->s[S_ELAPSED]));
-        stat(f, "wall time", b);
+        stat_box(f, "wall time", b);
     }
     if (info) {
-        fmt_num(b, sizeof b, (double)info->total_params);
-        fmt_num(c, sizeof c, (double)info->active_params);
+        svg_fmt_num(b, sizeof b, (double)info->total_params);
+        svg_fmt_num(c, sizeof c, (double)info->active_params);
         char p[140];
         snprintf(p, sizeof p, "%s / %s", b, c);
-        stat(f, "params total / active", p);
+        stat_box(f, "params total / active", p);
     }
     fputs("</div>\n", f);
 }
@@ -714,50 +226,13 @@ static void kv_table(FILE *f, const char *title, json_t *o)
         else
             text = dump = json_dumps(v, JSON_COMPACT);
         fputs("<tr><td>", f);
-        esc(f, k);
+        svg_esc(f, k);
         fputs("</td><td>", f);
-        esc(f, text ? text : "");
+        svg_esc(f, text ? text : "");
         fputs("</td></tr>", f);
         free(dump);
     }
     fputs("</table></figure>\n", f);
-}
-
-/* Diverging blue–white–red over log2(load / balanced) in [-2, 2]. */
-static void heat_color(double ratio, char *buf, size_t n)
-{
-    static const double stops[5][3] = {
-        {33, 102, 172}, {103, 169, 207}, {247, 247, 247}, {239, 138, 98}, {178, 24, 43}};
-    double t = ratio > 0 ? log2(ratio) : -2;
-    t = t < -2 ? -2 : t > 2 ? 2 : t;
-    double u = (t + 2); /* 0..4 */
-    int i = (int)floor(u);
-    if (i >= 4)
-        i = 3;
-    double w = u - i;
-    int rgb[3];
-    for (int c = 0; c < 3; c++)
-        rgb[c] = (int)lround(stops[i][c] * (1 - w) + stops[i + 1][c] * w);
-    snprintf(buf, n, "#%02x%02x%02x", rgb[0], rgb[1], rgb[2]);
-}
-
-static void heat_legend(FILE *f)
-{
-    fputs("<svg viewBox=\"0 0 600 40\" class=\"heat\" style=\"max-width:600px\">"
-          "<defs><linearGradient id=\"hg\">",
-          f);
-    for (int i = 0; i <= 16; i++) {
-        char col[16];
-        heat_color(pow(2, -2 + 4.0 * i / 16), col, sizeof col);
-        fprintf(f, "<stop offset=\"%.3f\" stop-color=\"%s\"/>", i / 16.0, col);
-    }
-    fputs("</linearGradient></defs><rect x=\"100\" y=\"4\" width=\"400\" height=\"12\" fill=\"url(#hg)\" "
-          "stroke=\"#d1d5db\"/>",
-          f);
-    static const char *const lab[5] = {"≤ ¼×", "½×", "1× (balanced)", "2×", "≥ 4×"};
-    for (int i = 0; i < 5; i++)
-        fprintf(f, "<text x=\"%d\" y=\"32\" text-anchor=\"middle\">%s</text>", 100 + i * 100, lab[i]);
-    fputs("</svg>", f);
 }
 
 /* One heatmap: experts down, time across, colour = share of the layer's assignments × E. */
@@ -787,7 +262,7 @@ static void heatmap(FILE *f, const metrics *m, const layer_data *L, int64_t cols
                 share += L->share[b * L->E + e];
             share /= (double)n;
             char col[16];
-            heat_color(share * (double)L->E, col, sizeof col);
+            svg_heat_color(share * (double)L->E, col, sizeof col);
             fprintf(f, "<rect x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\" fill=\"%s\">", left + c * cw,
                     top + e * rh, cw + 0.05, rh + 0.05, col);
             if (titles)
@@ -816,11 +291,11 @@ static void heatmap(FILE *f, const metrics *m, const layer_data *L, int64_t cols
 }
 
 /* Per-layer series of one quantity (bin means), their mean over layers, as a chart. */
-static void layer_chart(FILE *f, const metrics *m, const chart_opts *o, int aux /* -1: dropped */)
+static void layer_chart(FILE *f, const metrics *m, const svg_chart_opts *o, int aux /* -1: dropped */)
 {
     const int64_t B = m->bins;
     double *x = malloc((size_t)B * sizeof *x), *y = malloc((size_t)(B * (m->nl + 1)) * sizeof *y);
-    line *lines = calloc((size_t)m->nl + 1, sizeof *lines);
+    svg_line *lines = calloc((size_t)m->nl + 1, sizeof *lines);
     char(*labels)[32] = calloc((size_t)m->nl + 1, sizeof *labels);
     if (!x || !y || !lines || !labels)
         goto done;
@@ -842,15 +317,15 @@ static void layer_chart(FILE *f, const metrics *m, const chart_opts *o, int aux 
         y[b] = mean / m->nl;
     }
     int nl = 0;
-    const int many = m->nl > PALETTE_N;
+    const int many = m->nl > SVG_PALETTE_N;
     for (int l = 0; l < m->nl; l++) {
         snprintf(labels[l], sizeof labels[l], "layer %lld", (long long)m->l[l].layer);
-        lines[nl++] = (line){many ? NULL : labels[l], palette[l % PALETTE_N], x, y + (l + 1) * B, B, 1.2,
+        lines[nl++] = (svg_line){many ? NULL : labels[l], svg_palette[l % SVG_PALETTE_N], x, y + (l + 1) * B, B, 1.2,
                              m->nl > 1 ? 0.55 : 1, 0, 0};
     }
     if (m->nl > 1)
-        lines[nl++] = (line){"mean over layers", "#111827", x, y, B, 2.4, 1, 0, 0};
-    chart(f, o, lines, nl);
+        lines[nl++] = (svg_line){"mean over layers", "#111827", x, y, B, 2.4, 1, 0, 0};
+    svg_chart(f, o, lines, nl);
 done:
     free(x);
     free(y);
@@ -860,10 +335,18 @@ done:
 
 static json_t *load_json(const char *dir, const char *name)
 {
-    char path[4096];
-    if (cli_path(path, sizeof path, dir, name))
+    char path[4096], *text;
+    size_t len;
+    if (cli_path(path, sizeof path, dir, name) || access(path, F_OK) != 0)
         return NULL;
-    return json_load_file(path, 0, NULL);
+    /* optional, but bounded: a link to /dev/zero must not grow the process */
+    if (moe_read_all(path, "JSON file", MOE_JSON_MAX, MOE_IN_REGULAR, &text, &len)) {
+        fprintf(stderr, "cmoe report: warning: %s; left out of the page\n", moe_last_error());
+        return NULL;
+    }
+    json_t *j = json_loadb(text, len, 0, NULL);
+    free(text);
+    return j;
 }
 
 static int write_report(FILE *f, const char *dir, const metrics *m)
@@ -877,7 +360,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
     double *drop = malloc((size_t)n * sizeof *drop);
     if (!ce_s || !tps_s || !drop) {
         free(ce_s), free(tps_s), free(drop);
-        return fail("out of memory");
+        return report_fail("out of memory");
     }
     for (int64_t i = 0; i < n; i++)
         drop[i] = 100 * m->s[S_DROP].v[i];
@@ -896,10 +379,10 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
     fputs("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/>"
           "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"/><title>cmoe report: ",
           f);
-    esc(f, dir);
+    svg_esc(f, dir);
     fprintf(f, "</title><style>%s</style></head><body>\n<header><h1>cmoe training report</h1><div class=\"sub\">",
             css);
-    esc(f, dir);
+    svg_esc(f, dir);
     fprintf(f, " · %lld steps · written %s by cmoe %s</div></header>\n<main>\n", (long long)n, when, moe_version());
     summary(f, m, ce_s, infop);
 
@@ -917,21 +400,21 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
 
     fputs("<h2>Loss</h2><div class=\"grid2\">\n", f);
     {
-        line L[3] = {{tl, "#93c5fd", step, m->s[ti].v, n, 1, 0.9, 0, 0},
+        svg_line L[3] = {{tl, "#93c5fd", step, m->s[ti].v, n, 1, 0.9, 0, 0},
                      {tl_s, "#2563eb", step, ce_s, n, 2.2, 1, 0, 0},
                      {"validation", "#ea580c", val_x, val_y, nv, 2, 1, 1, 0}};
-        chart_opts o = {"Loss vs steps", "step", "loss (nats / token)",
+        svg_chart_opts o = {"Loss vs steps", "step", "loss (nats / token)",
                         ti == S_CE ? "Training cross-entropy, without the aux losses, so it compares with the "
                                      "validation loss."
                                    : NULL,
                         0, 0, 1};
-        chart(f, &o, L, nv ? 3 : 2);
+        svg_chart(f, &o, L, nv ? 3 : 2);
         if (m->has[S_TOKENS]) {
-            line T[3] = {{tl, "#93c5fd", m->s[S_TOKENS].v, m->s[ti].v, n, 1, 0.9, 0, 0},
+            svg_line T[3] = {{tl, "#93c5fd", m->s[S_TOKENS].v, m->s[ti].v, n, 1, 0.9, 0, 0},
                          {tl_s, "#2563eb", m->s[S_TOKENS].v, ce_s, n, 2.2, 1, 0, 0},
                          {"validation", "#ea580c", val_t, val_y, nv, 2, 1, 1, 0}};
-            chart_opts ot = {"Loss vs tokens", "tokens seen", "loss (nats / token)", NULL, 0, 0, 1};
-            chart(f, &ot, T, nv ? 3 : 2);
+            svg_chart_opts ot = {"Loss vs tokens", "tokens seen", "loss (nats / token)", NULL, 0, 0, 1};
+            svg_chart(f, &ot, T, nv ? 3 : 2);
         } else {
             fputs("<figure class=\"card\"><figcaption>Loss vs tokens</figcaption><p class=\"empty\">metrics.jsonl "
                   "has no \"tokens\" per step</p></figure>\n",
@@ -940,23 +423,23 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
     }
     fputs("</div>\n<h2>Optimisation</h2><div class=\"grid2\">\n", f);
     {
-        line lr = {"learning rate", "#9333ea", step, m->s[S_LR].v, n, 2, 1, 0, 0};
-        chart_opts o = {"Learning rate", "step", "learning rate", NULL, 0, 1, 0};
-        chart(f, &o, &lr, 1);
-        line tp[2] = {{"per step", "#86efac", step, m->s[S_TPS].v, n, 1, 0.9, 0, 0},
+        svg_line lr = {"learning rate", "#9333ea", step, m->s[S_LR].v, n, 2, 1, 0, 0};
+        svg_chart_opts o = {"Learning rate", "step", "learning rate", NULL, 0, 1, 0};
+        svg_chart(f, &o, &lr, 1);
+        svg_line tp[2] = {{"per step", "#86efac", step, m->s[S_TPS].v, n, 1, 0.9, 0, 0},
                       {"smoothed", "#16a34a", step, tps_s, n, 2.2, 1, 0, 0}};
-        chart_opts ot = {"Throughput", "step", "tokens / s", NULL, 0, 1, 1};
-        chart(f, &ot, tp, 2);
+        svg_chart_opts ot = {"Throughput", "step", "tokens / s", NULL, 0, 1, 1};
+        svg_chart(f, &ot, tp, 2);
         if (m->has[S_GNORM]) {
-            line g = {"gradient norm", "#0891b2", step, m->s[S_GNORM].v, n, 1.4, 1, 0, 0};
-            chart_opts og = {"Gradient norm (before clipping)", "step", "global L2 norm", NULL, 1, 0, 0};
-            chart(f, &og, &g, 1);
+            svg_line g = {"gradient norm", "#0891b2", step, m->s[S_GNORM].v, n, 1.4, 1, 0, 0};
+            svg_chart_opts og = {"Gradient norm (before clipping)", "step", "global L2 norm", NULL, 1, 0, 0};
+            svg_chart(f, &og, &g, 1);
         }
         if (m->has[S_AUX]) {
-            line ls = {"aux", "#dc2626", step, m->s[S_AUX].v, n, 1.4, 1, 0, 0};
-            chart_opts ol = {"Aux loss in the objective (Σ over layers of coefficient × loss)", "step",
+            svg_line ls = {"aux", "#dc2626", step, m->s[S_AUX].v, n, 1.4, 1, 0, 0};
+            svg_chart_opts ol = {"Aux loss in the objective (Σ over layers of coefficient × loss)", "step",
                              "loss − cross-entropy", "The training loss is cross-entropy + this.", 0, 0, 0};
-            chart(f, &ol, &ls, 1);
+            svg_chart(f, &ol, &ls, 1);
         }
     }
     fputs("</div>\n", f);
@@ -966,7 +449,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
               "training, relative to a perfectly balanced router (1× = 1/E of the assignments). Red experts are "
               "overloaded, blue ones starved.</p>",
               f);
-        heat_legend(f);
+        svg_heat_legend(f);
         int64_t rows = 0;
         for (int l = 0; l < m->nl; l++)
             rows += m->l[l].E;
@@ -978,15 +461,15 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
             heatmap(f, m, &m->l[l], cols, rows * cols <= HEAT_TITLES);
         fputs("</div>\n<div class=\"grid2\" style=\"margin-top:14px\">\n", f);
         if (m->has[S_LMM]) {
-            line b = {"max / mean load", "#db2777", step, m->s[S_LMM].v, n, 1.4, 1, 0, 0};
-            chart_opts o = {"Load imbalance (mean over layers of max / mean expert load)", "step",
+            svg_line b = {"max / mean load", "#db2777", step, m->s[S_LMM].v, n, 1.4, 1, 0, 0};
+            svg_chart_opts o = {"Load imbalance (mean over layers of max / mean expert load)", "step",
                             "max / mean (1 = balanced)", NULL, 0, 0, 0};
-            chart(f, &o, &b, 1);
+            svg_chart(f, &o, &b, 1);
         }
         int any_drop = 0;
         for (int64_t i = 0; i < n; i++)
             any_drop |= isfinite(drop[i]) && drop[i] > 0;
-        chart_opts od = {"Dropped tokens", "step", "dropped assignments (%)",
+        svg_chart_opts od = {"Dropped tokens", "step", "dropped assignments (%)",
                          any_drop ? "Share of the selected (token, expert) assignments dropped by capacity."
                                   : "No assignment was dropped (dropless routing, or capacity never reached).",
                          0, 1, 1};
@@ -1006,7 +489,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
                 else
                     snprintf(note, sizeof note, "Coefficient 0 (config.json): computed for monitoring, not trained on.");
             }
-            chart_opts o = {aux_titles[a], "step", a == N_AUX - 1 ? "coef × loss" : "loss (unscaled)",
+            svg_chart_opts o = {aux_titles[a], "step", a == N_AUX - 1 ? "coef × loss" : "loss (unscaled)",
                             *note ? note : NULL, 0, 0, 1};
             layer_chart(f, m, &o, a);
             shown++;
@@ -1018,7 +501,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
         for (int a = 0; a < N_AUX - 1; a++)
             if (!m->aux_nonzero[a]) {
                 strncat(off, *off ? ", " : "", sizeof off - strlen(off) - 1);
-                strncat(off, aux_keys[a], sizeof off - strlen(off) - 1);
+                strncat(off, report_aux_keys[a], sizeof off - strlen(off) - 1);
             }
         if (*off && shown)
             fprintf(f, "<p class=\"note\">Zero throughout (not used in this run): %s.</p>\n", off);
@@ -1068,41 +551,47 @@ int cmd_report(int argc, char **argv)
         fprintf(stderr, "cmoe report: which run? usage: cmoe report RUN_DIR\nTry 'cmoe help report'.\n");
         return EXIT_USAGE;
     }
-    char path[4096], outp[4096], tmp[4200];
+    char path[4096], outp[4096];
     if (access(dir, F_OK) != 0)
-        return fail("no run directory '%s': %s", dir, strerror(errno));
+        return report_fail("no run directory '%s': %s", dir, strerror(errno));
     if (cli_path(path, sizeof path, dir, "metrics.jsonl"))
-        return fail("%s", moe_last_error());
+        return report_fail("%s", moe_last_error());
     if (access(path, F_OK) != 0)
-        return fail("no %s: '%s' is not a run directory of cmoe train (it writes metrics.jsonl)", path, dir);
+        return report_fail("no %s: '%s' is not a run directory of cmoe train (it writes metrics.jsonl)", path, dir);
     if (out)
         snprintf(outp, sizeof outp, "%s", out);
     else if (cli_path(outp, sizeof outp, dir, "report.html"))
-        return fail("%s", moe_last_error());
+        return report_fail("%s", moe_last_error());
+    /* the page must not replace what it is made from */
+    static const char *const inputs[] = {"metrics.jsonl", "train.json", "config.json"};
+    for (int i = 0; i < 3; i++) {
+        char in[4200];
+        if (cli_path(in, sizeof in, dir, inputs[i]) == MOE_OK && moe_refuse_same_file(outp, in, "run's input"))
+            return report_fail("%s", moe_last_error());
+    }
     metrics m;
-    int rc = load_metrics(path, &m);
+    int rc = report_load_metrics(path, &m);
     if (rc) {
-        metrics_free(&m);
+        report_metrics_free(&m);
         return rc;
     }
-    /* a reader never sees half a page: write beside it, then rename */
-    snprintf(tmp, sizeof tmp, "%s.tmp", outp);
-    FILE *f = fopen(tmp, "w");
-    if (!f) {
-        metrics_free(&m);
-        return fail("cannot write %s: %s", tmp, strerror(errno));
+    /* a reader never sees half a page (core/durable.h); /dev/stdout is written through */
+    struct stat so, sf;
+    const int same_as_stdout = fstat(STDOUT_FILENO, &so) == 0 && stat(outp, &sf) == 0 && so.st_dev == sf.st_dev &&
+                               so.st_ino == sf.st_ino;
+    moe_durable *w;
+    if (moe_durable_open(outp, &w)) {
+        report_metrics_free(&m);
+        return report_fail("%s", moe_last_error());
     }
-    rc = write_report(f, dir, &m);
-    if (fflush(f) != 0 || ferror(f))
-        rc = rc ? rc : fail("cannot write %s: %s", tmp, strerror(errno));
-    if (fclose(f) != 0)
-        rc = rc ? rc : fail("cannot write %s: %s", tmp, strerror(errno));
-    if (!rc && rename(tmp, outp) != 0)
-        rc = fail("cannot rename %s to %s: %s", tmp, outp, strerror(errno));
+    rc = write_report(moe_durable_file(w), dir, &m);
     if (rc)
-        remove(tmp);
-    else
-        printf("cmoe report: %s (%lld steps, %d MoE layers)\n", outp, (long long)m.n, m.nl);
-    metrics_free(&m);
+        moe_durable_abort(w);
+    else if (moe_durable_commit(w))
+        rc = report_fail("%s", moe_last_error());
+    else /* not into the page when the page went to stdout */
+        fprintf(same_as_stdout ? stderr : stdout, "cmoe report: %s (%lld steps, %d MoE layers)\n", outp,
+                (long long)m.n, m.nl);
+    report_metrics_free(&m);
     return rc;
 }

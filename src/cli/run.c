@@ -58,27 +58,16 @@ moe_status cli_path(char *buf, size_t n, const char *dir, const char *name)
     return MOE_OK;
 }
 
-moe_status cli_mkdirs(const char *dir)
+void cli_fmt_duration(char *buf, size_t n, double s)
 {
-    char buf[4096];
-    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
-        return moe_error(MOE_ERR_ARG, "directory '%s' is too long", dir);
-    /* each prefix ending at a '/', then the whole path */
-    for (char *p = buf + 1;; p++) {
-        if (*p != '/' && *p != '\0')
-            continue;
-        char c = *p;
-        *p = '\0';
-        struct stat sb;
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-            return moe_error(MOE_ERR_IO, "cannot create directory '%s': %s", buf, strerror(errno));
-        if (stat(buf, &sb) != 0 || !S_ISDIR(sb.st_mode))
-            return moe_error(MOE_ERR_IO, "'%s' exists and is not a directory", buf);
-        *p = c;
-        if (!c)
-            break;
-    }
-    return MOE_OK;
+    if (!(s >= 0) || s > 1e8)
+        snprintf(buf, n, "?");
+    else if (s < 60)
+        snprintf(buf, n, "%ds", (int)s);
+    else if (s < 3600)
+        snprintf(buf, n, "%dm%02ds", (int)s / 60, (int)s % 60);
+    else
+        snprintf(buf, n, "%dh%02dm", (int)s / 3600, ((int)s / 60) % 60);
 }
 
 /* ---- saving ------------------------------------------------------------------ */

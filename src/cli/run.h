@@ -30,10 +30,11 @@ int cli_parse_double(const char *s, double *out);
 /* "ref" or "cpu"; "cuda" fails with MOE_ERR_UNSUPPORTED and says what to use instead. */
 moe_status cli_backend_create(const char *name, int threads, moe_backend **out);
 
+/* Seconds as "42s", "3m07s", "2h05m" ("?" when negative or absurd). */
+void cli_fmt_duration(char *buf, size_t n, double s);
+
 /* dir/name into buf [n]; MOE_ERR_ARG when it does not fit. */
 moe_status cli_path(char *buf, size_t n, const char *dir, const char *name);
-/* mkdir -p */
-moe_status cli_mkdirs(const char *dir);
 
 /*
  * Writes DIR/model.safetensors atomically: every parameter as F32, and metadata config

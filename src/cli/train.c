@@ -1,9 +1,12 @@
 /*
  * cmoe train — trains the MoE language model (src/model/model.h) on a dataset (src/io/data.h)
- * and writes a run directory (src/cli/run.h): config.json, train.json, metrics.jsonl
- * (one JSON object per step), model.safetensors (the weights, at every evaluation
- * and at the end) and, with --save-every, checkpoints ckpt-STEP.safetensors of the
- * full training state (src/io/checkpoint.h) that --resume continues bitwise.
+ * into a run directory (src/io/rundir.h: the settings, the directory checks and lock,
+ * metrics.jsonl, checkpoint rotation and the choice of checkpoint to resume from). This file
+ * parses the options, prints progress and runs the loop.
+ *
+ * SIGINT, SIGTERM and SIGHUP (Ctrl-C, kill, docker stop, Slurm's --signal) stop the run after
+ * the current step with the weights and a checkpoint saved, exit 128 + the signal; a second
+ * signal exits at once.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "config.h"
@@ -24,45 +27,30 @@
 
 #include <jansson.h>
 
-#include <dirent.h>
-
-#include "io/checkpoint.h"
 #include "cmoe.h"
 #include "commands.h"
+#include "io/checkpoint.h"
 #include "io/data.h"
+#include "io/rundir.h"
 #include "model/model.h"
 #include "presets.h"
 #include "run.h"
 
-#define DEFAULT_DATA "datasets/brown/brown.txt.gz"
-
-/* Training settings; the model's own come from the config. */
+/* The command line: the settings (io/rundir.h) and what only this process cares about. */
 typedef struct {
-    const char *config, *preset, *data, *backend, *out, *resume, *init_from;
-    int64_t steps, batch, seq, accum, warmup, threads;
-    int64_t eval_every, eval_batches, log_every, save_every, keep;
-    double lr;
-    uint64_t seed;
-    int have_seq, have_lr, have_warmup, force;
-    int have_steps, have_backend, have_threads, have_eval_every, have_eval_batches, have_save_every, have_keep;
+    moe_train_settings t;
+    const char *config, *preset, *data, *out, *resume, *init_from;
+    int64_t log_every, warmup;
+    int have_seq, have_warmup, force;
+    unsigned given;    /* MOE_TS_*: the settings a resumed run takes from the command line */
     const char *fixed; /* the first option given that a resumed run cannot change, or NULL */
 } train_opts;
 
 static void defaults(train_opts *o)
 {
     memset(o, 0, sizeof *o);
-    o->backend = "cpu";
-    /* the laptop default: 2M tokens, about three minutes on 2 cores (BENCHMARKS.md) */
-    o->steps = 2000;
-    o->batch = 8;
-    o->seq = 128;
-    o->accum = 1;
-    o->seed = 1337;
-    o->eval_every = 250;
-    o->eval_batches = 10;
+    moe_train_settings_default(&o->t);
     o->log_every = 25;
-    o->lr = 3e-3;
-    o->keep = 3;
 }
 
 void help_train(void)
@@ -97,8 +85,9 @@ void help_train(void)
            "                      (%s)\n"
            "  --threads N         worker threads (OpenMP's default, OMP_NUM_THREADS)\n"
            "Output:\n"
-           "  --out DIR           run directory (runs/YYYYmmdd-HHMMSS); must not hold a run\n"
-           "  --force             write into DIR even when it holds a run (overwrites it)\n"
+           "  --out DIR           run directory (runs/YYYYmmdd-HHMMSS): new, or empty; a directory\n"
+           "                      that holds a run or other files is refused, and so is /\n"
+           "  --force             write into DIR even so (a run there is overwritten)\n"
            "  --eval-every N      validation loss and weights every N steps, 0: at the end\n"
            "                      only (%" PRId64 ")\n"
            "  --eval-batches N    validation batches per evaluation, 0: the whole split (%" PRId64 ")\n"
@@ -110,13 +99,15 @@ void help_train(void)
            "                      on cpu, F64 on ref: exactly the values held); 0: only when\n"
            "                      interrupted (default)\n"
            "  --keep N            keep the newest N checkpoints, 0: all (%" PRId64 ")\n"
-           "  --resume PATH       continue the run in directory PATH from its newest checkpoint\n"
-           "                      (or from the checkpoint file PATH): every later step is bitwise\n"
-           "                      the step of the uninterrupted run. Settings come from the\n"
-           "                      checkpoint; only --steps (a new cosine horizon), --threads,\n"
-           "                      --backend, --eval-every, --eval-batches, --log-every,\n"
-           "                      --save-every and --keep may be given. metrics.jsonl is cut back\n"
-           "                      to the checkpoint's step and continues; later checkpoints are\n"
+           "  --resume PATH       continue the run in directory PATH from its newest valid\n"
+           "                      checkpoint (a newer one that fails is named, with the reason),\n"
+           "                      or from the checkpoint file PATH (that one or none): every later\n"
+           "                      step is bitwise the step of the uninterrupted run. Settings come\n"
+           "                      from the checkpoint; only --steps (a new cosine horizon),\n"
+           "                      --threads, --backend, --eval-every, --eval-batches, --log-every,\n"
+           "                      --save-every, --keep and --data (the same data, moved: checked\n"
+           "                      by size and checksum) may be given. metrics.jsonl is cut back to\n"
+           "                      the checkpoint's step and continues; later checkpoints are\n"
            "                      removed. A checkpoint that fails validation changes nothing.\n"
            "  --init-from DIR     start from the weights of run DIR (its model.safetensors, e.g. a\n"
            "                      model from 'cmoe import'), with a fresh optimizer: fine-tuning.\n"
@@ -126,12 +117,15 @@ void help_train(void)
            "elapsed_s, load_max_over_mean, dropped_frac, val_loss (evaluation steps), and\n"
            "\"layers\": [{\"layer\", \"experts\", \"load\": [kept per expert], \"dropped\", \"aux\": {lb,\n"
            "importance, load, z, mi, total}}] for each MoE layer.\n\n"
-           "Ctrl-C stops after the current step, saves the weights and a checkpoint, and exits\n"
-           "with 130; --resume DIR continues.\n"
+           "Ctrl-C, SIGTERM and SIGHUP (kill, docker stop, Slurm's --signal=TERM@60) stop after\n"
+           "the current step, save the weights and a checkpoint, and exit with 128 + the signal\n"
+           "(130, 143, 129); --resume DIR continues. A second signal exits at once. One process\n"
+           "trains in a directory at a time (DIR/.cmoe.lock names it).\n"
            "Exit status: 0 ok, 1 failure (bad data or config; the reason on stderr), 2 usage.\n",
-           DEFAULT_DATA, DEFAULT_DATA, d.steps, d.batch, d.seq, d.accum, d.lr, d.seed, d.backend, d.eval_every,
-           d.eval_batches, d.log_every, d.keep);
+           CLI_DEFAULT_DATA, CLI_DEFAULT_DATA, d.t.steps, d.t.batch, d.t.seq, d.t.accum, d.t.oc.lr, d.t.seed, d.t.backend,
+           d.t.eval_every, d.t.eval_batches, d.log_every, d.t.keep);
 }
+
 
 static int usage(const char *fmt, ...)
 {
@@ -144,12 +138,6 @@ static int usage(const char *fmt, ...)
     return EXIT_USAGE;
 }
 
-static int failed(void)
-{
-    fprintf(stderr, "cmoe train: %s\n", moe_last_error());
-    return EXIT_FAIL;
-}
-
 static double now(void)
 {
     struct timespec ts;
@@ -157,204 +145,7 @@ static double now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int file_exists(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
-/* ---- where the model and the data come from --------------------------------- */
-
-/* The default dataset: ./datasets/brown, then $CMOE_DATA (a file, or a directory that
- * holds brown/brown.txt.gz like the source tree's datasets/). */
-static moe_status find_default_data(char *out, size_t n)
-{
-    const char *env = getenv("CMOE_DATA");
-    char env_brown[4096] = "";
-    if (env && *env)
-        snprintf(env_brown, sizeof env_brown, "%s/brown/brown.txt.gz", env);
-    const char *cand[3] = {DEFAULT_DATA, env && *env ? env : "", env_brown};
-    for (int i = 0; i < 3; i++)
-        if (*cand[i] && strlen(cand[i]) < n && file_exists(cand[i])) {
-            memcpy(out, cand[i], strlen(cand[i]) + 1);
-            return MOE_OK;
-        }
-#ifdef CMOE_PKGDATADIR
-    snprintf(out, n, "%s/datasets/brown/brown.txt.gz", CMOE_PKGDATADIR);
-    if (file_exists(out))
-        return MOE_OK;
-#endif
-    return moe_error(MOE_ERR_IO,
-                     "no --data given and the default dataset %s is not here%s; run from the cmoe source "
-                     "tree, set CMOE_DATA to its datasets/ directory, or pass --data PATH (text, .gz, an llm.c "
-                     "shard, a directory of shards, or synth)",
-                     DEFAULT_DATA, env && *env ? " nor under $CMOE_DATA" : " (and CMOE_DATA is not set)");
-}
-
-/* ---- statistics of one step, accumulated over its micro-batches ------------------ */
-
-typedef struct {
-    int64_t layer, E;
-    int64_t *counts; /* [E] kept assignments, summed over micro-batches */
-    int64_t kept, dropped;
-    moe_aux_losses aux; /* summed over micro-batches */
-} layer_acc;
-
-typedef struct {
-    int n;
-    layer_acc *l;
-    int64_t *scratch; /* [max E] */
-} step_acc;
-
-static moe_status acc_create(const moe_model_config *c, step_acc *a)
-{
-    memset(a, 0, sizeof *a);
-    int64_t maxE = 1;
-    a->l = calloc((size_t)c->num_hidden_layers + 1, sizeof *a->l);
-    if (!a->l)
-        return moe_error(MOE_ERR_NOMEM, "out of memory");
-    for (int64_t l = 0; l < c->num_hidden_layers; l++) {
-        int64_t E = moe_model_layer_experts(c, l);
-        if (E <= 0)
-            continue;
-        layer_acc *x = &a->l[a->n++];
-        x->layer = l;
-        x->E = E;
-        if (!(x->counts = calloc((size_t)E, sizeof *x->counts)))
-            return moe_error(MOE_ERR_NOMEM, "out of memory");
-        if (E > maxE)
-            maxE = E;
-    }
-    a->scratch = calloc((size_t)maxE, sizeof *a->scratch);
-    return a->scratch ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory");
-}
-
-static void acc_free(step_acc *a)
-{
-    for (int i = 0; a->l && i < a->n; i++)
-        free(a->l[i].counts);
-    free(a->l);
-    free(a->scratch);
-}
-
-static void acc_zero(step_acc *a)
-{
-    for (int i = 0; i < a->n; i++) {
-        layer_acc *x = &a->l[i];
-        memset(x->counts, 0, (size_t)x->E * sizeof *x->counts);
-        x->kept = x->dropped = 0;
-        memset(&x->aux, 0, sizeof x->aux);
-    }
-}
-
-/* The step's statistics, summed over its micro-batches on the backend (one read). */
-static moe_status acc_add(step_acc *a, moe_model *m)
-{
-    for (int i = 0; i < a->n; i++) {
-        layer_acc *x = &a->l[i];
-        moe_model_layer_stats st;
-        moe_status s = moe_model_get_layer_stats(m, x->layer, MOE_SPAN_STEP, &st, a->scratch);
-        if (s)
-            return s;
-        for (int64_t e = 0; e < x->E; e++)
-            x->counts[e] += a->scratch[e];
-        x->kept += st.assignments;
-        x->dropped += st.dropped;
-        x->aux.lb += st.aux.lb;
-        x->aux.importance += st.aux.importance;
-        x->aux.load += st.aux.load;
-        x->aux.z += st.aux.z;
-        x->aux.mi += st.aux.mi;
-        x->aux.total += st.aux.total;
-    }
-    return MOE_OK;
-}
-
-/* Mean over MoE layers of max/mean expert load (1 = balanced), and the dropped share. */
-static void acc_summary(const step_acc *a, double *max_over_mean, double *dropped_frac)
-{
-    double r = 0, kept = 0, dropped = 0;
-    for (int i = 0; i < a->n; i++) {
-        const layer_acc *x = &a->l[i];
-        int64_t mx = 0, sum = 0;
-        for (int64_t e = 0; e < x->E; e++) {
-            sum += x->counts[e];
-            mx = x->counts[e] > mx ? x->counts[e] : mx;
-        }
-        r += sum > 0 ? (double)mx * (double)x->E / (double)sum : 0;
-        kept += (double)x->kept;
-        dropped += (double)x->dropped;
-    }
-    *max_over_mean = a->n ? r / a->n : 0;
-    *dropped_frac = kept + dropped > 0 ? dropped / (kept + dropped) : 0;
-}
-
-static json_t *acc_layers_json(const step_acc *a, int64_t micro)
-{
-    json_t *arr = json_array();
-    for (int i = 0; i < a->n; i++) {
-        const layer_acc *x = &a->l[i];
-        json_t *load = json_array(), *aux = json_object(), *o = json_object();
-        for (int64_t e = 0; e < x->E; e++)
-            json_array_append_new(load, json_integer(x->counts[e]));
-        json_object_set_new(aux, "lb", json_real(x->aux.lb / micro));
-        json_object_set_new(aux, "importance", json_real(x->aux.importance / micro));
-        json_object_set_new(aux, "load", json_real(x->aux.load / micro));
-        json_object_set_new(aux, "z", json_real(x->aux.z / micro));
-        json_object_set_new(aux, "mi", json_real(x->aux.mi / micro));
-        json_object_set_new(aux, "total", json_real(x->aux.total / micro));
-        json_object_set_new(o, "layer", json_integer(x->layer));
-        json_object_set_new(o, "experts", json_integer(x->E));
-        json_object_set_new(o, "load", load);
-        double tot = (double)(x->kept + x->dropped);
-        json_object_set_new(o, "dropped", json_real(tot > 0 ? (double)x->dropped / tot : 0));
-        json_object_set_new(o, "aux", aux);
-        json_array_append_new(arr, o);
-    }
-    return arr;
-}
-
-/* ---- validation ------------------------------------------------------------------ */
-
-/* Mean cross-entropy over the validation split (the first max_batches batches; 0: all). */
-static moe_status validate(moe_model *m, const moe_dataset *d, int64_t B, int64_t S, int64_t max_batches,
-                           int32_t *in, int32_t *tg, int32_t *task, double *loss, int64_t *n_tokens)
-{
-    moe_val_iter it;
-    moe_val_iter_init(&it);
-    double sum = 0;
-    int64_t total = 0;
-    for (int64_t b = 0; max_batches <= 0 || b < max_batches; b++) {
-        int64_t n;
-        moe_status s = moe_dataset_val_next(d, &it, B, S, in, tg, task, &n);
-        if (s)
-            return s;
-        if (n == 0)
-            break;
-        moe_model_losses L;
-        if ((s = moe_model_forward(m, in, tg, task, B, S, MOE_KEY_STEP(0), 0, &L)))
-            return s;
-        sum += L.ce * (double)L.n_targets;
-        total += L.n_targets;
-    }
-    *loss = total ? sum / (double)total : NAN;
-    *n_tokens = total;
-    return MOE_OK;
-}
-
 /* ---- progress ----------------------------------------------------------------------- */
-
-static void fmt_duration(char *buf, size_t n, double s)
-{
-    if (!(s >= 0) || s > 1e8)
-        snprintf(buf, n, "?");
-    else if (s < 60)
-        snprintf(buf, n, "%ds", (int)s);
-    else if (s < 3600)
-        snprintf(buf, n, "%dm%02ds", (int)s / 60, (int)s % 60);
-    else
-        snprintf(buf, n, "%dh%02dm", (int)s / 3600, ((int)s / 60) % 60);
-}
 
 typedef struct {
     int64_t step, steps;
@@ -365,7 +156,7 @@ typedef struct {
 static void progress_text(char *buf, size_t n, const progress *p)
 {
     char eta[32], val[32] = "";
-    fmt_duration(eta, sizeof eta, p->eta);
+    cli_fmt_duration(eta, sizeof eta, p->eta);
     if (!isnan(p->val_loss))
         snprintf(val, sizeof val, "  val %.4f", p->val_loss);
     int k = snprintf(buf, n, "step %*" PRId64 "/%" PRId64 "  loss %.4f%s  %.0f tok/s  ETA %s",
@@ -374,43 +165,70 @@ static void progress_text(char *buf, size_t n, const progress *p)
         snprintf(buf + k, n - (size_t)k, "  load max/mean %.2f  dropped %.1f%%", p->load, 100 * p->dropped);
 }
 
-/* ---- the run ---------------------------------------------------------------------- */
+/* ---- signals ------------------------------------------------------------------------- */
 
-static volatile sig_atomic_t interrupted;
+/* The first SIGINT, SIGTERM or SIGHUP asks the loop to stop after its step; a second one
+ * (of any of them) ends the process at once, by the signal's own default action. */
+static volatile sig_atomic_t stop_signal;
 
-static void on_sigint(int sig)
+static void on_stop_signal(int sig)
 {
-    (void)sig;
-    interrupted = 1;
+    static const char msg[] = "\ncmoe train: stopping after this step (a checkpoint is saved); a second signal "
+                              "stops at once\n";
+    if (stop_signal) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    stop_signal = sig;
+    ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1); /* async-signal-safe, unlike stdio */
+    (void)k;
 }
+
+static const int stop_signals[] = {SIGINT, SIGTERM, SIGHUP};
+
+static void catch_stop_signals(struct sigaction *old)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART; /* writes and reads carry on; the loop looks at the flag */
+    sigemptyset(&sa.sa_mask);
+    stop_signal = 0;
+    for (int i = 0; i < 3; i++)
+        sigaction(stop_signals[i], &sa, &old[i]);
+}
+
+static void restore_signals(const struct sigaction *old)
+{
+    for (int i = 0; i < 3; i++)
+        sigaction(stop_signals[i], &old[i], NULL);
+}
+
+/* ---- the run ---------------------------------------------------------------------- */
 
 typedef struct {
     train_opts o;
+    moe_train_settings t; /* what this run trains with (from the checkpoint when resuming) */
     moe_model_config cfg;
-    char cfg_src[4200];
-    char data[4096];
-    char dir[4096];
+    moe_rundir rd;
     moe_dataset *d;
     moe_backend *b;
     moe_model *m;
     moe_optim *opt;
-    moe_optim_config oc;
     int32_t *in, *tg, *task;
-    FILE *metrics;
     char *train_json;
-    step_acc acc;
-    moe_ckpt *ck;          /* --resume: the checkpoint, validated */
-    char ck_path[4200];
-    char *ck_dataset;      /* --resume: the data the run trained on (moe_dataset_describe) */
+    moe_step_stats *acc;
+    moe_resume_point rp;   /* --resume: the checkpoint, validated */
+    moe_run_record rec;    /* --resume: what it says about the run */
     int64_t start_step;    /* steps already done (0, or the checkpoint's) */
     double elapsed0;       /* seconds the run had taken before this process */
     cli_run init;          /* --init-from: the weights to start from */
+    int usage_error;       /* the failure is the command line's: exit 2 */
 } train_run;
 
 static void run_free(train_run *r)
 {
-    if (r->metrics)
-        fclose(r->metrics);
     moe_optim_free(r->opt);
     moe_model_free(r->m);
     moe_backend_free(r->b);
@@ -419,500 +237,176 @@ static void run_free(train_run *r)
     free(r->tg);
     free(r->task);
     free(r->train_json);
-    acc_free(&r->acc);
-    moe_ckpt_free(r->ck);
-    free(r->ck_dataset);
+    moe_step_stats_free(r->acc);
+    moe_resume_point_free(&r->rp);
     cli_run_free(&r->init);
 }
 
-/* runs/YYYYmmdd-HHMMSS, with -2, -3, ... when that exists already */
-static moe_status default_out(char *buf, size_t n)
+/* --resume: lock the run, choose the checkpoint, take the settings from it. */
+static moe_status resume_open(train_run *r)
 {
-    time_t t = time(NULL);
-    struct tm tm;
-    char stamp[32];
-    localtime_r(&t, &tm);
-    strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &tm);
-    struct stat sb;
-    for (int i = 1; i < 1000; i++) {
-        if (i == 1)
-            snprintf(buf, n, "runs/%s", stamp);
-        else
-            snprintf(buf, n, "runs/%s-%d", stamp, i);
-        if (stat(buf, &sb) != 0)
-            return MOE_OK;
-    }
-    return moe_error(MOE_ERR_IO, "cannot find a free name runs/%s-N; pass --out DIR", stamp);
-}
-
-static moe_status write_text(const char *dir, const char *name, const char *text)
-{
-    char path[4096], tmp[4200];
-    moe_status s = cli_path(path, sizeof path, dir, name);
-    if (s)
+    const train_opts *o = &r->o;
+    char dir[4096];
+    moe_status s;
+    /* locked before anything is read, so a run still training is found out at once */
+    if ((s = moe_resume_dir(o->resume, dir, sizeof dir)) || (s = moe_rundir_open(dir, &r->rd)) ||
+        (s = moe_resume_find(o->resume, &r->rp)))
         return s;
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f)
-        return moe_error(MOE_ERR_IO, "cannot write '%s': %s", tmp, strerror(errno));
-    int bad = fputs(text, f) < 0 || fputc('\n', f) == EOF;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path) != 0) {
-        remove(tmp);
-        return moe_error(MOE_ERR_IO, "cannot write '%s': %s", path, strerror(errno));
+    const moe_ckpt *ck = r->rp.ck;
+    for (char *p = r->rp.notes, *nl; p && *p; p = nl + 1) {
+        nl = strchr(p, '\n');
+        printf("cmoe train: note: skipped a checkpoint that failed: %.*s\n", (int)(nl - p), p);
     }
+    if (r->rp.notes)
+        printf("cmoe train: note: continuing from the newest valid one, %s\n", r->rp.path);
+    if ((s = moe_run_record_parse(ck->train_json, r->rp.path, &r->rec)))
+        return s;
+    if (r->rec.t.seed != ck->seed)
+        return moe_error(MOE_ERR_FORMAT, "%s: metadata seed %" PRIu64 " differs from the train settings' seed %" PRIu64,
+                         r->rp.path, ck->seed, r->rec.t.seed);
+    moe_train_settings_resume(&r->t, &r->rec, &o->t, o->given);
+    if (o->data)
+        snprintf(r->t.data, sizeof r->t.data, "%s", o->data);
+    if (strcmp(r->t.backend, r->rec.t.backend))
+        printf("cmoe train: note: the run trained on backend %s, continuing on %s (not bitwise the same)\n",
+               r->rec.t.backend, r->t.backend);
+    if (ck->step > r->t.steps)
+        return moe_error(MOE_ERR_ARG, "the checkpoint is at step %lld, beyond --steps %lld", (long long)ck->step,
+                         (long long)r->t.steps);
+    if (r->t.steps != r->rec.t.steps)
+        printf("cmoe train: note: --steps %lld changes the cosine schedule's horizon (was %lld)\n",
+               (long long)r->t.steps, (long long)r->rec.t.steps);
+    json_t *st = ck->state_json ? json_loads(ck->state_json, 0, NULL) : NULL, *v;
+    if ((v = json_object_get(st, "elapsed_s")) && json_is_number(v))
+        r->elapsed0 = json_number_value(v);
+    json_decref(st);
+    r->cfg = ck->cfg;
+    r->start_step = ck->step;
     return MOE_OK;
 }
 
-static moe_status make_train_json(train_run *r)
+/* A new run: the model config and a run directory that may be written (locked). */
+static moe_status fresh_open(train_run *r)
 {
     const train_opts *o = &r->o;
-    json_t *j = json_object();
-    json_object_set_new(j, "data", json_string(r->data));
-    json_object_set_new(j, "model", json_string(r->cfg_src));
-    json_object_set_new(j, "steps", json_integer(o->steps));
-    json_object_set_new(j, "batch", json_integer(o->batch));
-    json_object_set_new(j, "seq", json_integer(o->seq));
-    json_object_set_new(j, "accum", json_integer(o->accum));
-    json_object_set_new(j, "lr", json_real(r->oc.lr));
-    json_object_set_new(j, "min_lr_ratio", json_real(r->oc.min_lr_ratio));
-    json_object_set_new(j, "warmup_steps", json_integer(r->oc.warmup_steps));
-    json_object_set_new(j, "beta1", json_real(r->oc.beta1));
-    json_object_set_new(j, "beta2", json_real(r->oc.beta2));
-    json_object_set_new(j, "weight_decay", json_real(r->oc.weight_decay));
-    json_object_set_new(j, "eps", json_real(r->oc.eps));
-    json_object_set_new(j, "grad_clip", json_real(r->oc.grad_clip));
-    json_object_set_new(j, "seed", json_integer((json_int_t)o->seed));
-    json_object_set_new(j, "backend", json_string(o->backend));
-    json_object_set_new(j, "threads", json_integer(o->threads));
-    json_object_set_new(j, "eval_every", json_integer(o->eval_every));
-    json_object_set_new(j, "eval_batches", json_integer(o->eval_batches));
-    json_object_set_new(j, "save_every", json_integer(o->save_every));
-    json_object_set_new(j, "keep", json_integer(o->keep));
-    if (o->init_from)
-        json_object_set_new(j, "init_from", json_string(r->init.path));
-    if (r->ck)
-        json_object_set_new(j, "resumed_from", json_string(r->ck_path));
-    json_object_set_new(j, "dataset", json_string(moe_dataset_describe(r->d)));
-    json_object_set_new(j, "cmoe_version", json_string(moe_version()));
-    r->train_json = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-    json_decref(j);
-    return r->train_json ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory");
+    moe_status s;
+    r->t = o->t;
+    if (o->init_from) {
+        if ((s = cli_run_open(o->init_from, &r->init)))
+            return s;
+        r->cfg = r->init.cfg;
+        snprintf(r->t.model, sizeof r->t.model, "%s", r->init.path);
+        snprintf(r->t.init_from, sizeof r->t.init_from, "%s", r->init.path);
+    } else if (o->config) {
+        snprintf(r->t.model, sizeof r->t.model, "%s", o->config);
+        s = moe_model_config_load(o->config, &r->cfg);
+    } else {
+        s = cli_preset_load(o->preset ? o->preset : "laptop", &r->cfg, r->t.model, sizeof r->t.model);
+    }
+    if (s || (s = moe_model_config_validate(&r->cfg)))
+        return s;
+    if (r->t.seq > r->cfg.max_position_embeddings) {
+        if (o->have_seq) {
+            r->usage_error = 1;
+            return moe_error(MOE_ERR_ARG, "--seq %lld is longer than the model's max_position_embeddings %lld",
+                             (long long)r->t.seq, (long long)r->cfg.max_position_embeddings);
+        }
+        r->t.seq = r->cfg.max_position_embeddings; /* the default S fits the model, not the other way */
+    }
+    r->t.oc.warmup_steps = o->have_warmup ? o->warmup : (r->t.steps / 10 < 100 ? r->t.steps / 10 : 100);
+    char dir[4096];
+    if (o->out)
+        snprintf(dir, sizeof dir, "%s", o->out);
+    else if ((s = moe_rundir_default_name(dir, sizeof dir)))
+        return s;
+    /* checked and locked before the data is read or the model built: a refusal is quick */
+    return moe_rundir_create(dir, o->force, &r->rd);
 }
 
-/* The run directory: created, refused when it holds a run (unless --force). */
-static moe_status prepare_dir(train_run *r)
+static moe_status setup(train_run *r)
 {
+    const moe_train_settings *t = &r->t;
     moe_status s;
-    if (r->o.out)
-        snprintf(r->dir, sizeof r->dir, "%s", r->o.out);
-    else if ((s = default_out(r->dir, sizeof r->dir)))
+    char data[4096];
+    if (r->o.resume || r->o.data)
+        snprintf(data, sizeof data, "%s", r->o.resume && !r->o.data ? t->data : r->o.data);
+    else if ((s = cli_default_data(data, sizeof data)))
         return s;
-    char path[4096];
-    if ((s = cli_path(path, sizeof path, r->dir, "metrics.jsonl")))
+    moe_data_options dopt;
+    moe_data_options_default(&dopt);
+    dopt.vocab = r->cfg.vocab_size <= 65536 ? r->cfg.vocab_size : 65536;
+    if ((s = moe_dataset_open(data, &dopt, &r->d))) {
+        if (s == MOE_ERR_IO && r->o.resume && !r->o.data) {
+            char why[1024];
+            snprintf(why, sizeof why, "%s", moe_last_error());
+            return moe_error(s, "%s; if the data moved, pass --data NEWPATH (checked to be the same data)", why);
+        }
         return s;
-    if (!r->o.force && (file_exists(path) || (cli_path(path, sizeof path, r->dir, CLI_RUN_WEIGHTS) == MOE_OK &&
-                                              file_exists(path))))
-        return moe_error(MOE_ERR_IO, "'%s' already holds a run; pass another --out DIR, or --force to overwrite it",
-                         r->dir);
-    if ((s = cli_mkdirs(r->dir)))
+    }
+    if (r->o.resume && (s = moe_run_record_check_data(&r->rec, r->d)))
         return s;
-    /* --force: the old weights must not pass for this run's before its first save */
-    if ((s = cli_path(path, sizeof path, r->dir, CLI_RUN_WEIGHTS)))
+    if (moe_dataset_vocab(r->d) > r->cfg.vocab_size)
+        return moe_error(MOE_ERR_ARG, "data '%s' has vocabulary %lld but the model's vocab_size is %lld", data,
+                         (long long)moe_dataset_vocab(r->d), (long long)r->cfg.vocab_size);
+    /* the resolved path (a relative one would not survive `cmoe eval` from elsewhere) */
+    snprintf(r->t.data, sizeof r->t.data, "%s",
+             moe_dataset_kind(r->d) == MOE_DATA_SYNTH ? data : moe_dataset_identity(r->d)->path);
+    if ((s = moe_train_settings_validate(t, &r->cfg)))
         return s;
-    if (remove(path) != 0 && errno != ENOENT)
-        return moe_error(MOE_ERR_IO, "cannot remove the old '%s': %s", path, strerror(errno));
+    const size_t n = (size_t)(t->batch * t->seq);
+    r->in = malloc(n * sizeof *r->in);
+    r->tg = malloc(n * sizeof *r->tg);
+    r->task = malloc(n * sizeof *r->task);
+    if (!r->in || !r->tg || !r->task)
+        return moe_error(MOE_ERR_NOMEM, "out of memory for a batch of %lld x %lld", (long long)t->batch,
+                         (long long)t->seq);
+    /* fails here, not at step 1, when the data is shorter than one row */
+    if ((s = moe_dataset_batch(r->d, t->seed, 0, 0, t->batch, t->seq, r->in, r->tg, r->task)))
+        return s;
+    if ((s = cli_backend_create(t->backend, (int)t->threads, &r->b)) ||
+        (s = moe_model_create(&r->cfg, r->b, NULL, t->batch, t->seq, &r->m)) ||
+        (s = moe_optim_create(r->m, &t->oc, &r->opt)) || (s = moe_step_stats_create(&r->cfg, &r->acc)))
+        return s;
+    /* the state: a checkpoint (validated as a whole before anything is set or written),
+     * the weights of another run, or a fresh initialisation */
+    if (r->o.resume)
+        s = moe_ckpt_restore(r->rp.ck, r->m, r->opt);
+    else if (r->o.init_from)
+        s = cli_run_load_into(&r->init, r->m);
+    else
+        s = moe_model_init(r->m, t->seed);
+    if (s || (s = moe_train_settings_to_json(t, r->d, r->o.resume ? r->rp.path : NULL, &r->train_json)))
+        return s;
+    if (r->o.resume) {
+        int later = 0;
+        if ((s = moe_ckpt_prune(r->rd.dir, r->start_step, 0, &later)))
+            return s;
+        if (later)
+            printf("cmoe train: removed %d checkpoint%s after the resume point\n", later, later == 1 ? "" : "s");
+        return moe_rundir_start(&r->rd, NULL, r->train_json, r->start_step);
+    }
     char *cfg_json;
     if ((s = moe_model_config_to_json(&r->cfg, 1, &cfg_json)))
         return s;
-    s = write_text(r->dir, "config.json", cfg_json);
+    s = moe_rundir_start(&r->rd, cfg_json, r->train_json, -1);
     free(cfg_json);
-    if (s || (s = make_train_json(r)) || (s = write_text(r->dir, "train.json", r->train_json)))
-        return s;
-    if ((s = cli_path(path, sizeof path, r->dir, "metrics.jsonl")))
-        return s;
-    if (!(r->metrics = fopen(path, "w")))
-        return moe_error(MOE_ERR_IO, "cannot write '%s': %s", path, strerror(errno));
-    return MOE_OK;
-}
-
-/* ---- checkpoints and --resume ------------------------------------------------------ */
-
-#define CKPT_PREFIX "ckpt-"
-#define CKPT_SUFFIX ".safetensors"
-
-/* STEP of a name "ckpt-STEP.safetensors", or -1 */
-static int64_t ckpt_step_of(const char *name)
-{
-    const size_t np = strlen(CKPT_PREFIX), ns = strlen(CKPT_SUFFIX), n = strlen(name);
-    if (n <= np + ns || strncmp(name, CKPT_PREFIX, np) || strcmp(name + n - ns, CKPT_SUFFIX))
-        return -1;
-    char num[32];
-    if (n - np - ns >= sizeof num)
-        return -1;
-    memcpy(num, name + np, n - np - ns);
-    num[n - np - ns] = '\0';
-    int64_t v;
-    return cli_parse_i64(num, 0, INT64_MAX, &v) && num[0] != '-' ? v : -1;
-}
-
-/* The checkpoint steps in dir, ascending; *n of them (free the result). */
-static moe_status list_ckpts(const char *dir, int64_t **steps, int *n)
-{
-    *steps = NULL;
-    *n = 0;
-    DIR *d = opendir(dir);
-    if (!d)
-        return moe_error(MOE_ERR_IO, "cannot read directory '%s': %s", dir, strerror(errno));
-    int cap = 0;
-    struct dirent *e;
-    moe_status s = MOE_OK;
-    while ((e = readdir(d))) {
-        int64_t st = ckpt_step_of(e->d_name);
-        if (st < 0)
-            continue;
-        if (*n == cap) {
-            int64_t *ns = realloc(*steps, (size_t)(cap = cap ? 2 * cap : 16) * sizeof *ns);
-            if (!ns) {
-                s = moe_error(MOE_ERR_NOMEM, "out of memory");
-                break;
-            }
-            *steps = ns;
-        }
-        (*steps)[(*n)++] = st;
-    }
-    closedir(d);
-    for (int i = 1; i < *n; i++) /* insertion sort: a handful of files */
-        for (int j = i; j > 0 && (*steps)[j - 1] > (*steps)[j]; j--) {
-            int64_t t = (*steps)[j];
-            (*steps)[j] = (*steps)[j - 1];
-            (*steps)[j - 1] = t;
-        }
-    return s;
-}
-
-static void ckpt_name(char *buf, size_t n, const char *dir, int64_t step)
-{
-    snprintf(buf, n, "%s/" CKPT_PREFIX "%" PRId64 CKPT_SUFFIX, dir, step);
-}
-
-/* Removes checkpoints: those after step `after` (>= 0), then all but the newest keep. */
-static moe_status prune_ckpts(const char *dir, int64_t after, int64_t keep, int verbose)
-{
-    int64_t *steps;
-    int n;
-    moe_status s = list_ckpts(dir, &steps, &n);
-    if (s)
-        return s;
-    char path[4200];
-    int kept = 0;
-    for (int i = n - 1; i >= 0; i--) {
-        const int later = after >= 0 && steps[i] > after;
-        if (!later && (keep <= 0 || kept < keep)) {
-            kept++;
-            continue;
-        }
-        ckpt_name(path, sizeof path, dir, steps[i]);
-        if (remove(path) != 0 && errno != ENOENT) {
-            s = moe_error(MOE_ERR_IO, "cannot remove '%s': %s", path, strerror(errno));
-            break;
-        }
-        if (verbose && later)
-            printf("cmoe train: removed %s (after the resume point)\n", path);
-    }
-    free(steps);
     return s;
 }
 
 static moe_status save_ckpt(train_run *r, int64_t done, double elapsed)
 {
     char path[4200], state[128];
-    ckpt_name(path, sizeof path, r->dir, done);
+    moe_status s;
+    if ((s = moe_ckpt_path(path, sizeof path, r->rd.dir, done)) || (s = moe_rundir_sync_metrics(&r->rd)))
+        return s;
     snprintf(state, sizeof state, "{\"elapsed_s\": %.17g}", elapsed);
-    moe_ckpt_state st = {done, moe_optim_steps(r->opt), r->o.seed, r->train_json, state};
-    moe_status s = moe_ckpt_save(path, r->m, r->opt, &st);
-    return s ? s : prune_ckpts(r->dir, -1, r->o.keep, 0);
+    moe_ckpt_state st = {done, moe_optim_steps(r->opt), r->t.seed, r->train_json, state};
+    if ((s = moe_ckpt_save(path, r->m, r->opt, &st)))
+        return s;
+    r->rd.saved = 1;
+    return moe_ckpt_prune(r->rd.dir, -1, r->t.keep, NULL);
 }
 
-/* --resume PATH: the run directory and the checkpoint to continue from */
-static moe_status find_resume(train_run *r)
-{
-    const char *p = r->o.resume;
-    struct stat sb;
-    if (stat(p, &sb) != 0)
-        return moe_error(MOE_ERR_IO, "--resume '%s': %s", p, strerror(errno));
-    if (S_ISREG(sb.st_mode)) {
-        snprintf(r->ck_path, sizeof r->ck_path, "%s", p);
-        const char *slash = strrchr(p, '/');
-        if (slash)
-            snprintf(r->dir, sizeof r->dir, "%.*s", (int)(slash - p), p);
-        else
-            snprintf(r->dir, sizeof r->dir, ".");
-        if (!r->dir[0])
-            snprintf(r->dir, sizeof r->dir, "/");
-        return MOE_OK;
-    }
-    snprintf(r->dir, sizeof r->dir, "%s", p);
-    int64_t *steps;
-    int n;
-    moe_status s = list_ckpts(p, &steps, &n);
-    if (s)
-        return s;
-    if (n)
-        ckpt_name(r->ck_path, sizeof r->ck_path, p, steps[n - 1]);
-    free(steps);
-    if (!n)
-        return moe_error(MOE_ERR_IO, "--resume '%s': no checkpoint (ckpt-STEP.safetensors) in it; 'cmoe train "
-                         "--save-every N' writes them (and Ctrl-C does)", p);
-    return MOE_OK;
-}
-
-static moe_status need(json_t *o, const char *key, int type, const char *path, json_t **out)
-{
-    json_t *v = json_object_get(o, key);
-    int ok = v && (type == JSON_REAL ? json_is_number(v) : json_typeof(v) == (json_type)type);
-    if (!ok)
-        return moe_error(MOE_ERR_FORMAT, "%s: the checkpoint's train settings lack '%s' (or it has the wrong type)",
-                         path, key);
-    *out = v;
-    return MOE_OK;
-}
-
-/* The settings of the run, from the checkpoint's 'train' metadata; the options that may
- * change on resume keep their command-line values when given. */
-static moe_status resume_settings(train_run *r)
-{
-    const char *path = r->ck_path;
-    if (!r->ck->train_json)
-        return moe_error(MOE_ERR_FORMAT, "%s: no 'train' settings in the metadata: cannot resume", path);
-    json_t *t = json_loads(r->ck->train_json, 0, NULL), *v = NULL;
-    train_opts *o = &r->o;
-    moe_status s = MOE_OK;
-    static char data[4096], model[4200], backend[16];
-#define INT(key, field) \
-    if (!s && !(s = need(t, key, JSON_INTEGER, path, &v))) field = json_integer_value(v);
-#define NUM(key, field) \
-    if (!s && !(s = need(t, key, JSON_REAL, path, &v))) field = json_number_value(v);
-    if (!(s = need(t, "data", JSON_STRING, path, &v)))
-        snprintf(data, sizeof data, "%s", json_string_value(v));
-    if (!s && !(s = need(t, "dataset", JSON_STRING, path, &v)) && !(r->ck_dataset = strdup(json_string_value(v))))
-        s = moe_error(MOE_ERR_NOMEM, "out of memory");
-    if (!s && (v = json_object_get(t, "model")) && json_is_string(v))
-        snprintf(model, sizeof model, "%s", json_string_value(v));
-    int64_t steps = 0, seed = 0, threads = 0, ee = 0, eb = 0, se = 0, keep = 0;
-    INT("steps", steps) INT("batch", o->batch) INT("seq", o->seq) INT("accum", o->accum)
-    INT("seed", seed) INT("threads", threads) INT("eval_every", ee) INT("eval_batches", eb)
-    INT("warmup_steps", r->oc.warmup_steps)
-    NUM("lr", r->oc.lr) NUM("min_lr_ratio", r->oc.min_lr_ratio) NUM("beta1", r->oc.beta1)
-    NUM("beta2", r->oc.beta2) NUM("weight_decay", r->oc.weight_decay) NUM("grad_clip", r->oc.grad_clip)
-    if (!s && (v = json_object_get(t, "eps")) && json_is_number(v))
-        r->oc.eps = json_number_value(v);
-    if (!s && (v = json_object_get(t, "save_every")) && json_is_integer(v))
-        se = json_integer_value(v);
-    if (!s && (v = json_object_get(t, "keep")) && json_is_integer(v))
-        keep = json_integer_value(v);
-    if (!s && !(s = need(t, "backend", JSON_STRING, path, &v)))
-        snprintf(backend, sizeof backend, "%s", json_string_value(v));
-#undef INT
-#undef NUM
-    json_decref(t);
-    if (s)
-        return s;
-    if (o->batch < 1 || o->seq < 1 || o->accum < 1 || steps < 1 || seed < 0)
-        return moe_error(MOE_ERR_FORMAT, "%s: the checkpoint's train settings are out of range", path);
-    if ((uint64_t)seed != r->ck->seed)
-        return moe_error(MOE_ERR_FORMAT, "%s: metadata seed %" PRIu64 " differs from the train settings' seed %lld",
-                         path, r->ck->seed, (long long)seed);
-    o->data = data;
-    snprintf(r->cfg_src, sizeof r->cfg_src, "%s", model);
-    o->seed = (uint64_t)seed;
-    if (!o->have_steps)
-        o->steps = steps;
-    if (!o->have_threads)
-        o->threads = threads;
-    if (!o->have_eval_every)
-        o->eval_every = ee;
-    if (!o->have_eval_batches)
-        o->eval_batches = eb;
-    if (!o->have_save_every)
-        o->save_every = se;
-    if (!o->have_keep)
-        o->keep = keep;
-    if (!o->have_backend)
-        o->backend = backend;
-    else if (strcmp(o->backend, backend))
-        printf("cmoe train: note: the run trained on backend %s, continuing on %s (not bitwise the same)\n", backend,
-               o->backend);
-    r->oc.total_steps = o->steps;
-    if (r->ck->step > o->steps)
-        return moe_error(MOE_ERR_ARG, "the checkpoint is at step %lld, beyond --steps %lld", (long long)r->ck->step,
-                         (long long)o->steps);
-    if (o->have_steps && o->steps != steps)
-        printf("cmoe train: note: --steps %lld changes the cosine schedule's horizon (was %lld)\n",
-               (long long)o->steps, (long long)steps);
-    if (r->ck->state_json && (t = json_loads(r->ck->state_json, 0, NULL))) {
-        if ((v = json_object_get(t, "elapsed_s")) && json_is_number(v))
-            r->elapsed0 = json_number_value(v);
-        json_decref(t);
-    }
-    r->start_step = r->ck->step;
-    return moe_optim_config_validate(&r->oc);
-}
-
-/* The checkpoint and the run directory agree: same model as config.json. */
-static moe_status resume_open(train_run *r)
-{
-    moe_status s;
-    if ((s = find_resume(r)) || (s = moe_ckpt_open(r->ck_path, &r->ck)))
-        return s;
-    char path[4200];
-    if ((s = cli_path(path, sizeof path, r->dir, "config.json")))
-        return s;
-    moe_model_config dc;
-    if ((s = moe_model_config_load(path, &dc))) {
-        char why[1024]; /* moe_error writes into the buffer moe_last_error returns */
-        snprintf(why, sizeof why, "%s", moe_last_error());
-        return moe_error(s, "--resume: the run's %s: %s", path, why);
-    }
-    char *a = NULL, *b = NULL;
-    if (!(s = moe_model_config_to_json(&dc, 0, &a)) && !(s = moe_model_config_to_json(&r->ck->cfg, 0, &b)) &&
-        strcmp(a, b))
-        s = moe_error(MOE_ERR_FORMAT, "%s: the checkpoint's config does not match the run's %s (another run's "
-                      "checkpoint?)", r->ck_path, path);
-    free(a);
-    free(b);
-    if (s)
-        return s;
-    r->cfg = r->ck->cfg;
-    moe_optim_config_default(&r->oc);
-    return resume_settings(r);
-}
-
-/* metrics.jsonl cut back to the lines of steps <= step (atomically), then reopened for append. */
-static moe_status cut_metrics(train_run *r, int64_t step)
-{
-    char path[4200], tmp[4300];
-    moe_status s = cli_path(path, sizeof path, r->dir, "metrics.jsonl");
-    if (s)
-        return s;
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *in = fopen(path, "r"), *out = fopen(tmp, "w");
-    if (!out) {
-        if (in)
-            fclose(in);
-        return moe_error(MOE_ERR_IO, "cannot write '%s': %s", tmp, strerror(errno));
-    }
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    int bad = 0;
-    while (in && (n = getline(&line, &cap, in)) > 0) {
-        json_t *j = line[n - 1] == '\n' ? json_loads(line, 0, NULL) : NULL; /* a torn last line goes */
-        json_t *st = j ? json_object_get(j, "step") : NULL;
-        if (st && json_is_integer(st) && json_integer_value(st) <= step)
-            bad |= fputs(line, out) == EOF;
-        json_decref(j);
-    }
-    free(line);
-    if (in)
-        fclose(in);
-    bad |= fflush(out) != 0 || fsync(fileno(out)) != 0;
-    bad |= fclose(out) != 0;
-    if (bad || rename(tmp, path) != 0) {
-        remove(tmp);
-        return moe_error(MOE_ERR_IO, "cannot rewrite '%s': %s", path, strerror(errno));
-    }
-    if (!(r->metrics = fopen(path, "a")))
-        return moe_error(MOE_ERR_IO, "cannot append to '%s': %s", path, strerror(errno));
-    return MOE_OK;
-}
-
-/* After everything was validated and restored: the run directory continues. */
-static moe_status resume_dir(train_run *r)
-{
-    moe_status s;
-    if ((s = prune_ckpts(r->dir, r->start_step, 0, 1)) || (s = make_train_json(r)) ||
-        (s = write_text(r->dir, "train.json", r->train_json)))
-        return s;
-    return cut_metrics(r, r->start_step);
-}
-
-static moe_status setup(train_run *r)
-{
-    const train_opts *o = &r->o;
-    moe_status s;
-    if (o->data)
-        snprintf(r->data, sizeof r->data, "%s", o->data);
-    else if ((s = find_default_data(r->data, sizeof r->data)))
-        return s;
-    moe_data_options dopt;
-    moe_data_options_default(&dopt);
-    dopt.vocab = r->cfg.vocab_size <= 65536 ? r->cfg.vocab_size : 65536;
-    if ((s = moe_dataset_open(r->data, &dopt, &r->d)))
-        return s;
-    if (r->ck && strcmp(moe_dataset_describe(r->d), r->ck_dataset))
-        return moe_error(MOE_ERR_ARG, "--resume: the data changed: the run trained on %s, '%s' is now %s", r->ck_dataset,
-                         r->data, moe_dataset_describe(r->d));
-    if (moe_dataset_vocab(r->d) > r->cfg.vocab_size)
-        return moe_error(MOE_ERR_ARG, "data '%s' has vocabulary %lld but the model's vocab_size is %lld", r->data,
-                         (long long)moe_dataset_vocab(r->d), (long long)r->cfg.vocab_size);
-    /* a relative path would not survive `cmoe eval` from another directory */
-    if (strncmp(r->data, "synth", 5) != 0) {
-        char *abs = realpath(r->data, NULL);
-        if (abs) {
-            snprintf(r->data, sizeof r->data, "%s", abs);
-            free(abs);
-        }
-    }
-    const size_t n = (size_t)(o->batch * o->seq);
-    r->in = malloc(n * sizeof *r->in);
-    r->tg = malloc(n * sizeof *r->tg);
-    r->task = malloc(n * sizeof *r->task);
-    if (!r->in || !r->tg || !r->task)
-        return moe_error(MOE_ERR_NOMEM, "out of memory for a batch of %lld x %lld", (long long)o->batch,
-                         (long long)o->seq);
-    /* fails here, not at step 1, when the data is shorter than one row */
-    if ((s = moe_dataset_batch(r->d, o->seed, 0, 0, o->batch, o->seq, r->in, r->tg, r->task)))
-        return s;
-    if (!r->ck) {
-        moe_optim_config_default(&r->oc);
-        r->oc.lr = o->lr;
-        r->oc.total_steps = o->steps;
-        r->oc.warmup_steps = o->have_warmup ? o->warmup : (o->steps / 10 < 100 ? o->steps / 10 : 100);
-    }
-    if ((s = moe_optim_config_validate(&r->oc)))
-        return s;
-    if ((s = cli_backend_create(o->backend, (int)o->threads, &r->b)) ||
-        (s = moe_model_create(&r->cfg, r->b, NULL, o->batch, o->seq, &r->m)) ||
-        (s = moe_optim_create(r->m, &r->oc, &r->opt)) || (s = acc_create(&r->cfg, &r->acc)))
-        return s;
-    /* the state: a checkpoint (validated as a whole before anything is set or written),
-     * the weights of another run, or a fresh initialisation */
-    if (r->ck)
-        s = moe_ckpt_restore(r->ck, r->m, r->opt);
-    else if (o->init_from)
-        s = cli_run_load_into(&r->init, r->m);
-    else
-        s = moe_model_init(r->m, o->seed);
-    if (s)
-        return s;
-    return r->ck ? resume_dir(r) : prepare_dir(r);
-}
-
-static moe_status write_metrics(train_run *r, json_t *j)
-{
-    if (json_dumpf(j, r->metrics, JSON_COMPACT | JSON_PRESERVE_ORDER) != 0 || fputc('\n', r->metrics) == EOF ||
-        fflush(r->metrics) != 0)
-        return moe_error(MOE_ERR_IO, "cannot write %s/metrics.jsonl: %s", r->dir, strerror(errno));
-    return MOE_OK;
-}
-
-/*
- * The message that stops a diverging run names the cause rather than guessing: a
- * gradient that is not finite although the loss was; a parameter that is not finite,
- * and what made it so (the weights the run started from, or the last update with its
- * lr and gradient norm); or, with every weight finite, the forward pass itself.
- */
 static moe_status diverged(train_run *r, int64_t step, double total, double ce, double aux, double lr, double norm)
 {
     char why[600], head[200];
@@ -929,53 +423,58 @@ static moe_status diverged(train_run *r, int64_t step, double total, double ce, 
         char from[64];
         snprintf(from, sizeof from, "the initialisation, initializer_range %g", r->cfg.initializer_range);
         return moe_error(MOE_ERR_ARG, "%s: %s before the first update, in the weights the run started from (%s)", head,
-                         why, r->ck ? "the --resume checkpoint" : r->o.init_from ? "--init-from" : from);
+                         why, r->o.resume ? "the --resume checkpoint" : r->o.init_from ? "--init-from" : from);
     }
     if (bad)
         return moe_error(MOE_ERR_ARG, "%s: %s after the update of step %lld (lr %g, gradient norm %g); try a lower "
                          "--lr", head, why, (long long)step, lr, norm);
     return moe_error(MOE_ERR_ARG, "%s: %s, so the forward pass overflowed (initializer_range %g, lr %g)", head, why,
-                     r->cfg.initializer_range, r->oc.lr);
+                     r->cfg.initializer_range, r->t.oc.lr);
 }
 
 static moe_status train_loop(train_run *r, int *stopped)
 {
-    const train_opts *o = &r->o;
+    const moe_train_settings *t = &r->t;
     const int tty = isatty(STDOUT_FILENO);
-    const int64_t tokens_per_step = o->batch * o->seq * o->accum;
+    const int64_t tokens_per_step = t->batch * t->seq * t->accum;
+    const int n_moe = moe_step_stats_moe_layers(r->acc);
     double train_time = 0, t_start = now(), last_draw = 0, val_loss = NAN, last_loss = NAN;
     double rate = 0, win_time = 0;
     int64_t win_step = r->start_step;
     moe_status s;
-    printf("cmoe train: %s\n  model: %s, %lld parameters (%lld layers, hidden %lld, %lld MoE layers)\n"
+    printf("cmoe train: %s\n  model: %s, %lld parameters (%lld layers, hidden %lld, %d MoE layers)\n"
            "  data: %s\n  %lld steps x %lld tokens (batch %lld x seq %lld x accum %lld), lr %g, warmup %lld,"
            " backend %s, seed %" PRIu64 "\n",
-           r->dir, r->cfg_src, (long long)moe_model_numel(r->m), (long long)r->cfg.num_hidden_layers,
-           (long long)r->cfg.hidden_size, (long long)r->acc.n, moe_dataset_describe(r->d), (long long)o->steps,
-           (long long)tokens_per_step, (long long)o->batch, (long long)o->seq, (long long)o->accum, r->oc.lr,
-           (long long)r->oc.warmup_steps, o->backend, o->seed);
-    if (r->ck)
-        printf("  resumed from %s at step %lld\n", r->ck_path, (long long)r->start_step);
+           r->rd.dir, t->model, (long long)moe_model_numel(r->m), (long long)r->cfg.num_hidden_layers,
+           (long long)r->cfg.hidden_size, n_moe, moe_dataset_describe(r->d), (long long)t->steps,
+           (long long)tokens_per_step, (long long)t->batch, (long long)t->seq, (long long)t->accum, t->oc.lr,
+           (long long)t->oc.warmup_steps, t->backend, t->seed);
+    if (r->o.resume)
+        printf("  resumed from %s at step %lld\n", r->rp.path, (long long)r->start_step);
     fflush(stdout);
+    if (stop_signal) { /* before the first step: nothing to save */
+        *stopped = 1;
+        return MOE_OK;
+    }
     double prev_lr = 0, prev_norm = 0; /* of the last update, for a divergence message */
-    for (int64_t step = r->start_step; step < o->steps; step++) {
+    for (int64_t step = r->start_step; step < t->steps; step++) {
         double t0 = now();
         moe_model_zero_grad(r->m);
-        acc_zero(&r->acc);
+        moe_step_stats_zero(r->acc);
         /* nothing in the step waits for the backend until the optimizer's result is read */
-        for (int64_t micro = 0; micro < o->accum; micro++) {
+        for (int64_t micro = 0; micro < t->accum; micro++) {
             const moe_key key = {(uint64_t)step, (uint32_t)micro, 0};
-            if ((s = moe_dataset_batch(r->d, o->seed, step, micro, o->batch, o->seq, r->in, r->tg, r->task)) ||
-                (s = moe_model_forward(r->m, r->in, r->tg, r->task, o->batch, o->seq, key, 1, NULL)) ||
+            if ((s = moe_dataset_batch(r->d, t->seed, step, micro, t->batch, t->seq, r->in, r->tg, r->task)) ||
+                (s = moe_model_forward(r->m, r->in, r->tg, r->task, t->batch, t->seq, key, 1, NULL)) ||
                 (s = moe_model_backward(r->m)))
                 return s;
         }
         moe_optim_result res;
         moe_model_stats ms;
-        if ((s = moe_optim_step(r->opt, 1.0 / (double)o->accum, &res)) ||
-            (s = moe_model_get_stats(r->m, MOE_SPAN_STEP, &ms)) || (s = acc_add(&r->acc, r->m)))
+        if ((s = moe_optim_step(r->opt, 1.0 / (double)t->accum, &res)) ||
+            (s = moe_model_get_stats(r->m, MOE_SPAN_STEP, &ms)) || (s = moe_step_stats_add(r->acc, r->m)))
             return s;
-        const double ce = ms.ce / (double)o->accum, aux = ms.aux_total / (double)o->accum, total = ce + aux;
+        const double ce = ms.ce / (double)t->accum, aux = ms.aux_total / (double)t->accum, total = ce + aux;
         /* a non-finite gradient norm made AdamW skip the update: the weights are those the
          * step started from, and the message names what went wrong */
         if (!isfinite(total))
@@ -988,50 +487,37 @@ static moe_status train_loop(train_run *r, int *stopped)
         double dt = now() - t0;
         train_time += dt;
         const int64_t done = step + 1;
-        /* read the flag once: a Ctrl-C landing later in this step must not stop the run
+        /* read the flag once: a signal landing later in this step must not stop the run
          * after a step whose checkpoint was not written */
-        const int stop = interrupted;
-        const int last = done == o->steps || stop;
-        const int eval = last || (o->eval_every > 0 && done % o->eval_every == 0);
+        const int stop = stop_signal != 0;
+        const int last = done == t->steps || stop;
+        const int eval = last || (t->eval_every > 0 && done % t->eval_every == 0);
         int64_t val_n = 0;
-        if (eval) {
-            if ((s = validate(r->m, r->d, o->batch, o->seq, o->eval_batches, r->in, r->tg, r->task, &val_loss,
-                              &val_n)) ||
-                (s = cli_run_save(r->dir, r->m, r->train_json, done)))
-                return s;
-        }
-        /* a checkpoint every save_every steps, at the end when saving at all, and when
-         * interrupted (so that Ctrl-C can be resumed) */
-        if ((o->save_every > 0 && (done % o->save_every == 0 || done == o->steps)) || stop) {
-            if ((s = save_ckpt(r, done, r->elapsed0 + now() - t_start)))
-                return s;
-        }
-        double lmm, dfrac;
-        acc_summary(&r->acc, &lmm, &dfrac);
-        json_t *j = json_object();
-        json_object_set_new(j, "step", json_integer(done));
-        json_object_set_new(j, "loss", json_real(total));
-        json_object_set_new(j, "ce", json_real(ce));
-        json_object_set_new(j, "aux", json_real(aux));
-        json_object_set_new(j, "lr", json_real(res.lr));
-        json_object_set_new(j, "grad_norm", json_real(res.grad_norm));
-        json_object_set_new(j, "tokens", json_integer(tokens_per_step));
-        json_object_set_new(j, "tokens_per_s", json_real((double)tokens_per_step / dt));
-        json_object_set_new(j, "step_time_s", json_real(dt));
-        json_object_set_new(j, "elapsed_s", json_real(r->elapsed0 + now() - t_start));
-        if (eval && val_n > 0) {
-            json_object_set_new(j, "val_loss", json_real(val_loss));
-            json_object_set_new(j, "val_tokens", json_integer(val_n));
-        }
-        json_object_set_new(j, "load_max_over_mean", json_real(lmm));
-        json_object_set_new(j, "dropped_frac", json_real(dfrac));
-        json_object_set_new(j, "layers", acc_layers_json(&r->acc, o->accum));
-        s = write_metrics(r, j);
-        json_decref(j);
+        if (eval && (s = moe_val_loss(r->m, r->d, t->batch, t->seq, t->eval_batches, r->in, r->tg, r->task,
+                                      &val_loss, &val_n)))
+            return s;
+        /* the step's line first: a checkpoint is never ahead of the log */
+        moe_step_record rec = {done, tokens_per_step, eval ? val_n : 0, total, ce, aux, res.lr, res.grad_norm, dt,
+                               r->elapsed0 + now() - t_start, val_loss};
+        char *line;
+        if ((s = moe_step_record_json(&rec, r->acc, t->accum, &line)))
+            return s;
+        s = moe_rundir_append_metrics(&r->rd, line);
+        free(line);
         if (s)
             return s;
+        if (eval) {
+            if ((s = cli_run_save(r->rd.dir, r->m, r->train_json, done)))
+                return s;
+            r->rd.saved = 1;
+        }
+        /* a checkpoint every save_every steps, at the end when saving at all, and when
+         * stopped by a signal (so that the run can be resumed) */
+        if (((t->save_every > 0 && (done % t->save_every == 0 || done == t->steps)) || stop) &&
+            (s = save_ckpt(r, done, r->elapsed0 + now() - t_start)))
+            return s;
 
-        const int show = tty ? eval || now() - last_draw > 0.1 : eval || done % o->log_every == 0 || done == 1;
+        const int show = tty ? eval || now() - last_draw > 0.1 : eval || done % r->o.log_every == 0 || done == 1;
         if (show) {
             /* speed over the steps since the last line: the first step and evaluations
              * would otherwise drag the average for the whole run */
@@ -1040,16 +526,18 @@ static moe_status train_loop(train_run *r, int *stopped)
                 win_time = train_time;
                 win_step = done;
             }
-            progress p = {done,  o->steps, total, val_loss, rate, (double)((o->steps - done) * tokens_per_step) / rate,
-                          lmm,   dfrac,    r->acc.n > 0};
-            char line[256];
-            progress_text(line, sizeof line, &p);
+            double lmm, dfrac;
+            moe_step_stats_summary(r->acc, &lmm, &dfrac);
+            progress p = {done, t->steps, total, val_loss, rate, (double)((t->steps - done) * tokens_per_step) / rate,
+                          lmm,  dfrac,    n_moe > 0};
+            char text[256];
+            progress_text(text, sizeof text, &p);
             /* a terminal gets one line redrawn (at most ~10 times a second), and keeps
              * the lines of evaluations; a file or pipe gets plain lines */
             if (tty)
-                printf("\r%s\033[K%s", line, eval ? "\n" : "");
+                printf("\r%s\033[K%s", text, eval ? "\n" : "");
             else
-                printf("%s\n", line);
+                printf("%s\n", text);
             fflush(stdout);
             last_draw = now();
         }
@@ -1059,71 +547,48 @@ static moe_status train_loop(train_run *r, int *stopped)
         }
     }
     printf("cmoe train: %s in %.1f s (%.0f tok/s), final loss %.4f, val loss %.4f; weights in %s/%s\n",
-           *stopped ? "interrupted" : "done", now() - t_start,
+           *stopped ? "stopped by a signal" : "done", now() - t_start,
            train_time > 0 ? (double)((moe_optim_steps(r->opt) - r->start_step) * tokens_per_step) / train_time : 0.0,
-           last_loss, val_loss, r->dir, CLI_RUN_WEIGHTS);
+           last_loss, val_loss, r->rd.dir, CLI_RUN_WEIGHTS);
     return MOE_OK;
 }
 
-static int run_train(train_opts *o)
+static int run_train(const train_opts *o)
 {
     train_run r;
     memset(&r, 0, sizeof r);
+    r.rd.lock_fd = r.rd.metrics_fd = -1;
     r.o = *o;
-    moe_status s;
-    if (o->resume) {
-        if ((s = resume_open(&r))) {
-            run_free(&r);
-            return failed();
-        }
-        if (r.start_step >= r.o.steps) {
-            printf("cmoe train: %s is complete at step %lld; pass --steps N (> %lld) to train further\n", r.dir,
-                   (long long)r.start_step, (long long)r.start_step);
-            run_free(&r);
-            return EXIT_OK;
-        }
-        o = &r.o;
-        s = MOE_OK;
-    } else if (o->init_from) {
-        if ((s = cli_run_open(o->init_from, &r.init))) {
-            run_free(&r);
-            return failed();
-        }
-        r.cfg = r.init.cfg;
-        snprintf(r.cfg_src, sizeof r.cfg_src, "%s", r.init.path);
-    } else if (o->config) {
-        snprintf(r.cfg_src, sizeof r.cfg_src, "%s", o->config);
-        s = moe_model_config_load(o->config, &r.cfg);
-    } else if (o->preset) {
-        s = cli_preset_load(o->preset, &r.cfg, r.cfg_src, sizeof r.cfg_src);
-    } else {
-        s = cli_preset_load("laptop", &r.cfg, r.cfg_src, sizeof r.cfg_src);
-    }
-    if (s || (s = moe_model_config_validate(&r.cfg))) {
-        run_free(&r);
-        return failed();
-    }
-    if (o->seq > r.cfg.max_position_embeddings) {
-        if (o->have_seq)
-            return usage("--seq %lld is longer than the model's max_position_embeddings %lld", (long long)o->seq,
-                         (long long)r.cfg.max_position_embeddings);
-        r.o.seq = r.cfg.max_position_embeddings; /* the default S fits the model, not the other way */
-    }
-    struct sigaction sa, old;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_sigint;
-    sigemptyset(&sa.sa_mask);
-    interrupted = 0;
-    int stopped = 0;
-    if (!(s = setup(&r))) {
-        sigaction(SIGINT, &sa, &old);
+    struct sigaction old[3];
+    catch_stop_signals(old); /* from the start: a signal during setup stops before step one */
+    int stopped = 0, removed = 0;
+    moe_status s = o->resume ? resume_open(&r) : fresh_open(&r);
+    if (!s && o->resume && r.start_step >= r.t.steps) {
+        printf("cmoe train: %s is complete at step %lld; pass --steps N (> %lld) to train further\n", r.rd.dir,
+               (long long)r.start_step, (long long)r.start_step);
+    } else if (!s && !(s = setup(&r))) {
         s = train_loop(&r, &stopped);
-        sigaction(SIGINT, &old, NULL);
     }
-    run_free(&r);
+    char why[1024] = "";
     if (s)
-        return failed();
-    return stopped ? 130 : EXIT_OK;
+        snprintf(why, sizeof why, "%s", moe_last_error());
+    /* a new run that failed, or was stopped before it saved anything, leaves nothing behind */
+    moe_rundir_close(&r.rd, s != MOE_OK || (stopped && !r.rd.saved), &removed);
+    run_free(&r);
+    restore_signals(old);
+    if (s && r.usage_error)
+        return usage("%s", why);
+    if (s) {
+        fprintf(stderr, "cmoe train: %s\n", why);
+        if (removed)
+            fprintf(stderr, "cmoe train: removed what this run had written to %s (nothing was saved)\n", r.rd.dir);
+        return EXIT_FAIL;
+    }
+    if (stopped)
+        printf("cmoe train: stopped by signal %d (%s)%s\n", (int)stop_signal,
+               stop_signal == SIGINT ? "INT" : stop_signal == SIGTERM ? "TERM" : "HUP",
+               r.rd.saved || o->resume ? "; --resume DIR continues" : " before the first step: nothing was saved");
+    return stopped ? 128 + (int)stop_signal : EXIT_OK;
 }
 
 /* ---- command line ----------------------------------------------------------------- */
@@ -1181,7 +646,7 @@ int cmd_train(int argc, char **argv)
         if (!o.fixed && opt != ':' && opt != '?')
             for (int i = 0; longopts[i].name; i++)
                 if (longopts[i].val == opt &&
-                    (opt == OPT_CONFIG || opt == OPT_PRESET || opt == OPT_DATA || opt == OPT_BATCH ||
+                    (opt == OPT_CONFIG || opt == OPT_PRESET || opt == OPT_BATCH ||
                      opt == OPT_SEQ || opt == OPT_ACCUM || opt == OPT_LR || opt == OPT_WARMUP || opt == OPT_SEED ||
                      opt == OPT_OUT || opt == OPT_FORCE || opt == OPT_INIT_FROM))
                     o.fixed = longopts[i].name;
@@ -1194,37 +659,38 @@ int cmd_train(int argc, char **argv)
         case OPT_BACKEND:
             if (strcmp(optarg, "cpu") && strcmp(optarg, "ref") && strcmp(optarg, "cuda"))
                 return usage("--backend: '%s' is not one of cpu, ref, cuda", optarg);
-            o.backend = optarg;
-            o.have_backend = 1;
+            snprintf(o.t.backend, sizeof o.t.backend, "%s", optarg);
+            o.given |= MOE_TS_BACKEND;
             break;
         case OPT_STEPS:
-            if (int_opt("--steps", optarg, 1, big, &o.steps))
+            if (int_opt("--steps", optarg, 1, big, &o.t.steps))
                 return EXIT_USAGE;
-            o.have_steps = 1;
+            o.t.oc.total_steps = o.t.steps;
+            o.given |= MOE_TS_STEPS;
             break;
         case OPT_SAVE_EVERY:
-            if (int_opt("--save-every", optarg, 0, big, &o.save_every))
+            if (int_opt("--save-every", optarg, 0, big, &o.t.save_every))
                 return EXIT_USAGE;
-            o.have_save_every = 1;
+            o.given |= MOE_TS_SAVE_EVERY;
             break;
         case OPT_KEEP:
-            if (int_opt("--keep", optarg, 0, big, &o.keep))
+            if (int_opt("--keep", optarg, 0, big, &o.t.keep))
                 return EXIT_USAGE;
-            o.have_keep = 1;
+            o.given |= MOE_TS_KEEP;
             break;
         case OPT_RESUME: o.resume = optarg; break;
         case OPT_INIT_FROM: o.init_from = optarg; break;
         case OPT_BATCH:
-            if (int_opt("--batch", optarg, 1, 1 << 20, &o.batch))
+            if (int_opt("--batch", optarg, 1, 1 << 20, &o.t.batch))
                 return EXIT_USAGE;
             break;
         case OPT_SEQ:
-            if (int_opt("--seq", optarg, 1, 1 << 20, &o.seq))
+            if (int_opt("--seq", optarg, 1, 1 << 20, &o.t.seq))
                 return EXIT_USAGE;
             o.have_seq = 1;
             break;
         case OPT_ACCUM:
-            if (int_opt("--accum", optarg, 1, 1 << 20, &o.accum))
+            if (int_opt("--accum", optarg, 1, 1 << 20, &o.t.accum))
                 return EXIT_USAGE;
             break;
         case OPT_WARMUP:
@@ -1233,33 +699,32 @@ int cmd_train(int argc, char **argv)
             o.have_warmup = 1;
             break;
         case OPT_THREADS:
-            if (int_opt("--threads", optarg, 0, 4096, &o.threads))
+            if (int_opt("--threads", optarg, 0, 4096, &o.t.threads))
                 return EXIT_USAGE;
-            o.have_threads = 1;
+            o.given |= MOE_TS_THREADS;
             break;
         case OPT_SEED:
             if (int_opt("--seed", optarg, 0, INT64_MAX, &v))
                 return EXIT_USAGE;
-            o.seed = (uint64_t)v;
+            o.t.seed = (uint64_t)v;
             break;
         case OPT_EVAL_EVERY:
-            if (int_opt("--eval-every", optarg, 0, big, &o.eval_every))
+            if (int_opt("--eval-every", optarg, 0, big, &o.t.eval_every))
                 return EXIT_USAGE;
-            o.have_eval_every = 1;
+            o.given |= MOE_TS_EVAL_EVERY;
             break;
         case OPT_EVAL_BATCHES:
-            if (int_opt("--eval-batches", optarg, 0, big, &o.eval_batches))
+            if (int_opt("--eval-batches", optarg, 0, big, &o.t.eval_batches))
                 return EXIT_USAGE;
-            o.have_eval_batches = 1;
+            o.given |= MOE_TS_EVAL_BATCHES;
             break;
         case OPT_LOG_EVERY:
             if (int_opt("--log-every", optarg, 1, big, &o.log_every))
                 return EXIT_USAGE;
             break;
         case OPT_LR:
-            if (!cli_parse_double(optarg, &o.lr) || !(o.lr > 0))
+            if (!cli_parse_double(optarg, &o.t.oc.lr) || !(o.t.oc.lr > 0))
                 return usage("--lr: '%s' is not a number > 0", optarg);
-            o.have_lr = 1;
             break;
         case OPT_HELP: help_train(); return EXIT_OK;
         case ':': return usage("option '%s' needs an argument", argv[optind - 1]);
@@ -1272,11 +737,11 @@ int cmd_train(int argc, char **argv)
         return usage("give --config FILE or --preset NAME, not both");
     if (o.resume && o.fixed)
         return usage("--%s cannot be given with --resume: a resumed run keeps its checkpoint's settings (only "
-                     "--steps, --threads, --backend, --eval-every, --eval-batches, --log-every, --save-every and "
-                     "--keep may change)", o.fixed);
+                     "--steps, --threads, --backend, --eval-every, --eval-batches, --log-every, --save-every, "
+                     "--keep and --data may change)", o.fixed);
     if (o.init_from && (o.config || o.preset))
         return usage("--init-from DIR takes the model config from DIR; drop --%s", o.config ? "config" : "preset");
-    if (o.batch * o.seq > ((int64_t)1 << 31))
-        return usage("--batch x --seq = %lld tokens is too many", (long long)(o.batch * o.seq));
+    if (o.t.batch * o.t.seq > ((int64_t)1 << 31))
+        return usage("--batch x --seq = %lld tokens is too many", (long long)(o.t.batch * o.t.seq));
     return run_train(&o);
 }

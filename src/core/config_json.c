@@ -15,6 +15,7 @@
 #include <jansson.h>
 
 #include "cmoe.h"
+#include "core/input.h"
 
 typedef enum { K_INT, K_U64, K_NUM, K_BOOL, K_ENUM } key_kind;
 
@@ -192,38 +193,12 @@ done:
 
 moe_status moe_layer_config_load(const char *path, moe_layer_config *c)
 {
-    struct stat sb;
-    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
-        return moe_error(MOE_ERR_IO, "config: %s is a directory, not a JSON file", path);
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return moe_error(MOE_ERR_IO, "config: cannot open %s: %s", path, strerror(errno));
     char *text = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len + 4096 + 1 > cap) {
-            cap = cap ? 2 * cap : 8192;
-            char *t = realloc(text, cap);
-            if (!t) {
-                free(text);
-                fclose(fp);
-                return moe_error(MOE_ERR_NOMEM, "config: out of memory reading %s", path);
-            }
-            text = t;
-        }
-        size_t got = fread(text + len, 1, 4096, fp);
-        len += got;
-        if (got < 4096)
-            break;
-    }
-    int bad = ferror(fp);
-    int err = errno;
-    fclose(fp);
-    if (bad) {
-        free(text);
-        return moe_error(MOE_ERR_IO, "config: cannot read %s: %s", path, strerror(err));
-    }
-    text[len] = 0;
+    size_t len = 0;
+    /* bounded, and never blocking on a FIFO before it is known to be one (core/input.h) */
+    moe_status rs = moe_read_all(path, "config", MOE_JSON_MAX, MOE_IN_STREAM, &text, &len);
+    if (rs)
+        return rs;
     if (strlen(text) != len) {
         free(text);
         return moe_error(MOE_ERR_FORMAT, "config: %s contains a NUL byte; not a JSON text file", path);

@@ -102,6 +102,34 @@ double moe_f16_to_f64(uint16_t h)
     return sign ? -v : v;
 }
 
+double moe_bf16_to_f64(uint16_t h)
+{
+    return moe_bf16_to_f32(h);
+}
+
+int moe_host_is_le(void)
+{
+    const uint16_t one = 1;
+    return *(const uint8_t *)&one == 1;
+}
+
+uint64_t moe_load_le(const uint8_t *p, size_t size)
+{
+    uint64_t v = 0;
+    for (size_t i = 0; i < size; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+void moe_store_le(uint8_t *dst, const uint8_t *src, size_t size)
+{
+    if (moe_host_is_le())
+        memcpy(dst, src, size);
+    else
+        for (size_t i = 0; i < size; i++)
+            dst[i] = src[size - 1 - i];
+}
+
 /* One element as double (exact for every type here). */
 static double load(const void *src, moe_dtype t, int64_t i)
 {

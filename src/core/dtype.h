@@ -3,7 +3,8 @@
  *
  * A backend buffer carries one of these; host data crossing to or from a backend says
  * its own, and the copy converts on the way (so a bf16 checkpoint tensor goes to an f32
- * buffer without a detour through double). Float conversions round to nearest, ties to
+ * buffer without a detour through double). Safetensors, checkpoints and Hugging Face
+ * import/export use the same conversions. Float conversions round to nearest, ties to
  * even; NaN stays NaN and overflow gives ±inf, as IEEE casts do.
  */
 #ifndef CMOE_DTYPE_H
@@ -32,6 +33,14 @@ uint16_t moe_f64_to_bf16(double v); /* straight from double: one rounding */
 /* IEEE half, for safetensors' F16 */
 uint16_t moe_f64_to_f16(double v);
 double moe_f16_to_f64(uint16_t h);
+double moe_bf16_to_f64(uint16_t h); /* exact */
+
+/* Little-endian bytes, whatever the host (safetensors, checkpoints, shards). */
+int moe_host_is_le(void);
+/* size (1..8) little-endian bytes at p as an unsigned integer */
+uint64_t moe_load_le(const uint8_t *p, size_t size);
+/* one host-order element of size bytes to little-endian bytes (a copy on little-endian hosts) */
+void moe_store_le(uint8_t *dst, const uint8_t *src, size_t size);
 
 /*
  * n elements of type st at src to type dt at dst (host memory, no overlap). Float to

@@ -10,9 +10,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -21,35 +19,10 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <zlib.h>
 
-#include "io/data.h"
-
-#define SHARD_HEADER_BYTES (MOE_SHARD_HEADER_INTS * 4)
-
-typedef struct {
-    const uint16_t *tok;
-    int64_t n;
-} segment;
-
-typedef struct {
-    char *path;
-    void *map; /* the whole file, read-only */
-    size_t len;
-} mapped_file;
-
-struct moe_dataset {
-    moe_data_kind kind;
-    int64_t vocab;
-    uint16_t *text; /* text: the decoded bytes */
-    mapped_file *files;
-    int64_t n_files;
-    segment *train, *val;
-    int64_t n_train_seg, n_val_seg;
-    int64_t n_train, n_val;
-    moe_synth_config synth;
-    char desc[512];
-};
+#include "core/durable.h"
+#include "core/input.h"
+#include "io/data_impl.h"
 
 void moe_data_options_default(moe_data_options *o)
 {
@@ -72,274 +45,6 @@ static int ends_with(const char *s, const char *suffix)
 {
     size_t n = strlen(s), m = strlen(suffix);
     return n >= m && strcmp(s + n - m, suffix) == 0;
-}
-
-/* ---- text ------------------------------------------------------------------ */
-
-/* Reads the whole file (gunzipping when gz) into a malloc'd buffer. */
-static moe_status read_plain(const char *path, uint8_t **out, int64_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return moe_error(MOE_ERR_IO, "data: cannot open '%s': %s", path, strerror(errno));
-    size_t cap = 1 << 16, len = 0;
-    uint8_t *buf = malloc(cap);
-    moe_status st = MOE_OK;
-    while (buf) {
-        size_t got = fread(buf + len, 1, cap - len, f);
-        len += got;
-        if (got == 0) {
-            if (ferror(f))
-                st = moe_error(MOE_ERR_IO, "data: cannot read '%s': %s", path, strerror(errno));
-            break;
-        }
-        if (len == cap) {
-            uint8_t *nb = realloc(buf, cap *= 2);
-            if (!nb)
-                free(buf);
-            buf = nb;
-        }
-    }
-    fclose(f);
-    if (!buf)
-        return moe_error(MOE_ERR_NOMEM, "data: out of memory reading '%s'", path);
-    if (st != MOE_OK) {
-        free(buf);
-        return st;
-    }
-    *out = buf;
-    *n = (int64_t)len;
-    return MOE_OK;
-}
-
-static moe_status read_gzip(const char *path, uint8_t **out, int64_t *n)
-{
-    gzFile g = gzopen(path, "rb");
-    if (!g)
-        return moe_error(MOE_ERR_IO, "data: cannot open '%s': %s", path, strerror(errno));
-    size_t cap = 1 << 20, len = 0;
-    uint8_t *buf = malloc(cap);
-    moe_status st = MOE_OK;
-    while (buf) {
-        unsigned want = (unsigned)(cap - len > (1u << 30) ? (1u << 30) : cap - len);
-        int got = gzread(g, buf + len, want);
-        int err;
-        const char *msg = gzerror(g, &err);
-        if (got < 0 || (got == 0 && err == Z_BUF_ERROR)) {
-            /* Z_BUF_ERROR at the end: the stream stopped before its trailer */
-            st = moe_error(MOE_ERR_FORMAT, "data: '%s': corrupt or truncated gzip data (%s)", path,
-                           err == Z_ERRNO ? strerror(errno) : msg);
-            break;
-        }
-        if (got == 0)
-            break;
-        len += (size_t)got;
-        if (len == cap) {
-            uint8_t *nb = realloc(buf, cap *= 2);
-            if (!nb)
-                free(buf);
-            buf = nb;
-        }
-    }
-    gzclose(g);
-    if (!buf)
-        return moe_error(MOE_ERR_NOMEM, "data: out of memory reading '%s'", path);
-    if (st != MOE_OK) {
-        free(buf);
-        return st;
-    }
-    *out = buf;
-    *n = (int64_t)len;
-    return MOE_OK;
-}
-
-static moe_status load_text(moe_dataset *d, const char *path, int gzip)
-{
-    uint8_t *bytes = NULL;
-    int64_t n = 0;
-    moe_status st = gzip ? read_gzip(path, &bytes, &n) : read_plain(path, &bytes, &n);
-    if (st != MOE_OK)
-        return st;
-    if (n == 0) {
-        free(bytes);
-        return moe_error(MOE_ERR_FORMAT, "data: '%s' is empty (no text%s)", path, gzip ? " after gunzip" : "");
-    }
-    d->text = malloc((size_t)n * sizeof *d->text);
-    if (!d->text) {
-        free(bytes);
-        return moe_error(MOE_ERR_NOMEM, "data: out of memory for %lld tokens of '%s'", (long long)n, path);
-    }
-    for (int64_t i = 0; i < n; i++) {
-        if (bytes[i] >= d->vocab) {
-            moe_status e = moe_error(MOE_ERR_FORMAT, "data: '%s': byte %u at offset %lld is >= vocab %lld", path,
-                                     bytes[i], (long long)i, (long long)d->vocab);
-            free(bytes);
-            return e;
-        }
-        d->text[i] = bytes[i];
-    }
-    free(bytes);
-    d->n_files = 0;
-    d->train = malloc(sizeof *d->train);
-    if (!d->train)
-        return moe_error(MOE_ERR_NOMEM, "data: out of memory");
-    d->train[0] = (segment){d->text, n};
-    d->n_train_seg = 1;
-    snprintf(d->desc, sizeof d->desc, "text '%s'%s", path, gzip ? " (gzip)" : "");
-    return MOE_OK;
-}
-
-/* ---- shards ---------------------------------------------------------------- */
-
-/* Maps one shard and checks its header, its size and every token. */
-static moe_status map_shard(const char *path, int64_t vocab, mapped_file *mf, segment *seg)
-{
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        return moe_error(MOE_ERR_IO, "data: cannot open '%s': %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        int e = S_ISDIR(sb.st_mode) ? EISDIR : errno;
-        close(fd);
-        return moe_error(MOE_ERR_IO, "data: cannot read '%s': %s", path,
-                         S_ISDIR(sb.st_mode) || e ? strerror(e) : "not a regular file");
-    }
-    size_t len = (size_t)sb.st_size;
-    if (len == 0) {
-        close(fd);
-        return moe_error(MOE_ERR_FORMAT, "data: '%s' is empty (0 bytes, not an llm.c token shard)", path);
-    }
-    if (len < SHARD_HEADER_BYTES) {
-        close(fd);
-        return moe_error(MOE_ERR_FORMAT, "data: '%s' is truncated: %zu bytes, shorter than the %d-byte shard header",
-                         path, len, SHARD_HEADER_BYTES);
-    }
-    void *map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
-    int map_errno = errno;
-    close(fd);
-    if (map == MAP_FAILED)
-        return moe_error(MOE_ERR_IO, "data: cannot read '%s': mmap: %s", path, strerror(map_errno));
-    mf->map = map;
-    mf->len = len;
-
-    const uint8_t *h = map;
-    int32_t magic = le32(h), version = le32(h + 4), count = le32(h + 8);
-    if (magic != MOE_SHARD_MAGIC)
-        return moe_error(MOE_ERR_FORMAT, "data: '%s': bad magic %d (an llm.c token shard starts with %d)", path,
-                         magic, MOE_SHARD_MAGIC);
-    if (version != MOE_SHARD_VERSION)
-        return moe_error(MOE_ERR_FORMAT, "data: '%s': unsupported shard version %d (expected %d: uint16 tokens)",
-                         path, version, MOE_SHARD_VERSION);
-    if (count <= 0)
-        return moe_error(MOE_ERR_FORMAT, "data: '%s': header says %d tokens: the shard is empty", path, count);
-    size_t want = SHARD_HEADER_BYTES + 2 * (size_t)count;
-    if (len < want)
-        return moe_error(MOE_ERR_FORMAT, "data: '%s' is truncated: the header says %d tokens but the file holds %zu",
-                         path, count, (len - SHARD_HEADER_BYTES) / 2);
-    if (len > want)
-        return moe_error(MOE_ERR_FORMAT, "data: '%s': %zu trailing bytes after the %d tokens the header declares",
-                         path, len - want, count);
-
-    const uint16_t *tok = (const uint16_t *)(h + SHARD_HEADER_BYTES);
-    for (int64_t i = 0; i < count; i++)
-        if (tok[i] >= vocab)
-            return moe_error(MOE_ERR_FORMAT, "data: '%s': token %u at index %lld is >= vocab %lld", path, tok[i],
-                             (long long)i, (long long)vocab);
-    *seg = (segment){tok, count};
-    return MOE_OK;
-}
-
-/* llm.c names: fineweb_val_000000.bin, tiny_shakespeare_val.bin. */
-static int is_val_name(const char *name)
-{
-    return strstr(name, "_val_") || strstr(name, "_val.");
-}
-
-static int bin_filter(const struct dirent *e)
-{
-    return e->d_name[0] != '.' && ends_with(e->d_name, ".bin");
-}
-
-static int by_name(const struct dirent **a, const struct dirent **b)
-{
-    return strcmp((*a)->d_name, (*b)->d_name);
-}
-
-/* Collects the shard paths of a directory, sorted; val shards flagged. */
-static moe_status list_shards(const char *dir, char ***paths, int **is_val, int64_t *n)
-{
-    struct dirent **ents;
-    int m = scandir(dir, &ents, bin_filter, by_name);
-    if (m < 0)
-        return moe_error(MOE_ERR_IO, "data: cannot read directory '%s': %s", dir, strerror(errno));
-    if (m == 0) {
-        free(ents);
-        return moe_error(MOE_ERR_FORMAT, "data: directory '%s' holds no *.bin token shards", dir);
-    }
-    *paths = calloc((size_t)m, sizeof **paths);
-    *is_val = calloc((size_t)m, sizeof **is_val);
-    moe_status st = (*paths && *is_val) ? MOE_OK : moe_error(MOE_ERR_NOMEM, "data: out of memory");
-    for (int i = 0; i < m; i++) {
-        if (st == MOE_OK) {
-            size_t len = strlen(dir) + strlen(ents[i]->d_name) + 2;
-            (*paths)[i] = malloc(len);
-            if ((*paths)[i]) {
-                snprintf((*paths)[i], len, "%s/%s", dir, ents[i]->d_name);
-                (*is_val)[i] = is_val_name(ents[i]->d_name) != 0;
-            } else {
-                st = moe_error(MOE_ERR_NOMEM, "data: out of memory");
-            }
-        }
-        free(ents[i]);
-    }
-    free(ents);
-    *n = m;
-    return st;
-}
-
-static moe_status load_shards(moe_dataset *d, const char *path, int is_dir)
-{
-    char **paths = NULL;
-    int *is_val = NULL;
-    int64_t n = 1;
-    moe_status st;
-    if (is_dir) {
-        st = list_shards(path, &paths, &is_val, &n);
-    } else {
-        paths = calloc(1, sizeof *paths);
-        is_val = calloc(1, sizeof *is_val);
-        st = paths && is_val && (paths[0] = strdup(path)) ? MOE_OK : moe_error(MOE_ERR_NOMEM, "data: out of memory");
-    }
-    d->files = st == MOE_OK ? calloc((size_t)n, sizeof *d->files) : NULL;
-    d->train = st == MOE_OK ? calloc((size_t)n, sizeof *d->train) : NULL;
-    d->val = st == MOE_OK ? calloc((size_t)n, sizeof *d->val) : NULL;
-    if (st == MOE_OK && (!d->files || !d->train || !d->val))
-        st = moe_error(MOE_ERR_NOMEM, "data: out of memory");
-    int64_t n_val_files = 0;
-    for (int64_t i = 0; st == MOE_OK && i < n; i++) {
-        segment seg;
-        d->files[i].path = paths[i];
-        paths[i] = NULL;
-        d->n_files = i + 1;
-        st = map_shard(d->files[i].path, d->vocab, &d->files[i], &seg);
-        if (st != MOE_OK)
-            break;
-        if (is_val[i])
-            d->val[d->n_val_seg++] = seg, n_val_files++;
-        else
-            d->train[d->n_train_seg++] = seg;
-    }
-    if (st == MOE_OK && d->n_train_seg == 0)
-        st = moe_error(MOE_ERR_FORMAT, "data: directory '%s' holds only validation shards (*_val_*.bin), no training shards",
-                       path);
-    for (int64_t i = 0; paths && i < n; i++)
-        free(paths[i]);
-    free(paths);
-    free(is_val);
-    if (st == MOE_OK)
-        snprintf(d->desc, sizeof d->desc, "%s '%s' (%lld shard%s%s)", is_dir ? "shard directory" : "shard", path,
-                 (long long)n, n == 1 ? "" : "s", n_val_files ? ", val by name" : "");
-    return st;
 }
 
 /* With no val shards, the last val_fraction of the tokens becomes validation. */
@@ -432,34 +137,54 @@ moe_status moe_dataset_open(const char *path, const moe_data_options *opt, moe_d
     if (!host_is_little_endian())
         return moe_error(MOE_ERR_UNSUPPORTED, "data: '%s': datasets need a little-endian host", path);
 
+    /* one open, never blocking (a FIFO waits in poll for its writer, not in open); a
+     * directory is the only thing looked at by name */
     struct stat sb;
     if (stat(path, &sb) != 0)
         return moe_error(MOE_ERR_IO, "data: cannot open '%s': %s", path, strerror(errno));
-
-    /* tell text, gzip text and shards apart by their first bytes */
+    int fd = -1;
     uint8_t head[4] = {0};
-    int is_dir = S_ISDIR(sb.st_mode), shard = is_dir;
+    const int is_dir = S_ISDIR(sb.st_mode);
+    int shard = is_dir;
     if (!is_dir) {
-        FILE *f = fopen(path, "rb");
-        if (!f)
-            return moe_error(MOE_ERR_IO, "data: cannot open '%s': %s", path, strerror(errno));
-        size_t got = fread(head, 1, 4, f);
-        int bad = ferror(f);
-        fclose(f);
-        if (bad)
-            return moe_error(MOE_ERR_IO, "data: cannot read '%s': %s", path, strerror(errno));
-        if (got == 0)
-            return moe_error(MOE_ERR_FORMAT, "data: '%s' is empty (0 bytes)", path);
-        shard = ends_with(path, ".bin") || (got == 4 && le32(head) == MOE_SHARD_MAGIC);
+        moe_status st = moe_input_open(path, "data", MOE_IN_STREAM, &fd, &sb);
+        if (st != MOE_OK)
+            return moe_error(st, "data: %s", moe_last_error());
+        if (S_ISREG(sb.st_mode)) { /* sniffed in place; a stream is sniffed from what is read */
+            ssize_t got = pread(fd, head, 4, 0);
+            if (got < 0) {
+                int e = errno;
+                close(fd);
+                return moe_error(MOE_ERR_IO, "data: cannot read '%s': %s", path, strerror(e));
+            }
+            if (got == 0) {
+                close(fd);
+                return moe_error(MOE_ERR_FORMAT, "data: '%s' is empty (0 bytes)", path);
+            }
+            shard = ends_with(path, ".bin") || (got == 4 && le32(head) == MOE_SHARD_MAGIC);
+        } else if (S_ISCHR(sb.st_mode) && !isatty(fd)) {
+            /* /dev/zero, /dev/urandom: endless, never a corpus (a terminal is read to EOF) */
+            close(fd);
+            return moe_error(MOE_ERR_IO, "data: '%s' is a character device; cmoe reads text from a file, a pipe, a "
+                             "FIFO or a terminal", path);
+        } else if (ends_with(path, ".bin")) {
+            close(fd);
+            return moe_error(MOE_ERR_IO, "data: '%s' is a %s; a token shard is mapped, so it must be a regular file",
+                             path, moe_file_kind(sb.st_mode));
+        }
     }
-    int gzip = !shard && head[0] == 0x1f && head[1] == 0x8b;
 
     moe_dataset *d = calloc(1, sizeof *d);
-    if (!d)
+    if (!d) {
+        if (fd >= 0)
+            close(fd);
         return moe_error(MOE_ERR_NOMEM, "data: out of memory");
+    }
     d->kind = shard ? MOE_DATA_SHARDS : MOE_DATA_TEXT;
     d->vocab = o.vocab > 0 ? o.vocab : shard ? MOE_GPT2_VOCAB : 256;
-    moe_status st = shard ? load_shards(d, path, is_dir) : load_text(d, path, gzip);
+    moe_status st = shard ? moe_data_load_shards(d, path, fd) : moe_data_load_text(d, path, fd, &sb);
+    if (fd >= 0)
+        close(fd);
     if (st == MOE_OK && d->n_val_seg == 0)
         st = split_tail(d, o.val_fraction);
     if (st != MOE_OK) {
@@ -490,6 +215,9 @@ moe_status moe_dataset_open_synth(const moe_synth_config *c, moe_dataset **out)
     d->vocab = c->vocab;
     snprintf(d->desc, sizeof d->desc, "synth: %lld tasks, vocab %lld, seed %llu, %lld val sequences",
              (long long)c->n_tasks, (long long)c->vocab, (unsigned long long)c->seed, (long long)c->n_val);
+    snprintf(d->id.kind, sizeof d->id.kind, "synth");
+    snprintf(d->id.path, sizeof d->id.path, "synth:tasks=%lld,vocab=%lld,seed=%llu,val=%lld", (long long)c->n_tasks,
+             (long long)c->vocab, (unsigned long long)c->seed, (long long)c->n_val);
     *out = d;
     return MOE_OK;
 }
@@ -516,6 +244,36 @@ int64_t moe_dataset_train_tokens(const moe_dataset *d) { return d->n_train; }
 int64_t moe_dataset_val_tokens(const moe_dataset *d) { return d->n_val; }
 int64_t moe_dataset_n_tasks(const moe_dataset *d) { return d->kind == MOE_DATA_SYNTH ? d->synth.n_tasks : 1; }
 const char *moe_dataset_describe(const moe_dataset *d) { return d->desc; }
+const moe_data_identity *moe_dataset_identity(const moe_dataset *d) { return &d->id; }
+
+int moe_data_identity_differs(const moe_data_identity *a, const moe_data_identity *b, char *buf, size_t n)
+{
+    int k = 0;
+    buf[0] = '\0';
+#define SAY(...) (k += snprintf(buf + k, (size_t)k < n ? n - (size_t)k : 0, __VA_ARGS__))
+    if (strcmp(a->kind, b->kind)) {
+        SAY("%s '%s' -> %s '%s'", a->kind, a->path, b->kind, b->path);
+        return 1;
+    }
+    if (!strcmp(a->kind, "synth")) {
+        if (!strcmp(a->path, b->path))
+            return 0;
+        SAY("%s -> %s", a->path, b->path);
+        return 1;
+    }
+    if (a->size == b->size && a->crc32 == b->crc32)
+        return 0;
+    if (a->size != b->size)
+        SAY("size %llu -> %llu bytes", (unsigned long long)a->size, (unsigned long long)b->size);
+    if (a->crc32 != b->crc32)
+        SAY("%sCRC-32 %08lx -> %08lx", k ? ", " : "", (unsigned long)a->crc32, (unsigned long)b->crc32);
+    if (strcmp(a->path, b->path))
+        SAY(" (path %s -> %s)", a->path, b->path);
+    else
+        SAY(" (%s)", a->path);
+#undef SAY
+    return 1;
+}
 
 /* ---- batches ------------------------------------------------------------------ */
 
@@ -659,9 +417,11 @@ moe_status moe_shard_write(const char *path, const int32_t *tokens, int64_t n)
         if (tokens[i] < 0 || tokens[i] > 65535)
             return moe_error(MOE_ERR_ARG, "data: token %d at index %lld does not fit a uint16 shard", tokens[i],
                              (long long)i);
-    FILE *f = fopen(path, "wb");
-    if (!f)
-        return moe_error(MOE_ERR_IO, "data: cannot create '%s': %s", path, strerror(errno));
+    moe_durable *w;
+    moe_status s = moe_durable_open(path, &w);
+    if (s)
+        return moe_error(s, "data: %s", moe_last_error());
+    FILE *f = moe_durable_file(w);
     uint8_t header[SHARD_HEADER_BYTES] = {0};
     const int32_t h[3] = {MOE_SHARD_MAGIC, MOE_SHARD_VERSION, (int32_t)n};
     for (int i = 0; i < 3; i++)
@@ -677,12 +437,12 @@ moe_status moe_shard_write(const char *path, const int32_t *tokens, int64_t n)
         }
         ok = fwrite(buf, 1, m, f) == m;
     }
-    int e = errno;
-    if (fclose(f) != 0 && ok) {
-        ok = 0;
-        e = errno;
+    if (!ok) {
+        s = moe_error(MOE_ERR_IO, "data: cannot write '%s': %s", path, strerror(errno));
+        moe_durable_abort(w);
+        return s;
     }
-    if (!ok)
-        return moe_error(MOE_ERR_IO, "data: cannot write '%s': %s", path, strerror(e));
+    if ((s = moe_durable_commit(w)))
+        return moe_error(s, "data: %s", moe_last_error());
     return MOE_OK;
 }

@@ -18,11 +18,16 @@
  *
  * What moe_dataset_open accepts (PATH):
  *  - a text file, plain or gzip (told apart by the gzip magic 1f 8b): byte-level, each
- *    byte is a token, vocabulary 256.
+ *    byte is a token, vocabulary 256. Also a stream (a pipe, /dev/stdin, a named FIFO),
+ *    opened once and read once: the magic is sniffed from the bytes read, none is lost.
+ *    Text is decoded into memory, at most MOE_TEXT_MAX bytes before and after gunzip (a
+ *    larger file, or a stream that gives more, is refused). gzip members may be
+ *    concatenated; bytes after the last member that are not zeros are refused.
  *  - an llm.c token shard (a name ending in ".bin", or any file starting with the magic):
  *    a header of 256 little-endian int32 — [0] magic 20240520, [1] version 1, [2] number
  *    of tokens — then that many uint16 tokens and nothing else. Shards are mapped
- *    read-only (not copied), so multi-GB shard sets do not need the RAM.
+ *    read-only (not copied), so multi-GB shard sets do not need the RAM; so a shard must
+ *    be a regular file (a stream holding one is refused with a message).
  *  - a directory: its *.bin shards, sorted by name (strcmp). llm.c's names say the split:
  *    a name containing "_val_" or "_val." is validation, every other shard is training.
  *  - "synth" or "synth:tasks=4,vocab=32,seed=1,val=64": the synthetic generator below.
@@ -48,6 +53,26 @@
 #define MOE_GPT2_VOCAB 50257
 
 typedef enum { MOE_DATA_TEXT, MOE_DATA_SHARDS, MOE_DATA_SYNTH } moe_data_kind;
+
+/* Text is held in memory: at most this many bytes, compressed or not (1 GiB). */
+#define MOE_TEXT_MAX ((size_t)1 << 30)
+
+/*
+ * What a dataset is, whatever the spelling of its path: a resumed run checks that it
+ * trains on the same data by this, not by the string typed (relative or absolute, moved).
+ *  - text: the file's bytes as stored (gzip or not): their number and their CRC-32 (zlib).
+ *  - shards: each shard's name, size and 1024-byte header, in order, under one CRC-32, and
+ *    the sum of their sizes: cheap for a directory of many GB (the tokens are validated when
+ *    opened anyway; a shard rewritten with the same token count and header but other tokens
+ *    is not noticed).
+ *  - synth: its full spec (every parameter), in path.
+ */
+typedef struct {
+    char kind[16];   /* "text", "shard", "shards", "synth" */
+    char path[4096]; /* resolved (realpath) for files and directories, as given for a stream */
+    uint64_t size;
+    uint32_t crc32;
+} moe_data_identity;
 
 typedef struct {
     int64_t vocab;       /* token ids must be < vocab; 0: 256 for text, 50257 (GPT-2)
@@ -76,6 +101,11 @@ int64_t moe_dataset_val_tokens(const moe_dataset *d);
 int64_t moe_dataset_n_tasks(const moe_dataset *d);
 /* One line for the log, e.g. "text 'x.txt.gz' (gzip): 5369112 train + 596568 val tokens, vocab 256". */
 const char *moe_dataset_describe(const moe_dataset *d);
+const moe_data_identity *moe_dataset_identity(const moe_dataset *d);
+/* 0 when a and b are the same data (kind, size and checksum; synth: the spec), whatever
+ * their paths; else 1, and buf [n] says what differs, e.g. "size 1200 -> 1300 bytes,
+ * CRC-32 0a1b2c3d -> 4e5f6a7b (path /a/x.txt -> /b/x.txt)". */
+int moe_data_identity_differs(const moe_data_identity *a, const moe_data_identity *b, char *buf, size_t n);
 
 /*
  * A training micro-batch: inputs [B, S], targets [B, S] (targets[b][s] = the token after
@@ -107,7 +137,8 @@ moe_status moe_dataset_val_next(const moe_dataset *d, moe_val_iter *it, int64_t 
                                 int32_t *inputs /* [B, S] */, int32_t *targets /* [B, S] */,
                                 int32_t *task_ids /* [B, S] or NULL */, int64_t *n_tokens);
 
-/* Writes an llm.c shard (header + uint16 tokens, every one < 65536) to path. */
+/* Writes an llm.c shard (header + uint16 tokens, every one < 65536) to path, through
+ * moe_durable_open (core/durable.h): all or nothing. */
 moe_status moe_shard_write(const char *path, const int32_t *tokens /* [n] */, int64_t n);
 
 /* ---- the synthetic multi-task generator --------------------------------------

@@ -15,6 +15,7 @@
 
 #include <jansson.h>
 
+#include "core/durable.h"
 #include "io/hf.h"
 
 #define UNSUP(...) moe_error(MOE_ERR_UNSUPPORTED, __VA_ARGS__)
@@ -144,30 +145,6 @@ static moe_status join(char *buf, size_t n, const char *dir, const char *name)
 
 /* ---- export ---------------------------------------------------------------------------- */
 
-static moe_status write_atomic(const char *path, const char *text)
-{
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0)
-        return moe_error(MOE_ERR_IO, "cannot create '%s': %s", tmp, strerror(errno));
-    size_t n = strlen(text), at = 0;
-    int bad = 0;
-    while (at < n && !bad) {
-        ssize_t w = write(fd, text + at, n - at);
-        bad = w <= 0;
-        at += w > 0 ? (size_t)w : 0;
-    }
-    bad = bad || write(fd, "\n", 1) != 1 || fsync(fd) != 0;
-    bad = close(fd) != 0 || bad;
-    if (bad || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
-        return moe_error(MOE_ERR_IO, "cannot write '%s': %s", path, strerror(e));
-    }
-    return MOE_OK;
-}
-
 moe_status moe_hf_export(moe_model *m, const char *dir, moe_st_dtype dtype)
 {
     if (dtype != MOE_ST_F32 && dtype != MOE_ST_BF16 && dtype != MOE_ST_F16)
@@ -220,7 +197,7 @@ moe_status moe_hf_export(moe_model *m, const char *dir, moe_st_dtype dtype)
     if (!s && !(s = moe_st_writer_add_meta(w, "format", "pt")) && !(s = join(path, sizeof path, dir, "model.safetensors")))
         s = moe_st_writer_write(w, path);
     if (!s && !(s = join(path, sizeof path, dir, "config.json")))
-        s = write_atomic(path, cfg);
+        s = moe_durable_write_text(path, cfg);
     moe_st_writer_free(w);
     free(cfg);
     free(pv);

@@ -1,7 +1,8 @@
 /*
- * safetensors: reader (validates everything before any byte of data is trusted) and an
- * atomic writer with a CRC-32 of the data section in the metadata. JSON goes through
- * jansson only; the data section is little-endian whatever the host.
+ * safetensors: the dtype table and the reader, which validates everything before any byte
+ * of data is trusted (the writer is safetensors_write.c, the float conversions
+ * core/dtype.c). JSON goes through jansson only; the data section is little-endian
+ * whatever the host.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -16,6 +17,8 @@
 #include <jansson.h>
 #include <zlib.h>
 
+#include "core/dtype.h"
+#include "core/input.h"
 #include "io/safetensors.h"
 
 /* ---- dtypes ---------------------------------------------------------------- */
@@ -64,107 +67,6 @@ const char *moe_st_shape_str(int ndim, const int64_t *shape, char *buf, size_t l
     if (at < len)
         snprintf(buf + at, len - at, "]");
     return buf;
-}
-
-/* ---- little-endian bytes ------------------------------------------------- */
-
-static int host_is_le(void)
-{
-    const uint16_t one = 1;
-    return *(const uint8_t *)&one == 1;
-}
-
-static uint64_t ld_le(const uint8_t *p, size_t size)
-{
-    uint64_t v = 0;
-    for (size_t i = 0; i < size; i++)
-        v |= (uint64_t)p[i] << (8 * i);
-    return v;
-}
-
-/* Host element -> little-endian bytes (a plain copy on little-endian hosts). */
-static void to_le(uint8_t *dst, const uint8_t *src, size_t size)
-{
-    if (host_is_le())
-        memcpy(dst, src, size);
-    else
-        for (size_t i = 0; i < size; i++)
-            dst[i] = src[size - 1 - i];
-}
-
-/* ---- float formats --------------------------------------------------------- */
-
-double moe_st_half_to_double(uint16_t h)
-{
-    int sign = h >> 15, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-    double v;
-    if (exp == 0)
-        v = ldexp(mant, -24);
-    else if (exp == 31)
-        v = mant ? NAN : INFINITY;
-    else
-        v = ldexp(mant + 1024, exp - 25);
-    return sign ? -v : v;
-}
-
-double moe_st_bf16_to_double(uint16_t h)
-{
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Rounds v to the nearest (ties to even) binary float with mbits mantissa and ebits
- * exponent bits; returns its bit pattern. Direct from double, so no double rounding. */
-static uint32_t encode_float(double v, int mbits, int ebits)
-{
-    const int bias = (1 << (ebits - 1)) - 1;
-    const uint32_t sign = signbit(v) ? 1u << (mbits + ebits) : 0;
-    const uint32_t inf = ((1u << ebits) - 1) << mbits;
-    if (isnan(v))
-        return sign | inf | (1u << (mbits - 1));
-    double a = fabs(v);
-    if (isinf(a))
-        return sign | inf;
-    if (a == 0)
-        return sign;
-    int e;
-    double m = frexp(a, &e); /* a = m·2^e, m in [0.5, 1) */
-    int E = e - 1 + bias;
-    if (E < 1) /* subnormal, in units of 2^(1 - bias - mbits); 2^mbits rounds up to the least normal */
-        return sign | (uint32_t)nearbyint(ldexp(a, bias - 1 + mbits));
-    double r = nearbyint(ldexp(m, mbits + 1)); /* in [2^mbits, 2^(mbits+1)] */
-    if (r == ldexp(1, mbits + 1)) {
-        r = ldexp(1, mbits);
-        E++;
-    }
-    if (E >= (1 << ebits) - 1)
-        return sign | inf;
-    return sign | ((uint32_t)E << mbits) | ((uint32_t)r - (1u << mbits));
-}
-
-moe_status moe_st_from_f64(moe_st_dtype dtype, const double *src, int64_t n, void *dst)
-{
-    switch (dtype) {
-    case MOE_ST_F64:
-        memcpy(dst, src, (size_t)n * sizeof *src);
-        return MOE_OK;
-    case MOE_ST_F32:
-        for (int64_t i = 0; i < n; i++)
-            ((float *)dst)[i] = (float)src[i];
-        return MOE_OK;
-    case MOE_ST_BF16:
-        for (int64_t i = 0; i < n; i++)
-            ((uint16_t *)dst)[i] = (uint16_t)encode_float(src[i], 7, 8);
-        return MOE_OK;
-    case MOE_ST_F16:
-        for (int64_t i = 0; i < n; i++)
-            ((uint16_t *)dst)[i] = (uint16_t)encode_float(src[i], 10, 5);
-        return MOE_OK;
-    default:
-        return moe_error(MOE_ERR_ARG, "safetensors: cannot convert double to %s", moe_st_dtype_name(dtype));
-    }
 }
 
 /* ---- reading ----------------------------------------------------------------- */
@@ -380,7 +282,7 @@ static moe_status parse_owned(uint8_t *buf, size_t size, const char *name, moe_s
         s = FMT("%s: %zu bytes, too short for the 8-byte header length of a safetensors file", name, size);
         goto fail;
     }
-    uint64_t hlen = ld_le(buf, 8);
+    uint64_t hlen = moe_load_le(buf, 8);
     if (hlen > MOE_ST_MAX_HEADER) {
         s = FMT("%s: header length %llu exceeds the limit of %llu bytes (not a safetensors file?)", name,
                 (unsigned long long)hlen, (unsigned long long)MOE_ST_MAX_HEADER);
@@ -444,27 +346,34 @@ moe_status moe_st_parse(const void *buf, size_t size, const char *name, moe_st_f
 moe_status moe_st_read(const char *path, moe_st_file **out)
 {
     *out = NULL;
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return moe_error(MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    int fd;
     struct stat st;
-    if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fclose(fp);
-        return moe_error(MOE_ERR_IO, "%s: not a regular file", path);
-    }
+    /* a FIFO or a device is refused before anything blocks on it */
+    moe_status s = moe_input_open(path, "safetensors file", MOE_IN_REGULAR, &fd, &st);
+    if (s)
+        return s;
     if ((uint64_t)st.st_size > SIZE_MAX) {
-        fclose(fp);
+        close(fd);
         return moe_error(MOE_ERR_NOMEM, "%s: %lld bytes do not fit in memory", path, (long long)st.st_size);
     }
-    size_t size = (size_t)st.st_size;
+    size_t size = (size_t)st.st_size, got = 0;
     uint8_t *buf = malloc(size ? size : 1);
     if (!buf) {
-        fclose(fp);
+        close(fd);
         return moe_error(MOE_ERR_NOMEM, "%s: cannot allocate %zu bytes", path, size);
     }
-    size_t got = fread(buf, 1, size, fp);
-    int err = ferror(fp) ? errno : 0;
-    fclose(fp);
+    int err = 0;
+    while (got < size) {
+        ssize_t k = read(fd, buf + got, size - got > ((size_t)1 << 30) ? (size_t)1 << 30 : size - got);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            err = k < 0 ? errno : 0;
+            break;
+        }
+        got += (size_t)k;
+    }
+    close(fd);
     if (got != size) {
         free(buf);
         return moe_error(MOE_ERR_IO, "%s: read %zu of %zu bytes: %s", path, got, size,
@@ -510,7 +419,7 @@ moe_status moe_st_tensor_f64(const moe_st_file *f, const moe_st_tensor *t, doubl
     const uint8_t *p = t->data;
     size_t es = moe_st_dtype_size(t->dtype);
     for (int64_t i = 0; i < t->numel; i++, p += es) {
-        uint64_t bits = ld_le(p, es);
+        uint64_t bits = moe_load_le(p, es);
         if (t->dtype == MOE_ST_F64) {
             memcpy(&dst[i], &bits, 8);
         } else if (t->dtype == MOE_ST_F32) {
@@ -519,9 +428,9 @@ moe_status moe_st_tensor_f64(const moe_st_file *f, const moe_st_tensor *t, doubl
             memcpy(&x, &b32, 4);
             dst[i] = x;
         } else if (t->dtype == MOE_ST_BF16) {
-            dst[i] = moe_st_bf16_to_double((uint16_t)bits);
+            dst[i] = moe_bf16_to_f64((uint16_t)bits);
         } else {
-            dst[i] = moe_st_half_to_double((uint16_t)bits);
+            dst[i] = moe_f16_to_f64((uint16_t)bits);
         }
     }
     return MOE_OK;
@@ -535,7 +444,7 @@ moe_status moe_st_tensor_i32(const moe_st_file *f, const moe_st_tensor *t, int32
     const uint8_t *p = t->data;
     size_t es = moe_st_dtype_size(t->dtype);
     for (int64_t i = 0; i < t->numel; i++, p += es) {
-        uint64_t bits = ld_le(p, es);
+        uint64_t bits = moe_load_le(p, es);
         int64_t v;
         switch (t->dtype) {
         case MOE_ST_I64: v = (int64_t)bits; break;
@@ -574,311 +483,3 @@ moe_status moe_st_get_i32(const moe_st_file *f, const char *name, int ndim, cons
     return s ? s : moe_st_tensor_i32(f, t, dst);
 }
 
-/* ---- writing ------------------------------------------------------------------ */
-
-typedef struct {
-    char *name;
-    moe_st_dtype dtype;
-    int ndim;
-    int64_t shape[MOE_ST_MAX_DIMS];
-    int64_t numel;
-    const void *data;
-    void *owned;
-} st_entry;
-
-struct moe_st_writer {
-    st_entry *e;
-    int n, cap;
-    char **mkey, **mval;
-    int nm, capm;
-};
-
-moe_status moe_st_writer_create(moe_st_writer **out)
-{
-    *out = calloc(1, sizeof **out);
-    return *out ? MOE_OK : moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory");
-}
-
-void moe_st_writer_free(moe_st_writer *w)
-{
-    if (!w)
-        return;
-    for (int i = 0; i < w->n; i++) {
-        free(w->e[i].name);
-        free(w->e[i].owned);
-    }
-    for (int i = 0; i < w->nm; i++) {
-        free(w->mkey[i]);
-        free(w->mval[i]);
-    }
-    free(w->e);
-    free(w->mkey);
-    free(w->mval);
-    free(w);
-}
-
-static moe_status add_entry(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
-                            const int64_t *shape, const void *data, int copy)
-{
-    if (!name || !*name || strcmp(name, "__metadata__") == 0)
-        return moe_error(MOE_ERR_ARG, "safetensors writer: invalid tensor name '%s'", name ? name : "(null)");
-    if ((unsigned)dtype >= MOE_ST_NDTYPES)
-        return moe_error(MOE_ERR_ARG, "safetensors writer: tensor '%s': unknown dtype %d", name, (int)dtype);
-    if (ndim < 0 || ndim > MOE_ST_MAX_DIMS)
-        return moe_error(MOE_ERR_ARG, "safetensors writer: tensor '%s': %d dimensions (0..%d)", name, ndim,
-                         MOE_ST_MAX_DIMS);
-    for (int i = 0; i < w->n; i++)
-        if (strcmp(w->e[i].name, name) == 0)
-            return moe_error(MOE_ERR_ARG, "safetensors writer: tensor '%s' added twice", name);
-    int64_t numel = 1;
-    size_t es = moe_st_dtype_size(dtype);
-    for (int i = 0; i < ndim; i++) {
-        if (shape[i] < 0 || (shape[i] && numel > INT64_MAX / (int64_t)es / shape[i]))
-            return moe_error(MOE_ERR_ARG, "safetensors writer: tensor '%s': bad dimension %d (%lld)", name, i,
-                             (long long)shape[i]);
-        numel *= shape[i];
-    }
-    if (numel > 0 && !data)
-        return moe_error(MOE_ERR_ARG, "safetensors writer: tensor '%s' has no data", name);
-    if (w->n == w->cap) {
-        int cap = w->cap ? 2 * w->cap : 16;
-        st_entry *e = realloc(w->e, (size_t)cap * sizeof *e);
-        if (!e)
-            return moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory");
-        w->e = e;
-        w->cap = cap;
-    }
-    st_entry *e = &w->e[w->n];
-    memset(e, 0, sizeof *e);
-    if (!(e->name = dupstr(name)))
-        return moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory");
-    if (copy && numel > 0) {
-        if ((uint64_t)numel * es > SIZE_MAX || !(e->owned = malloc((size_t)numel * es))) {
-            free(e->name);
-            return moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory for tensor '%s'", name);
-        }
-        memcpy(e->owned, data, (size_t)numel * es);
-        data = e->owned;
-    }
-    e->dtype = dtype;
-    e->ndim = ndim;
-    if (ndim)
-        memcpy(e->shape, shape, (size_t)ndim * sizeof *shape);
-    e->numel = numel;
-    e->data = data;
-    w->n++;
-    return MOE_OK;
-}
-
-moe_status moe_st_writer_add(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
-                             const int64_t *shape, const void *data)
-{
-    return add_entry(w, name, dtype, ndim, shape, data, 0);
-}
-
-moe_status moe_st_writer_add_copy(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
-                                  const int64_t *shape, const void *data)
-{
-    return add_entry(w, name, dtype, ndim, shape, data, 1);
-}
-
-moe_status moe_st_writer_add_meta(moe_st_writer *w, const char *key, const char *value)
-{
-    if (!key || !value)
-        return moe_error(MOE_ERR_ARG, "safetensors writer: NULL metadata key or value");
-    if (strcmp(key, "crc32") == 0)
-        return moe_error(MOE_ERR_ARG, "safetensors writer: metadata key 'crc32' is reserved for the data checksum");
-    char *v = dupstr(value);
-    if (!v)
-        return moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory");
-    for (int i = 0; i < w->nm; i++)
-        if (strcmp(w->mkey[i], key) == 0) {
-            free(w->mval[i]);
-            w->mval[i] = v;
-            return MOE_OK;
-        }
-    if (w->nm == w->capm) {
-        int cap = w->capm ? 2 * w->capm : 8;
-        char **k = realloc(w->mkey, (size_t)cap * sizeof *k);
-        if (k)
-            w->mkey = k;
-        char **vv = k ? realloc(w->mval, (size_t)cap * sizeof *vv) : NULL;
-        if (!vv) {
-            free(v);
-            return moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory");
-        }
-        w->mval = vv;
-        w->capm = cap;
-    }
-    w->mkey[w->nm] = dupstr(key);
-    if (!w->mkey[w->nm]) {
-        free(v);
-        return moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory");
-    }
-    w->mval[w->nm++] = v;
-    return MOE_OK;
-}
-
-static int entry_by_name(const void *a, const void *b)
-{
-    return strcmp(((const st_entry *)a)->name, ((const st_entry *)b)->name);
-}
-
-/* Streams an entry as little-endian bytes into the CRC and, when fp is set, the file. */
-static int emit(FILE *fp, const st_entry *e, uLong *crc)
-{
-    size_t es = moe_st_dtype_size(e->dtype);
-    uint64_t bytes = (uint64_t)e->numel * es;
-    const uint8_t *src = e->data;
-    if (host_is_le()) {
-        for (uint64_t done = 0; done < bytes;) {
-            uInt chunk = bytes - done > (1u << 30) ? (1u << 30) : (uInt)(bytes - done);
-            *crc = crc32(*crc, src + done, chunk);
-            if (fp && fwrite(src + done, 1, chunk, fp) != chunk)
-                return -1;
-            done += chunk;
-        }
-        return 0;
-    }
-    uint8_t tmp[4096];
-    for (int64_t i = 0; i < e->numel;) {
-        size_t m = 0;
-        for (; m + es <= sizeof tmp && i < e->numel; m += es, i++)
-            to_le(tmp + m, src + (size_t)i * es, es);
-        *crc = crc32(*crc, tmp, (uInt)m);
-        if (fp && fwrite(tmp, 1, m, fp) != m)
-            return -1;
-    }
-    return 0;
-}
-
-/* The JSON header, padded with spaces to a multiple of 8 bytes as the Rust library does. */
-static moe_status build_header(moe_st_writer *w, uint32_t crc, char **out, size_t *len)
-{
-    json_t *root = json_object(), *meta = json_object();
-    moe_status s = MOE_OK;
-    if (!root || !meta)
-        goto nomem;
-    uint64_t off = 0;
-    for (int i = 0; i < w->n; i++) {
-        const st_entry *e = &w->e[i];
-        uint64_t bytes = (uint64_t)e->numel * moe_st_dtype_size(e->dtype);
-        if (off + bytes > (uint64_t)INT64_MAX) {
-            s = moe_error(MOE_ERR_ARG, "safetensors writer: data section exceeds 2^63 bytes");
-            goto done;
-        }
-        json_t *shape = json_array(), *t = json_object();
-        if (!shape || !t) {
-            json_decref(shape);
-            json_decref(t);
-            goto nomem;
-        }
-        for (int d = 0; d < e->ndim; d++)
-            json_array_append_new(shape, json_integer(e->shape[d]));
-        json_object_set_new(t, "dtype", json_string(moe_st_dtype_name(e->dtype)));
-        json_object_set_new(t, "shape", shape);
-        json_object_set_new(t, "data_offsets", json_pack("[II]", (json_int_t)off, (json_int_t)(off + bytes)));
-        if (json_object_set_new(root, e->name, t))
-            goto nomem;
-        off += bytes;
-    }
-    for (int i = 0; i < w->nm; i++)
-        json_object_set_new(meta, w->mkey[i], json_string(w->mval[i]));
-    char hex[9];
-    snprintf(hex, sizeof hex, "%08lx", (unsigned long)crc);
-    json_object_set_new(meta, "crc32", json_string(hex));
-    json_object_set(root, "__metadata__", meta);
-    char *text = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII);
-    if (!text)
-        goto nomem;
-    size_t n = strlen(text), padded = (n + 7) / 8 * 8;
-    char *h = malloc(padded + 1);
-    if (!h) {
-        free(text);
-        goto nomem;
-    }
-    memcpy(h, text, n);
-    memset(h + n, ' ', padded - n);
-    h[padded] = 0;
-    free(text);
-    *out = h;
-    *len = padded;
-    goto done;
-nomem:
-    s = moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory for the header");
-done:
-    json_decref(root);
-    json_decref(meta);
-    return s;
-}
-
-static moe_status fsync_dir(const char *path)
-{
-    char *dir = dupstr(path);
-    if (!dir)
-        return moe_error(MOE_ERR_NOMEM, "out of memory");
-    char *slash = strrchr(dir, '/');
-    if (slash)
-        slash[slash == dir ? 1 : 0] = 0;
-    int fd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY);
-    moe_status s = MOE_OK;
-    /* Some file systems cannot fsync a directory (EINVAL); the rename stands regardless. */
-    if (fd < 0 || (fsync(fd) != 0 && errno != EINVAL && errno != ENOTSUP))
-        s = moe_error(MOE_ERR_IO, "%s: cannot fsync directory '%s': %s", path, slash ? dir : ".", strerror(errno));
-    if (fd >= 0)
-        close(fd);
-    free(dir);
-    return s;
-}
-
-moe_status moe_st_writer_write(moe_st_writer *w, const char *path)
-{
-    qsort(w->e, (size_t)w->n, sizeof *w->e, entry_by_name);
-    uLong crc = crc32(0L, Z_NULL, 0);
-    for (int i = 0; i < w->n; i++)
-        emit(NULL, &w->e[i], &crc);
-    char *header = NULL;
-    size_t hlen = 0;
-    moe_status s = build_header(w, (uint32_t)crc, &header, &hlen);
-    if (s)
-        return s;
-
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
-    if (!tmp) {
-        free(header);
-        return moe_error(MOE_ERR_NOMEM, "out of memory");
-    }
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    FILE *fp = fopen(tmp, "wb");
-    if (!fp) {
-        s = moe_error(MOE_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
-        free(header);
-        free(tmp);
-        return s;
-    }
-    uint8_t len8[8];
-    for (int i = 0; i < 8; i++)
-        len8[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
-    uLong crc2 = 0;
-    int bad = fwrite(len8, 1, 8, fp) != 8 || fwrite(header, 1, hlen, fp) != hlen;
-    for (int i = 0; i < w->n && !bad; i++)
-        bad = emit(fp, &w->e[i], &crc2) != 0;
-    bad = bad || fflush(fp) != 0 || fsync(fileno(fp)) != 0;
-    int err = errno;
-    bad = (fclose(fp) != 0) || bad;
-    if (!bad && rename(tmp, path) != 0) {
-        err = errno;
-        bad = 1;
-    }
-    if (bad) {
-        s = moe_error(MOE_ERR_IO, "%s: write failed: %s", path, strerror(err ? err : errno));
-        remove(tmp);
-    } else {
-        s = fsync_dir(path);
-    }
-    free(header);
-    free(tmp);
-    return s;
-}

@@ -18,8 +18,11 @@
  *     moe_st_writer_create(&w);
  *     moe_st_writer_add(w, "y", MOE_ST_F64, 2, shape, y);   // y must live until write
  *     moe_st_writer_add_meta(w, "note", "hello");
- *     moe_st_writer_write(w, "out.safetensors");            // atomic: tmp, fsync, rename
+ *     moe_st_writer_write(w, "out.safetensors");            // core/durable.h: atomic
  *     moe_st_writer_free(w);
+ *
+ * The reader is safetensors.c, the writer safetensors_write.c, the float conversions
+ * core/dtype.c.
  */
 #ifndef CMOE_SAFETENSORS_H
 #define CMOE_SAFETENSORS_H
@@ -77,8 +80,9 @@ typedef struct {
     uint64_t data_size;
 } moe_st_file;
 
-/* Reads and validates the whole file. MOE_ERR_IO: cannot read PATH; MOE_ERR_FORMAT: the
- * message names the file, the tensor and the problem. */
+/* Reads and validates the whole file. MOE_ERR_IO: cannot read PATH, or PATH is not a
+ * regular file (a FIFO or a device is refused before anything blocks on it);
+ * MOE_ERR_FORMAT: the message names the file, the tensor and the problem. */
 moe_status moe_st_read(const char *path, moe_st_file **out);
 /* The same on a buffer already in memory (copied); name is used in messages. */
 moe_status moe_st_parse(const void *buf, size_t size, const char *name, moe_st_file **out);
@@ -115,16 +119,15 @@ moe_status moe_st_writer_add_copy(moe_st_writer *w, const char *name, moe_st_dty
                                   const int64_t *shape, const void *data);
 /* Adds (or replaces) a metadata string; "crc32" is reserved for the writer. */
 moe_status moe_st_writer_add_meta(moe_st_writer *w, const char *key, const char *value);
-/* Writes PATH atomically: tensors sorted by name, CRC-32 in the metadata, PATH.tmp written,
- * flushed and fsync'd, renamed over PATH, the directory fsync'd. On failure PATH is untouched
- * and PATH.tmp removed. */
+/* Writes PATH through moe_durable_open (core/durable.h): tensors sorted by name, CRC-32 in
+ * the metadata; a temporary beside PATH flushed, fsync'd, renamed over it, the directory
+ * fsync'd (a device or FIFO is written through, a symlink followed). On failure PATH is
+ * untouched and no temporary is left. */
 moe_status moe_st_writer_write(moe_st_writer *w, const char *path);
 
 /* ---- conversions for writers --------------------------------------------- */
 
 /* n doubles to F64, F32, BF16 or F16 host-order elements (round to nearest even). */
 moe_status moe_st_from_f64(moe_st_dtype dtype, const double *src, int64_t n, void *dst);
-double moe_st_half_to_double(uint16_t h);
-double moe_st_bf16_to_double(uint16_t h);
 
 #endif

@@ -13,6 +13,7 @@
 
 #include <jansson.h>
 
+#include "core/input.h"
 #include "model/model.h"
 #include "ref/ref.h"
 
@@ -315,15 +316,17 @@ moe_status moe_model_config_load(const char *path, moe_model_config *c)
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) /* jansson would say "invalid JSON at line 1" */
         return moe_error(MOE_ERR_IO, "config %s: is a directory, not a JSON file", path);
     json_error_t err;
-    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &err);
-    if (!root) {
-        FILE *f = fopen(path, "rb");
-        if (!f)
-            return moe_error(MOE_ERR_IO, "config %s: cannot open: %s", path, strerror(errno));
-        fclose(f);
+    char *text;
+    size_t len;
+    /* bounded, and never blocking on a FIFO before it is known to be one (core/input.h) */
+    moe_status rs = moe_read_all(path, "config", MOE_JSON_MAX, MOE_IN_STREAM, &text, &len);
+    if (rs)
+        return rs;
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &err);
+    free(text);
+    if (!root)
         return moe_error(MOE_ERR_FORMAT, "config %s: invalid JSON at line %d, column %d: %s", path, err.line,
                          err.column, err.text);
-    }
     moe_status s = parse_obj(root, c);
     json_decref(root);
     if (s) {
