@@ -191,7 +191,7 @@ int cmd_export(int argc, char **argv)
      * (unless --force), never over the input itself (not even with --force) */
     if (!s && !(s = moe_hf_arch_of(&r.cfg, &arch)) && !(s = same_files(out, run_dir)) &&
         !(s = moe_rundir_check_output(out, written, force)) && !(s = moe_mkdirs(out, &made)) &&
-        !(s = cli_run_build(&r, "ref", 1, 1, 1))) {
+        !(s = cli_run_build(&r, "cpu", 1, 1, 1))) {
         wrote = 1;
         s = moe_hf_export(r.model, out, dtype);
     }
@@ -237,8 +237,9 @@ int cmd_import(int argc, char **argv)
         s = moe_hf_read_config(hf_dir, &c, &arch, notes, sizeof notes);
     if (!s && notes[0]) /* defaults that change the math: said, never silent */
         fprintf(stderr, "cmoe import: note: %s/config.json: %s\n", hf_dir, notes);
-    /* the ref backend holds double: every F32/BF16/F16 value passes unchanged */
-    if (!s && !(s = moe_backend_create("ref", NULL, &b)) && !(s = moe_model_create(&c, b, NULL, 1, 1, &m)) &&
+    /* fp32 holds every F32, BF16 and F16 value exactly, and the model once: the weights
+     * stream from the mapped files one parameter at a time (moe_hf_load_weights) */
+    if (!s && !(s = moe_backend_create("cpu", NULL, &b)) && !(s = moe_model_create(&c, b, NULL, 1, 1, &m)) &&
         !(s = moe_hf_load_weights(hf_dir, m, arch)) && !(s = moe_mkdirs(run_dir, &made)) &&
         !(s = moe_model_config_to_json(&c, 1, &cfg_json))) {
         wrote = 1;

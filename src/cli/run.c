@@ -72,33 +72,35 @@ void cli_fmt_duration(char *buf, size_t n, double s)
 
 /* ---- saving ------------------------------------------------------------------ */
 
+/* One parameter of a weights file, read from the backend as fp32 when the file is written. */
+typedef struct {
+    moe_model *m;
+    int i;
+} weight_ref;
+
+static moe_status fill_weight(void *ctx, void *dst)
+{
+    const weight_ref *x = ctx;
+    moe_tensor t;
+    moe_status s = moe_model_param_tensors(x->m, x->i, &t, NULL);
+    moe_backend *b = moe_model_backend(x->m);
+    return s ? s : b->download(b, dst, MOE_F32, t, moe_model_param(x->m, x->i)->numel);
+}
+
 moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, int64_t step)
 {
     char path[4096], num[32], *cfg_json = NULL;
     moe_st_writer *w = NULL;
-    moe_status s;
     const int n = moe_model_n_params(m);
-    const int64_t total = moe_model_numel(m);
-    float *f32 = malloc((size_t)(total > 0 ? total : 1) * sizeof *f32);
-    double *tmp = NULL;
-    int64_t biggest = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(m, i)->numel > biggest)
-            biggest = moe_model_param(m, i)->numel;
-    tmp = malloc((size_t)biggest * sizeof *tmp);
-    if (!f32 || !tmp) {
-        s = moe_error(MOE_ERR_NOMEM, "out of memory saving %lld parameters", (long long)total);
+    weight_ref *xs = calloc((size_t)n + 1, sizeof *xs);
+    moe_status s = xs ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory saving %d parameters", n);
+    if (s || (s = cli_path(path, sizeof path, dir, CLI_RUN_WEIGHTS)) || (s = moe_st_writer_create(&w)))
         goto done;
-    }
-    if ((s = cli_path(path, sizeof path, dir, CLI_RUN_WEIGHTS)) || (s = moe_st_writer_create(&w)))
-        goto done;
-    int64_t at = 0;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++) { /* lazy: one tensor in host memory at a time */
         const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_model_get_param(m, i, tmp)) || (s = moe_st_from_f64(MOE_ST_F32, tmp, p->numel, f32 + at)) ||
-            (s = moe_st_writer_add(w, p->name, MOE_ST_F32, p->ndim, p->shape, f32 + at)))
+        xs[i] = (weight_ref){m, i};
+        if ((s = moe_st_writer_add_lazy(w, p->name, MOE_ST_F32, p->ndim, p->shape, fill_weight, &xs[i])))
             goto done;
-        at += p->numel;
     }
     snprintf(num, sizeof num, "%" PRId64, step);
     if ((s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg_json)) ||
@@ -110,8 +112,7 @@ moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, i
 done:
     moe_st_writer_free(w);
     free(cfg_json);
-    free(tmp);
-    free(f32);
+    free(xs);
     return s;
 }
 

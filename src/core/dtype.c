@@ -130,16 +130,41 @@ void moe_store_le(uint8_t *dst, const uint8_t *src, size_t size)
             dst[i] = src[size - 1 - i];
 }
 
-/* One element as double (exact for every type here). */
+/* One element as double (exact for every type here). src may be unaligned (a tensor in
+ * a mapped safetensors file sits wherever its offset puts it): loads go through memcpy. */
 static double load(const void *src, moe_dtype t, int64_t i)
 {
+    const char *p = (const char *)src + (size_t)i * types[t].size;
     switch (t) {
-    case MOE_F64: return ((const double *)src)[i];
-    case MOE_F32: return ((const float *)src)[i];
-    case MOE_BF16: return moe_bf16_to_f32(((const uint16_t *)src)[i]);
-    default: return ((const int32_t *)src)[i];
+    case MOE_F64: {
+        double v;
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
+    case MOE_F32: {
+        float v;
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
+    case MOE_BF16: {
+        uint16_t v;
+        memcpy(&v, p, sizeof v);
+        return moe_bf16_to_f32(v);
+    }
+    default: {
+        int32_t v;
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
     }
 }
+
+/* One element stored to dst[i] (possibly unaligned), from a value already of type t. */
+#define STORE(dst, i, type, v)                                                   \
+    do {                                                                         \
+        const type v_ = (v);                                                     \
+        memcpy((char *)(dst) + (size_t)(i) * sizeof(type), &v_, sizeof(type)); \
+    } while (0)
 
 moe_status moe_convert(void *dst, moe_dtype dt, const void *src, moe_dtype st, int64_t n)
 {
@@ -153,27 +178,22 @@ moe_status moe_convert(void *dst, moe_dtype dt, const void *src, moe_dtype st, i
     switch (dt) {
     case MOE_F64:
         for (int64_t i = 0; i < n; i++)
-            ((double *)dst)[i] = load(src, st, i);
+            STORE(dst, i, double, load(src, st, i));
         return MOE_OK;
     case MOE_F32: /* from double: one rounding, as the C cast does */
         for (int64_t i = 0; i < n; i++)
-            ((float *)dst)[i] = (float)load(src, st, i);
+            STORE(dst, i, float, (float)load(src, st, i));
         return MOE_OK;
-    case MOE_BF16:
-        if (st == MOE_F64) { /* directly from double: one rounding, not two */
-            for (int64_t i = 0; i < n; i++)
-                ((uint16_t *)dst)[i] = moe_f64_to_bf16(((const double *)src)[i]);
-        } else {
-            for (int64_t i = 0; i < n; i++)
-                ((uint16_t *)dst)[i] = moe_f32_to_bf16((float)load(src, st, i));
-        }
+    case MOE_BF16: /* straight from the exact value: one rounding, not two */
+        for (int64_t i = 0; i < n; i++)
+            STORE(dst, i, uint16_t, moe_f64_to_bf16(load(src, st, i)));
         return MOE_OK;
     default: /* to i32: only integral values in range */
         for (int64_t i = 0; i < n; i++) {
             const double v = load(src, st, i);
             if (!(v >= INT32_MIN && v <= INT32_MAX) || v != floor(v))
                 return moe_error(MOE_ERR_ARG, "convert: element %lld (%g) is not an int32", (long long)i, v);
-            ((int32_t *)dst)[i] = (int32_t)v;
+            STORE(dst, i, int32_t, (int32_t)v);
         }
         return MOE_OK;
     }

@@ -19,46 +19,46 @@
 
 /* ---- writing --------------------------------------------------------------------- */
 
-static moe_status add_tensor(moe_st_writer *w, const char *name, moe_st_dtype dt, const moe_param_info *p,
-                             const double *v, void *scratch)
+/* One tensor of the training state, read from the backend when the file is written. */
+typedef struct {
+    moe_backend *b;
+    moe_tensor t;
+    moe_dtype type;
+    int64_t n;
+} ckpt_tensor;
+
+static moe_status fill_tensor(void *ctx, void *dst)
 {
-    moe_status s = moe_st_from_f64(dt, v, p->numel, scratch);
-    return s ? s : moe_st_writer_add_copy(w, name, dt, p->ndim, p->shape, scratch);
+    const ckpt_tensor *x = ctx;
+    return x->b->download(x->b, dst, x->type, x->t, x->n);
 }
 
 moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe_ckpt_state *st)
 {
     if (!path || !m || !o || !st)
         return moe_error(MOE_ERR_ARG, "checkpoint save: path, model, optimizer and state must not be NULL");
-    const moe_backend *b = moe_model_backend(m);
+    moe_backend *b = moe_model_backend(m);
+    /* fp32 whatever the backend computes in (the oracle's f64 excepted): a run saved on a
+     * GPU in bf16 resumes on the CPU, and the weights saved are the fp32 master weights */
     const moe_st_dtype dt = b->float_type == MOE_F64 ? MOE_ST_F64 : MOE_ST_F32;
+    const moe_dtype ht = b->float_type == MOE_F64 ? MOE_F64 : MOE_F32;
     const int n = moe_model_n_params(m);
-    int64_t big = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(m, i)->numel > big)
-            big = moe_model_param(m, i)->numel;
-    double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
-           *vv = malloc((size_t)big * sizeof *vv);
-    void *scratch = malloc((size_t)big * 8);
+    ckpt_tensor *xs = calloc((size_t)(3 * n + 1), sizeof *xs);
     moe_st_writer *w = NULL;
     char *cfg = NULL, name[160], num[32];
-    moe_status s = MOE_OK;
-    if (!pv || !mv || !vv || !scratch) {
-        s = moe_error(MOE_ERR_NOMEM, "checkpoint save: out of memory");
-        goto done;
-    }
-    if ((s = moe_st_writer_create(&w)))
-        goto done;
-    for (int i = 0; i < n && !s; i++) {
+    moe_status s = xs ? moe_st_writer_create(&w) : moe_error(MOE_ERR_NOMEM, "checkpoint save: out of memory");
+    for (int i = 0; i < n && !s; i++) { /* lazy: one tensor in host memory at a time */
         const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_model_get_param(m, i, pv)) || (s = moe_optim_get_moments(o, i, mv, vv)) ||
-            (s = add_tensor(w, p->name, dt, p, pv, scratch)))
+        ckpt_tensor *x = &xs[3 * i];
+        x[0] = x[1] = x[2] = (ckpt_tensor){b, {NULL, 0}, ht, p->numel};
+        if ((s = moe_optim_tensors(o, i, &x[0].t, &x[1].t, &x[2].t)) ||
+            (s = moe_st_writer_add_lazy(w, p->name, dt, p->ndim, p->shape, fill_tensor, &x[0])))
             break;
         snprintf(name, sizeof name, "optim.m.%s", p->name);
-        if ((s = add_tensor(w, name, dt, p, mv, scratch)))
+        if ((s = moe_st_writer_add_lazy(w, name, dt, p->ndim, p->shape, fill_tensor, &x[1])))
             break;
         snprintf(name, sizeof name, "optim.v.%s", p->name);
-        s = add_tensor(w, name, dt, p, vv, scratch);
+        s = moe_st_writer_add_lazy(w, name, dt, p->ndim, p->shape, fill_tensor, &x[2]);
     }
     if (s || (s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg)))
         goto done;
@@ -81,10 +81,7 @@ moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe
 done:
     moe_st_writer_free(w);
     free(cfg);
-    free(pv);
-    free(mv);
-    free(vv);
-    free(scratch);
+    free(xs);
     return s;
 }
 
@@ -330,38 +327,44 @@ moe_status moe_ckpt_check(const moe_ckpt *c, const moe_model *m)
     return MOE_OK;
 }
 
+/* A checkpoint tensor straight from the mapped file to the backend, in its own dtype. */
+static moe_status put(moe_backend *b, const moe_ckpt *c, const char *name, moe_tensor dst, int64_t n)
+{
+    const moe_st_tensor *t = moe_st_find(c->f, name);
+    return b->upload(b, dst, c->f->data + t->begin, c->dtype == MOE_ST_F32 ? MOE_F32 : MOE_F64, n);
+}
+
 moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
 {
-    moe_status s = moe_ckpt_check(c, m);
+    moe_status s = moe_ckpt_check(c, m); /* all of the file, before anything is touched */
     if (s)
         return s;
+    moe_backend *b = moe_model_backend(m);
     const int n = moe_model_n_params(m);
-    int64_t big = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(m, i)->numel > big)
-            big = moe_model_param(m, i)->numel;
-    double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
-           *vv = malloc((size_t)big * sizeof *vv);
     char name[160];
-    if (!pv || !mv || !vv)
-        s = moe_error(MOE_ERR_NOMEM, "checkpoint restore: out of memory");
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, p->name), pv)) || (s = moe_model_set_param(m, i, pv)))
+        moe_tensor pt, wt, mt, vt;
+        if ((s = moe_model_param_tensors(m, i, &pt, NULL)))
             break;
-        if (!o)
+        if (!o) {
+            s = put(b, c, p->name, pt, p->numel);
             continue;
+        }
+        /* the weights go to what the optimizer steps (an fp32 master copy, or the parameter) */
+        if ((s = moe_optim_tensors(o, i, &wt, &mt, &vt)) || (s = put(b, c, p->name, wt, p->numel)))
+            break;
+        if (wt.buf != pt.buf || wt.off != pt.off)
+            b->copy(b, pt, wt, p->numel);
         snprintf(name, sizeof name, "optim.m.%s", p->name);
-        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), mv)))
+        if ((s = put(b, c, name, mt, p->numel)))
             break;
         snprintf(name, sizeof name, "optim.v.%s", p->name);
-        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), vv)) || (s = moe_optim_set_moments(o, i, mv, vv)))
-            break;
+        s = put(b, c, name, vt, p->numel);
     }
+    if (!s)
+        s = b->sync(b);
     if (!s && o)
         moe_optim_set_steps(o, c->optim_steps);
-    free(pv);
-    free(mv);
-    free(vv);
     return s;
 }

@@ -145,6 +145,34 @@ static moe_status join(char *buf, size_t n, const char *dir, const char *name)
 
 /* ---- export ---------------------------------------------------------------------------- */
 
+/* One HF tensor of an export, made when the file is written: a slice of parameter i read
+ * from the backend, cut (transposed) into HF's layout; or zeros (Qwen2-MoE's biases). */
+typedef struct {
+    moe_model *m;
+    int i, zero;
+    piece pc;
+    moe_st_dtype dtype;
+    double *pv, *hv; /* the export's two piece-sized buffers */
+} export_piece;
+
+static moe_status fill_piece(void *ctx, void *dst)
+{
+    const export_piece *x = ctx;
+    const int64_t n = x->pc.rows * x->pc.cols;
+    if (x->zero) {
+        memset(x->hv, 0, (size_t)n * sizeof *x->hv);
+    } else {
+        moe_tensor t;
+        moe_status s = moe_model_param_tensors(x->m, x->i, &t, NULL);
+        if (s || (s = moe_download_f64(moe_model_backend(x->m), x->pv, moe_tensor_at(t, x->pc.off), n)))
+            return s;
+        piece at0 = x->pc;
+        at0.off = 0;
+        cut(&at0, x->pv, x->hv);
+    }
+    return moe_st_from_f64(x->dtype, x->hv, n, dst);
+}
+
 moe_status moe_hf_export(moe_model *m, const char *dir, moe_st_dtype dtype)
 {
     if (dtype != MOE_ST_F32 && dtype != MOE_ST_BF16 && dtype != MOE_ST_F16)
@@ -159,39 +187,43 @@ moe_status moe_hf_export(moe_model *m, const char *dir, moe_st_dtype dtype)
         free(cfg);
         return moe_error(MOE_ERR_IO, "cannot create directory '%s': %s", dir, strerror(errno));
     }
+    /* every HF tensor is a lazy piece: one piece in memory at a time, never the model */
     const int n = moe_model_n_params(m);
-    int64_t big = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(m, i)->numel > big)
-            big = moe_model_param(m, i)->numel;
+    const int zero_bias = a == MOE_HF_QWEN2_MOE && !c->qkv_bias;
+    int64_t npc = 0, big = 1;
+    for (int i = 0; i < n; i++) {
+        const moe_param_info *p = moe_model_param(m, i);
+        npc += n_pieces(p) + (zero_bias ? 1 : 0);
+        if (p->numel / n_pieces(p) > big)
+            big = p->numel / n_pieces(p);
+    }
+    export_piece *xs = calloc((size_t)npc, sizeof *xs);
     double *pv = malloc((size_t)big * sizeof *pv), *hv = malloc((size_t)big * sizeof *hv);
-    void *raw = malloc((size_t)big * 4);
     moe_st_writer *w = NULL;
-    if (!pv || !hv || !raw)
+    if (!xs || !pv || !hv)
         s = moe_error(MOE_ERR_NOMEM, "HF export: out of memory");
     if (!s)
         s = moe_st_writer_create(&w);
-    const int zero_bias = a == MOE_HF_QWEN2_MOE && !c->qkv_bias;
+    int64_t at = 0;
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_model_get_param(m, i, pv)))
-            break;
         for (int64_t k = 0; k < n_pieces(p) && !s; k++) {
-            piece pc;
-            if ((s = get_piece(a, p, k, &pc)))
-                break;
-            cut(&pc, pv, hv);
-            if (!(s = moe_st_from_f64(dtype, hv, pc.rows * pc.cols, raw)))
-                s = moe_st_writer_add_copy(w, pc.name, dtype, pc.ndim, pc.shape, raw);
+            export_piece *x = &xs[at++];
+            *x = (export_piece){.m = m, .i = i, .dtype = dtype, .pv = pv, .hv = hv};
+            if (!(s = get_piece(a, p, k, &x->pc)))
+                s = moe_st_writer_add_lazy(w, x->pc.name, dtype, x->pc.ndim, x->pc.shape, fill_piece, x);
         }
         /* Qwen2-MoE always has q/k/v biases: zeros are the exact equivalent of none */
         if (!s && zero_bias && ends_with(p->name, "_proj.weight") && strstr(p->name, ".self_attn.") &&
             !strstr(p->name, "o_proj")) {
-            char bn[192];
-            snprintf(bn, sizeof bn, "%.*sbias", (int)(strlen(p->name) - 6), p->name);
-            memset(hv, 0, (size_t)p->shape[1] * sizeof *hv);
-            if (!(s = moe_st_from_f64(dtype, hv, p->shape[1], raw)))
-                s = moe_st_writer_add_copy(w, bn, dtype, 1, &p->shape[1], raw);
+            export_piece *x = &xs[at++];
+            *x = (export_piece){.m = m, .i = i, .zero = 1, .dtype = dtype, .pv = pv, .hv = hv};
+            snprintf(x->pc.name, sizeof x->pc.name, "%.*sbias", (int)(strlen(p->name) - 6), p->name);
+            x->pc.ndim = 1;
+            x->pc.shape[0] = p->shape[1];
+            x->pc.rows = 1;
+            x->pc.cols = p->shape[1];
+            s = moe_st_writer_add_lazy(w, x->pc.name, dtype, 1, x->pc.shape, fill_piece, x);
         }
     }
     if (!s && !(s = moe_st_writer_add_meta(w, "format", "pt")) && !(s = join(path, sizeof path, dir, "model.safetensors")))
@@ -200,9 +232,9 @@ moe_status moe_hf_export(moe_model *m, const char *dir, moe_st_dtype dtype)
         s = moe_durable_write_text(path, cfg);
     moe_st_writer_free(w);
     free(cfg);
+    free(xs);
     free(pv);
     free(hv);
-    free(raw);
     return s;
 }
 
@@ -307,64 +339,62 @@ moe_status moe_hf_load_weights(const char *dir, moe_model *m, moe_hf_arch arch)
         return s;
     }
     const int n = moe_model_n_params(m);
-    int64_t big = 1, total = 0;
-    for (int i = 0; i < n; i++) {
+    int64_t big = 1;
+    for (int i = 0; i < n; i++)
         if (moe_model_param(m, i)->numel > big)
             big = moe_model_param(m, i)->numel;
-        total += moe_model_param(m, i)->numel;
-    }
-    /* everything is read and checked into host memory before the model is touched */
-    double *all = malloc((size_t)(total ? total : 1) * sizeof *all), *hv = malloc((size_t)big * sizeof *hv);
+    /* Two passes over the mapped files, so that the whole model never sits in host memory:
+     * the first checks every tensor (present, its shape, finite, nothing left over) before
+     * the model is touched; the second assembles one parameter at a time and uploads it. */
+    double *pv = malloc((size_t)big * sizeof *pv), *hv = malloc((size_t)big * sizeof *hv);
     int nt = 0;
     for (int i = 0; i < sh.n; i++)
         nt += sh.f[i]->n;
     char *used = calloc((size_t)(nt ? nt : 1), 1);
-    if (!all || !hv || !used)
-        s = moe_error(MOE_ERR_NOMEM, "HF import: out of memory for %lld parameters", (long long)total);
-    int64_t at = 0;
-    for (int i = 0; i < n && !s; i++) {
-        const moe_param_info *p = moe_model_param(m, i);
-        for (int64_t k = 0; k < n_pieces(p) && !s; k++) {
-            piece pc;
-            if ((s = get_piece(arch, p, k, &pc)))
-                break;
-            int which = 0;
-            const moe_st_tensor *t = shards_find(&sh, pc.name, &which);
-            if (!t) {
-                s = FMT("%s: tensor '%s' is missing (the config needs it for cmoe's '%s')", dir, pc.name, p->name);
-                break;
+    if (!pv || !hv || !used)
+        s = moe_error(MOE_ERR_NOMEM, "HF import: out of memory for a tensor of %lld elements", (long long)big);
+    for (int pass = 0; pass < 2 && !s; pass++) {
+        for (int i = 0; i < n && !s; i++) {
+            const moe_param_info *p = moe_model_param(m, i);
+            for (int64_t k = 0; k < n_pieces(p) && !s; k++) {
+                piece pc;
+                if ((s = get_piece(arch, p, k, &pc)))
+                    break;
+                int which = 0;
+                const moe_st_tensor *t = shards_find(&sh, pc.name, &which);
+                if (!t) {
+                    s = FMT("%s: tensor '%s' is missing (the config needs it for cmoe's '%s')", dir, pc.name, p->name);
+                    break;
+                }
+                int base = 0;
+                for (int f = 0; f < which; f++)
+                    base += sh.f[f]->n;
+                used[base + (int)(t - sh.f[which]->tensors)] = 1;
+                char what[512];
+                snprintf(what, sizeof what, "%s: tensor '%s'", sh.f[which]->path, pc.name);
+                if ((s = moe_st_check_shape(sh.f[which], t, pc.ndim, pc.shape)) ||
+                    (s = moe_st_tensor_f64(sh.f[which], t, hv)) ||
+                    (pass == 0 && (s = moe_check_finite(MOE_ERR_FORMAT, what, hv, pc.rows * pc.cols))))
+                    break;
+                if (pass == 1)
+                    paste(&pc, hv, pv);
             }
-            int base = 0;
-            for (int f = 0; f < which; f++)
-                base += sh.f[f]->n;
-            used[base + (int)(t - sh.f[which]->tensors)] = 1;
-            char what[512];
-            snprintf(what, sizeof what, "%s: tensor '%s'", sh.f[which]->path, pc.name);
-            if ((s = moe_st_check_shape(sh.f[which], t, pc.ndim, pc.shape)) ||
-                (s = moe_st_tensor_f64(sh.f[which], t, hv)) ||
-                (s = moe_check_finite(MOE_ERR_FORMAT, what, hv, pc.rows * pc.cols)))
-                break;
-            paste(&pc, hv, all + at);
+            if (pass == 1 && !s)
+                s = moe_model_set_param(m, i, pv);
         }
-        at += p->numel;
+        /* every tensor of the files must have been used */
+        for (int f = 0, base = 0; pass == 0 && f < sh.n && !s; base += sh.f[f]->n, f++)
+            for (int i = 0; i < sh.f[f]->n && !s; i++) {
+                const moe_st_tensor *t = &sh.f[f]->tensors[i];
+                if (used[base + i] || ends_with(t->name, "rotary_emb.inv_freq"))
+                    continue;
+                if (c->tie_word_embeddings && !strcmp(t->name, "lm_head.weight"))
+                    continue; /* some tied checkpoints store the head too */
+                s = FMT("%s: unexpected tensor '%s' (not part of the %s its config.json describes)", sh.f[f]->path,
+                        t->name, moe_hf_arch_name(arch));
+            }
     }
-    /* every tensor of the files must have been used */
-    for (int f = 0, base = 0; f < sh.n && !s; base += sh.f[f]->n, f++)
-        for (int i = 0; i < sh.f[f]->n && !s; i++) {
-            const moe_st_tensor *t = &sh.f[f]->tensors[i];
-            if (used[base + i] || ends_with(t->name, "rotary_emb.inv_freq"))
-                continue;
-            if (c->tie_word_embeddings && !strcmp(t->name, "lm_head.weight"))
-                continue; /* some tied checkpoints store the head too */
-            s = FMT("%s: unexpected tensor '%s' (not part of the %s its config.json describes)", sh.f[f]->path,
-                    t->name, moe_hf_arch_name(arch));
-        }
-    at = 0;
-    for (int i = 0; i < n && !s; i++) {
-        s = moe_model_set_param(m, i, all + at);
-        at += moe_model_param(m, i)->numel;
-    }
-    free(all);
+    free(pv);
     free(hv);
     free(used);
     shards_free(&sh);

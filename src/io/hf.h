@@ -9,7 +9,7 @@
  *
  *     moe_model_config c;
  *     moe_hf_read_config("some-hf-dir", &c, &arch, NULL, 0);       // config.json -> cmoe config
- *     moe_model_create(&c, backend, B, S, &m);
+ *     moe_model_create(&c, backend, NULL, B, S, &m);
  *     moe_hf_load_weights("some-hf-dir", m, arch);                 // model.safetensors or shards
  *
  * Name mapping (cmoe layout [in, out]; HF nn.Linear weights are [out, in], so every

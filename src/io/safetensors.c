@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -84,7 +85,10 @@ void moe_st_free(moe_st_file *f)
     free(f->tensors);
     free(f->meta_key);
     free(f->meta_value);
-    free(f->buf);
+    if (f->mapped)
+        munmap(f->buf, f->size);
+    else
+        free(f->buf);
     free(f->path);
     free(f);
 }
@@ -262,7 +266,8 @@ static moe_status check_crc(moe_st_file *f)
 }
 
 /* Takes ownership of buf. */
-static moe_status parse_owned(uint8_t *buf, size_t size, const char *name, moe_st_file **out)
+/* buf is the file's bytes, malloc'd or (mapped) mmap'd: the file takes it over. */
+static moe_status parse_owned(uint8_t *buf, size_t size, int mapped, const char *name, moe_st_file **out)
 {
     *out = NULL;
     moe_st_file *f = calloc(1, sizeof *f);
@@ -270,11 +275,15 @@ static moe_status parse_owned(uint8_t *buf, size_t size, const char *name, moe_s
     if (!f || !path) {
         free(f);
         free(path);
-        free(buf);
+        if (mapped)
+            munmap(buf, size);
+        else
+            free(buf);
         return moe_error(MOE_ERR_NOMEM, "%s: out of memory", name);
     }
     f->buf = buf;
     f->size = size;
+    f->mapped = mapped;
     f->path = path;
     moe_status s;
     json_t *root = NULL;
@@ -340,7 +349,7 @@ moe_status moe_st_parse(const void *buf, size_t size, const char *name, moe_st_f
     if (!copy)
         return moe_error(MOE_ERR_NOMEM, "%s: out of memory for %zu bytes", name, size);
     memcpy(copy, buf, size);
-    return parse_owned(copy, size, name, out);
+    return parse_owned(copy, size, 0, name, out);
 }
 
 moe_status moe_st_read(const char *path, moe_st_file **out)
@@ -356,30 +365,15 @@ moe_status moe_st_read(const char *path, moe_st_file **out)
         close(fd);
         return moe_error(MOE_ERR_NOMEM, "%s: %lld bytes do not fit in memory", path, (long long)st.st_size);
     }
-    size_t size = (size_t)st.st_size, got = 0;
-    uint8_t *buf = malloc(size ? size : 1);
-    if (!buf) {
-        close(fd);
-        return moe_error(MOE_ERR_NOMEM, "%s: cannot allocate %zu bytes", path, size);
-    }
-    int err = 0;
-    while (got < size) {
-        ssize_t k = read(fd, buf + got, size - got > ((size_t)1 << 30) ? (size_t)1 << 30 : size - got);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0) {
-            err = k < 0 ? errno : 0;
-            break;
-        }
-        got += (size_t)k;
-    }
+    /* Mapped, not read: a model's weights reach the backend tensor by tensor from the page
+     * cache, never as a second copy of the whole file on the heap. */
+    const size_t size = (size_t)st.st_size;
+    uint8_t *buf = size ? mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0) : malloc(1);
+    const int err = errno;
     close(fd);
-    if (got != size) {
-        free(buf);
-        return moe_error(MOE_ERR_IO, "%s: read %zu of %zu bytes: %s", path, got, size,
-                         err ? strerror(err) : "file changed while reading");
-    }
-    return parse_owned(buf, size, path, out);
+    if (buf == MAP_FAILED || !buf)
+        return moe_error(MOE_ERR_IO, "%s: cannot map %zu bytes: %s", path, size, strerror(err));
+    return parse_owned(buf, size, size > 0, path, out);
 }
 
 const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name)

@@ -74,8 +74,9 @@ typedef struct {
     moe_st_tensor *tensors;
     int n_meta;
     char **meta_key, **meta_value;
-    uint8_t *buf;                     /* the whole file */
+    uint8_t *buf;                     /* the whole file (mapped read-only when read from a path) */
     size_t size;
+    int mapped;
     const uint8_t *data;              /* the data section, inside buf */
     uint64_t data_size;
 } moe_st_file;
@@ -117,6 +118,13 @@ moe_status moe_st_writer_add(moe_st_writer *w, const char *name, moe_st_dtype dt
 /* The same, but the writer keeps its own copy of the data. */
 moe_status moe_st_writer_add_copy(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
                                   const int64_t *shape, const void *data);
+/* Makes a lazy tensor's numel host-order elements at dst (e.g. from a backend); a failure
+ * stops the write with its status. */
+typedef moe_status (*moe_st_fill_fn)(void *ctx, void *dst);
+/* A tensor made when the file is written (twice: for the checksum, then for the file),
+ * so that a writer of a whole model holds one tensor at a time, never the model. */
+moe_status moe_st_writer_add_lazy(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
+                                  const int64_t *shape, moe_st_fill_fn fill, void *ctx);
 /* Adds (or replaces) a metadata string; "crc32" is reserved for the writer. */
 moe_status moe_st_writer_add_meta(moe_st_writer *w, const char *key, const char *value);
 /* Writes PATH through moe_durable_open (core/durable.h): tensors sorted by name, CRC-32 in

@@ -56,6 +56,8 @@ typedef struct {
     int64_t numel;
     const void *data;
     void *owned;
+    moe_st_fill_fn fill; /* lazy: the data is made when it is written (and when summed) */
+    void *ctx;
 } st_entry;
 
 struct moe_st_writer {
@@ -63,6 +65,9 @@ struct moe_st_writer {
     int n, cap;
     char **mkey, **mval;
     int nm, capm;
+    void *lazy;          /* one buffer for the largest lazy tensor */
+    size_t lazy_bytes;
+    moe_status fill_err; /* the first failure of a fill */
 };
 
 moe_status moe_st_writer_create(moe_st_writer **out)
@@ -86,11 +91,12 @@ void moe_st_writer_free(moe_st_writer *w)
     free(w->e);
     free(w->mkey);
     free(w->mval);
+    free(w->lazy);
     free(w);
 }
 
 static moe_status add_entry(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
-                            const int64_t *shape, const void *data, int copy)
+                            const int64_t *shape, const void *data, int copy, moe_st_fill_fn fill, void *ctx)
 {
     if (!name || !*name || strcmp(name, "__metadata__") == 0)
         return moe_error(MOE_ERR_ARG, "safetensors writer: invalid tensor name '%s'", name ? name : "(null)");
@@ -110,7 +116,7 @@ static moe_status add_entry(moe_st_writer *w, const char *name, moe_st_dtype dty
                              (long long)shape[i]);
         numel *= shape[i];
     }
-    if (numel > 0 && !data)
+    if (numel > 0 && !data && !fill)
         return moe_error(MOE_ERR_ARG, "safetensors writer: tensor '%s' has no data", name);
     if (w->n == w->cap) {
         int cap = w->cap ? 2 * w->cap : 16;
@@ -138,6 +144,10 @@ static moe_status add_entry(moe_st_writer *w, const char *name, moe_st_dtype dty
         memcpy(e->shape, shape, (size_t)ndim * sizeof *shape);
     e->numel = numel;
     e->data = data;
+    e->fill = fill;
+    e->ctx = ctx;
+    if (fill && (size_t)numel * es > w->lazy_bytes)
+        w->lazy_bytes = (size_t)numel * es;
     w->n++;
     return MOE_OK;
 }
@@ -145,13 +155,21 @@ static moe_status add_entry(moe_st_writer *w, const char *name, moe_st_dtype dty
 moe_status moe_st_writer_add(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
                              const int64_t *shape, const void *data)
 {
-    return add_entry(w, name, dtype, ndim, shape, data, 0);
+    return add_entry(w, name, dtype, ndim, shape, data, 0, NULL, NULL);
 }
 
 moe_status moe_st_writer_add_copy(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
                                   const int64_t *shape, const void *data)
 {
-    return add_entry(w, name, dtype, ndim, shape, data, 1);
+    return add_entry(w, name, dtype, ndim, shape, data, 1, NULL, NULL);
+}
+
+moe_status moe_st_writer_add_lazy(moe_st_writer *w, const char *name, moe_st_dtype dtype, int ndim,
+                                  const int64_t *shape, moe_st_fill_fn fill, void *ctx)
+{
+    if (!fill)
+        return moe_error(MOE_ERR_ARG, "safetensors writer: tensor '%s' has no fill function", name ? name : "?");
+    return add_entry(w, name, dtype, ndim, shape, NULL, 0, fill, ctx);
 }
 
 moe_status moe_st_writer_add_meta(moe_st_writer *w, const char *key, const char *value)
@@ -196,12 +214,22 @@ static int entry_by_name(const void *a, const void *b)
     return strcmp(((const st_entry *)a)->name, ((const st_entry *)b)->name);
 }
 
-/* Streams an entry as little-endian bytes into the CRC and, when fp is set, the file. */
-static int emit(FILE *fp, const st_entry *e, uLong *crc)
+/* Streams an entry as little-endian bytes into the CRC and, when fp is set, the file. A
+ * lazy entry is made into the writer's one buffer first (a failure is kept in fill_err). */
+static int emit(moe_st_writer *w, FILE *fp, const st_entry *e, uLong *crc)
 {
     size_t es = moe_st_dtype_size(e->dtype);
     uint64_t bytes = (uint64_t)e->numel * es;
     const uint8_t *src = e->data;
+    if (e->fill && bytes) {
+        moe_status s = e->fill(e->ctx, w->lazy);
+        if (s) {
+            if (!w->fill_err)
+                w->fill_err = s;
+            return -1;
+        }
+        src = w->lazy;
+    }
     if (moe_host_is_le()) {
         for (uint64_t done = 0; done < bytes;) {
             uInt chunk = bytes - done > (1u << 30) ? (1u << 30) : (uInt)(bytes - done);
@@ -287,9 +315,16 @@ done:
 moe_status moe_st_writer_write(moe_st_writer *w, const char *path)
 {
     qsort(w->e, (size_t)w->n, sizeof *w->e, entry_by_name);
+    if (w->lazy_bytes && !w->lazy && !(w->lazy = malloc(w->lazy_bytes)))
+        return moe_error(MOE_ERR_NOMEM, "safetensors writer: out of memory for a tensor of %zu bytes", w->lazy_bytes);
+    /* lazy tensors are made twice, once for the checksum the header holds and once to be
+     * written: only one tensor is ever in memory */
     uLong crc = crc32(0L, Z_NULL, 0);
-    for (int i = 0; i < w->n; i++)
-        emit(NULL, &w->e[i], &crc);
+    w->fill_err = MOE_OK;
+    for (int i = 0; i < w->n && !w->fill_err; i++)
+        emit(w, NULL, &w->e[i], &crc);
+    if (w->fill_err)
+        return w->fill_err;
     char *header = NULL;
     size_t hlen = 0;
     moe_durable *d;
@@ -305,10 +340,11 @@ moe_status moe_st_writer_write(moe_st_writer *w, const char *path)
     uLong crc2 = 0;
     int bad = fwrite(len8, 1, 8, fp) != 8 || fwrite(header, 1, hlen, fp) != hlen;
     for (int i = 0; i < w->n && !bad; i++)
-        bad = emit(fp, &w->e[i], &crc2) != 0;
+        bad = emit(w, fp, &w->e[i], &crc2) != 0;
     free(header);
     if (bad) {
-        s = moe_error(MOE_ERR_IO, "%s: write failed: %s", moe_durable_target(d), strerror(errno));
+        s = w->fill_err ? w->fill_err
+                        : moe_error(MOE_ERR_IO, "%s: write failed: %s", moe_durable_target(d), strerror(errno));
         moe_durable_abort(d);
         return s;
     }

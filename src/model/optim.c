@@ -195,6 +195,23 @@ moe_status moe_optim_set_config(moe_optim *o, const moe_optim_config *c)
     return s;
 }
 
+moe_status moe_optim_tensors(moe_optim *o, int i, moe_tensor *weights, moe_tensor *m, moe_tensor *v)
+{
+    if (!o || i < 0 || i >= o->n)
+        return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
+    if (weights) {
+        if (o->wbuf)
+            *weights = (moe_tensor){o->wbuf, o->off[i]};
+        else
+            moe_model_param_tensors(o->m, i, weights, NULL);
+    }
+    if (m)
+        *m = (moe_tensor){o->mbuf, o->off[i]};
+    if (v)
+        *v = (moe_tensor){o->vbuf, o->off[i]};
+    return MOE_OK;
+}
+
 moe_status moe_optim_get_moments(moe_optim *o, int i, double *m, double *v)
 {
     if (!o || i < 0 || i >= o->n)
