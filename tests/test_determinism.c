@@ -74,7 +74,7 @@ START_TEST(test_layer_threads)
     c.jitter_eps = c.router == MOE_ROUTER_TOPK ? 0.01 : 0;
     c.n_shared = 1;
     c.residual = c.router == MOE_ROUTER_TOPK;
-    const int64_t T = 389; /* several row blocks per expert, a partial one at each end */
+    const int64_t T = 1543; /* several row blocks (MOE_ROW_BLOCK) per expert, partial ones at the ends */
     int64_t n;
     double *ref = layer_run(&c, 1, T, &n);
     for (int i = 1; i < NTHREADS; i++) {

@@ -118,7 +118,7 @@ START_TEST(test_loopback_bits)
     const char *bname = _i % 2 ? "cpu" : "ref";
     moe_layer_config c;
     config(&c, &variants[v]);
-    const int64_t T = 157; /* prime: uneven chunks and partial row blocks */
+    const int64_t T = 1031; /* prime: uneven chunks and partial row blocks (MOE_ROW_BLOCK) */
     moe_backend *b;
     ck_assert_int_eq(moe_backend_create(bname, &(moe_backend_options){.threads = 2}, &b), MOE_OK);
     result plain = run_layer(b, &c, NULL, T);

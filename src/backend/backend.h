@@ -53,6 +53,11 @@ static inline moe_tensor moe_tensor_at(moe_tensor t, int64_t off)
     return t;
 }
 
+/* Rows per block at which a backend may cut an expert's GEMMs, counted from the start of
+ * the expert's segment: an exchange cuts its chunks at multiples of it, so that chunking
+ * never moves a row into another block (and never changes a bit). */
+#define MOE_ROW_BLOCK 512
+
 /* Streams of a backend: ops go to the current one (set_stream). */
 enum { MOE_STREAM_COMPUTE, MOE_STREAM_COMM, MOE_NSTREAMS };
 

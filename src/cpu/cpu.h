@@ -73,8 +73,10 @@ void moe_cpu_sgemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
  */
 void moe_cpu_sgemm_par(int nt, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                        int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
-/* Rows per block of those splits (the experts' blocks too). */
-#define MOE_CPU_ROWS 64
+/* Rows per block of those splits. The experts' GEMMs run in blocks of MOE_ROW_BLOCK
+ * (backend.h), large enough that packing a weight matrix (OpenBLAS packs B on every
+ * call) is paid over many rows. */
+#define MOE_CPU_ROWS 128
 
 /* one table filler per file */
 void moe_cpu_router_ops(moe_backend *b);

@@ -139,8 +139,13 @@ typedef struct {
 
 /* Task lists live on the stack; block_len keeps them within this. */
 #define MAX_TASKS 4096
-/* Columns of f per task of the weight-gradient pass. */
-#define COLS 64
+/* Columns of f per task of the weight-gradient pass: half of f (at least 64), fixed
+ * by the shape; fewer, wider tasks pack x·ᵀ fewer times. */
+static int64_t cols_per_task(int64_t f)
+{
+    int64_t c = (f / 2 + 63) / 64 * 64;
+    return c < 64 ? 64 : c;
+}
 
 static int team_size(moe_backend *b)
 {
@@ -201,7 +206,7 @@ static void grouped_forward(moe_backend *b, const groups *G, float *ye, float *h
     if (n == 0)
         return;
     task tasks[MAX_TASKS];
-    const int64_t nts = make_tasks(tasks, G->rows, G->E, 0, block_len(n, G->E, MOE_CPU_ROWS));
+    const int64_t nts = make_tasks(tasks, G->rows, G->E, 0, block_len(n, G->E, MOE_ROW_BLOCK));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team_size(b))
     for (int64_t q = 0; q < nts; q++) {
         const task tk = tasks[q];
@@ -225,7 +230,7 @@ static void grouped_backward_data(moe_backend *b, const groups *G, float *dxe, f
     if (n == 0)
         return;
     task tasks[MAX_TASKS];
-    const int64_t nts = make_tasks(tasks, G->rows, G->E, 0, block_len(n, G->E, MOE_CPU_ROWS));
+    const int64_t nts = make_tasks(tasks, G->rows, G->E, 0, block_len(n, G->E, MOE_ROW_BLOCK));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team_size(b))
     for (int64_t q = 0; q < nts; q++) {
         const task tk = tasks[q];
@@ -254,7 +259,7 @@ static void grouped_backward_weights(moe_backend *b, const groups *G, float *dw1
         active += G->rows[e] > 0;
     if (!active)
         return;
-    int64_t clen = COLS;
+    int64_t clen = cols_per_task(f);
     while (((f + clen - 1) / clen) * active > MAX_TASKS)
         clen *= 2;
     task tasks[MAX_TASKS];

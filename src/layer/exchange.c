@@ -168,12 +168,12 @@ static int64_t loop_expert_rows(const moe_xstate *s)
     return s->max_rows;
 }
 
-/* Chunk c of an expert's R rows: the c-th of D runs of whole MOE_CHUNK_ROWS blocks. */
+/* Chunk c of an expert's R rows: the c-th of D runs of whole MOE_ROW_BLOCK blocks. */
 static void slice(int64_t R, int64_t c, int64_t D, int64_t *lo, int64_t *hi)
 {
-    const int64_t blocks = (R + MOE_CHUNK_ROWS - 1) / MOE_CHUNK_ROWS;
-    *lo = blocks * c / D * MOE_CHUNK_ROWS;
-    *hi = blocks * (c + 1) / D * MOE_CHUNK_ROWS;
+    const int64_t blocks = (R + MOE_ROW_BLOCK - 1) / MOE_ROW_BLOCK;
+    *lo = blocks * c / D * MOE_ROW_BLOCK;
+    *hi = blocks * (c + 1) / D * MOE_ROW_BLOCK;
     *lo = *lo < R ? *lo : R;
     *hi = *hi < R ? *hi : R;
 }

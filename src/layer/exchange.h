@@ -10,7 +10,7 @@
  * (Tutel's pipelining: chunk c's rows travel while chunk c−1's experts compute).
  *
  * A chunk is the c-th of `chunks` slices of every expert's rows, cut at multiples of
- * MOE_CHUNK_ROWS (the cpu backend's GEMM block). The expert side is laid out expert by
+ * MOE_ROW_BLOCK (backend.h: the blocks of the experts' GEMMs). The expert side is laid out expert by
  * expert, each expert's chunks in order, so a chunk's rows sit where they would without
  * chunks: chunking moves no row to another GEMM block, the weight gradients run once over
  * every row after the last chunk, and no bit changes.
@@ -24,8 +24,6 @@
 #define CMOE_EXCHANGE_H
 
 #include "backend/backend.h"
-
-#define MOE_CHUNK_ROWS 64
 
 typedef struct moe_exchange moe_exchange;
 typedef struct moe_xstate moe_xstate; /* one layer's buffers and plans in an exchange */
