@@ -28,7 +28,7 @@ void help_bench(void)
            "prints the median, a per-phase split, GFLOP/s, and the ratio to one\n"
            "cblas_sgemm of the same total FLOPs measured in the same run.\n\n"
            "Options (default):\n"
-           "  --backend NAME         cpu or ref (cpu)\n"
+           "  --backend NAME         one of this build's: %s (cpu)\n"
            "  --tokens T             tokens per batch (4096)\n"
            "  --d-model D            hidden size (512)\n"
            "  --d-ff F               expert intermediate size (2048)\n"
@@ -50,7 +50,7 @@ void help_bench(void)
            "  --help                 this text\n\n"
            "FLOPs count the GEMMs only (router, experts, shared): forward 2·m·n·k each,\n"
            "backward twice that. Gradients accumulate across iterations (zero_grad is\n"
-           "outside the timed region).\n");
+           "outside the timed region).\n", moe_backend_list());
 }
 
 static int usage(const char *fmt, const char *arg)

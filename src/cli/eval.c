@@ -43,12 +43,12 @@ void help_eval(void)
            "                       max_position_embeddings)\n"
            "  --batch B            rows per forward pass (the run's --batch)\n"
            "  --max-batches N      stop after N batches; 0: the whole split (0)\n"
-           "  --backend NAME       cpu or ref (cpu)\n"
+           "  --backend NAME       one of this build's: %s (cpu)\n"
            "  --threads N          worker threads (OpenMP's default)\n"
            "  --json               print one JSON object instead of text\n"
            "  --help               this text\n\n"
            "Exit status: 0 ok, 1 failure (no run, bad data, weights that are not finite, a loss\n"
-           "that is not finite; the reason on stderr), 2 usage.\n");
+           "that is not finite; the reason on stderr), 2 usage.\n", moe_backend_list());
 }
 
 static int usage(const char *fmt, ...)
@@ -210,8 +210,8 @@ int cmd_eval(int argc, char **argv)
                 return usage("--max-batches: '%s' is not an integer >= 0", optarg);
             break;
         case OPT_BACKEND:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "ref") && strcmp(optarg, "cuda"))
-                return usage("--backend: '%s' is not one of cpu, ref, cuda", optarg);
+            if (!cli_backend_known(optarg))
+                return usage("--backend: '%s' is not a backend of this build (%s)", optarg, moe_backend_list());
             o.backend = optarg;
             break;
         case OPT_THREADS:

@@ -50,6 +50,14 @@ moe_status cli_backend_create(const char *name, int threads, moe_backend **out)
     return moe_backend_create(name, &(moe_backend_options){.threads = threads}, out);
 }
 
+int cli_backend_known(const char *name)
+{
+    for (int i = 0; i < moe_backend_count(); i++)
+        if (!strcmp(moe_backend_name(i), name))
+            return 1;
+    return 0;
+}
+
 moe_status cli_path(char *buf, size_t n, const char *dir, const char *name)
 {
     int k = snprintf(buf, n, "%s/%s", dir, name);

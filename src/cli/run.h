@@ -29,6 +29,8 @@ int cli_parse_double(const char *s, double *out);
 
 /* "ref" or "cpu"; "cuda" fails with MOE_ERR_UNSUPPORTED and says what to use instead. */
 moe_status cli_backend_create(const char *name, int threads, moe_backend **out);
+/* Whether this build registers a backend of that name (moe_backend_list() has them all). */
+int cli_backend_known(const char *name);
 
 /* Seconds as "42s", "3m07s", "2h05m" ("?" when negative or absurd). */
 void cli_fmt_duration(char *buf, size_t n, double s);

@@ -59,11 +59,11 @@ void help_sample(void)
            "  --top-k K            keep the K most probable tokens; 0: all (%" PRId64 ")\n"
            "  --top-p P            keep the most probable tokens whose mass reaches P (%g)\n"
            "  --seed S             seed of the draws: same seed, same text (%" PRIu64 ")\n"
-           "  --backend NAME       cpu or ref (%s)\n"
+           "  --backend NAME       one of this build's: %s (%s)\n"
            "  --threads N          worker threads (OpenMP's default)\n"
            "  --help               this text\n\n"
            "Exit status: 0 ok, 1 failure (no run or weights there; the reason on stderr), 2 usage.\n",
-           d.tokens, d.temperature, d.top_k, d.top_p, d.seed, d.backend);
+           d.tokens, d.temperature, d.top_k, d.top_p, d.seed, moe_backend_list(), d.backend);
 }
 
 static int usage(const char *fmt, ...)
@@ -226,8 +226,8 @@ int cmd_sample(int argc, char **argv)
             o.seed = (uint64_t)v;
             break;
         case OPT_BACKEND:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "ref") && strcmp(optarg, "cuda"))
-                return usage("--backend: '%s' is not one of cpu, ref, cuda", optarg);
+            if (!cli_backend_known(optarg))
+                return usage("--backend: '%s' is not a backend of this build (%s)", optarg, moe_backend_list());
             o.backend = optarg;
             break;
         case OPT_THREADS:

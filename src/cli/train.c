@@ -81,8 +81,8 @@ void help_train(void)
            "  --lr LR             peak learning rate, AdamW, cosine decay to 0.1·LR (%g)\n"
            "  --warmup N          linear warmup steps (min(100, steps/10))\n"
            "  --seed S            initialisation and batch order (%" PRIu64 ")\n"
-           "  --backend NAME      cpu (fp32, OpenBLAS), ref (double, the oracle; slow) or cuda\n"
-           "                      (%s)\n"
+           "  --backend NAME      one of this build's: %s (%s); cpu: fp32, OpenBLAS;\n"
+           "                      ref: double, the oracle (slow)\n"
            "  --threads N         worker threads (OpenMP's default, OMP_NUM_THREADS)\n"
            "Output:\n"
            "  --out DIR           run directory (runs/YYYYmmdd-HHMMSS): new, or empty; a directory\n"
@@ -122,7 +122,7 @@ void help_train(void)
            "(130, 143, 129); --resume DIR continues. A second signal exits at once. One process\n"
            "trains in a directory at a time (DIR/.cmoe.lock names it).\n"
            "Exit status: 0 ok, 1 failure (bad data or config; the reason on stderr), 2 usage.\n",
-           CLI_DEFAULT_DATA, CLI_DEFAULT_DATA, d.t.steps, d.t.batch, d.t.seq, d.t.accum, d.t.oc.lr, d.t.seed, d.t.backend,
+           CLI_DEFAULT_DATA, CLI_DEFAULT_DATA, d.t.steps, d.t.batch, d.t.seq, d.t.accum, d.t.oc.lr, d.t.seed, moe_backend_list(), d.t.backend,
            d.t.eval_every, d.t.eval_batches, d.log_every, d.t.keep);
 }
 
@@ -657,8 +657,8 @@ int cmd_train(int argc, char **argv)
         case OPT_OUT: o.out = optarg; break;
         case OPT_FORCE: o.force = 1; break;
         case OPT_BACKEND:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "ref") && strcmp(optarg, "cuda"))
-                return usage("--backend: '%s' is not one of cpu, ref, cuda", optarg);
+            if (!cli_backend_known(optarg))
+                return usage("--backend: '%s' is not a backend of this build (%s)", optarg, moe_backend_list());
             snprintf(o.t.backend, sizeof o.t.backend, "%s", optarg);
             o.given |= MOE_TS_BACKEND;
             break;

@@ -12,6 +12,7 @@
 #include <mpi.h>
 #endif
 
+#include "backend/backend.h"
 #include "cmoe.h"
 
 const char *moe_version(void) { return PACKAGE_VERSION; }
@@ -62,14 +63,14 @@ const char *moe_build_info(void)
     openmp_info(omp, sizeof omp);
     mpi_info(mpi, sizeof mpi);
     snprintf(info, sizeof info,
-             "BLAS: %s\nOpenMP: %s\nMPI: %s\nCUDA: %s",
+             "BLAS: %s\nOpenMP: %s\nMPI: %s\nCUDA: %s\nBackends: %s",
              blas, omp, mpi,
 #ifdef HAVE_CUDA
-             "built (nvcc -arch=" CMOE_CUDA_ARCH ")"
+             "built (nvcc -arch=" CMOE_CUDA_ARCH ")",
 #else
-             "not built (configure --with-cuda to build it)"
+             "not built (configure --with-cuda to build it)",
 #endif
-    );
+             moe_backend_list());
     return info;
 }
 
