@@ -31,6 +31,8 @@ void ck_shape(ck *c, const char *fmt, ...)
 #endif
     ;
 int ck_want(const ck *c, const char *op);
+/* whether a section with the op names ops (NULL-terminated) has a row that --only asks for */
+int ck_section(const ck *c, const char *const *ops);
 void ck_row(ck *c, const char *op, double err, double tol, const char *note);
 /* n elements of type t on the backend (ref's own type there), from host (rounded by the
  * backend, then the same values to ref) or NaN-poisoned when host is NULL */

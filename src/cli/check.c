@@ -50,8 +50,7 @@ static int usage(const char *fmt, const char *arg)
 typedef struct {
     int failures_only;
     double worst;
-    const char *worst_op;
-    char worst_shape[96];
+    char worst_op[96], worst_shape[96];
 } printer;
 
 static void print_row(const moe_check_row *r, void *ctx)
@@ -59,7 +58,7 @@ static void print_row(const moe_check_row *r, void *ctx)
     printer *p = ctx;
     if (r->ok && r->err > p->worst) {
         p->worst = r->err;
-        p->worst_op = r->op;
+        snprintf(p->worst_op, sizeof p->worst_op, "%s", r->op);
         snprintf(p->worst_shape, sizeof p->worst_shape, "%s", r->shape);
     }
     if (p->failures_only && r->ok)
@@ -138,7 +137,7 @@ int cmd_check(int argc, char **argv)
         return EXIT_FAIL;
     }
     printf("cmoe check: %d of %d comparisons failed", failed, rows);
-    if (pr.worst_op)
+    if (*pr.worst_op)
         printf("; the largest passing error %.3e (%s, %s)", pr.worst, pr.worst_op, pr.worst_shape);
     printf("\n");
     return failed || rows == 0 ? EXIT_FAIL : EXIT_OK;

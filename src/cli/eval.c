@@ -43,7 +43,7 @@ void help_eval(void)
            "                       max_position_embeddings)\n"
            "  --batch B            rows per forward pass (the run's --batch)\n"
            "  --max-batches N      stop after N batches; 0: the whole split (0)\n"
-           "  --backend NAME       cpu or ref (cpu)\n"
+           "  --backend NAME       cpu, ref or cuda (fp32) (cpu)\n"
            "  --threads N          worker threads (OpenMP's default)\n"
            "  --json               print one JSON object instead of text\n"
            "  --help               this text\n\n"

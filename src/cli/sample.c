@@ -57,7 +57,7 @@ void help_sample(void)
            "  --top-k K            keep the K most probable tokens; 0: all (%" PRId64 ")\n"
            "  --top-p P            keep the most probable tokens whose mass reaches P (%g)\n"
            "  --seed S             seed of the draws: same seed, same text (%" PRIu64 ")\n"
-           "  --backend NAME       cpu or ref (%s)\n"
+           "  --backend NAME       cpu, ref or cuda (fp32) (%s)\n"
            "  --threads N          worker threads (OpenMP's default)\n"
            "  --help               this text\n\n"
            "Exit status: 0 ok, 1 failure (no run or weights there; the reason on stderr), 2 usage.\n",

@@ -38,13 +38,13 @@
 
 /* Training settings; the model's own come from the config. */
 typedef struct {
-    const char *config, *preset, *data, *backend, *out, *resume, *init_from;
+    const char *config, *preset, *data, *backend, *dtype, *out, *resume, *init_from;
     int64_t steps, batch, seq, accum, warmup, threads;
     int64_t eval_every, eval_batches, log_every, save_every, keep;
     double lr;
     uint64_t seed;
     int have_seq, have_lr, have_warmup, force;
-    int have_steps, have_backend, have_threads, have_eval_every, have_eval_batches, have_save_every, have_keep;
+    int have_steps, have_backend, have_dtype, have_threads, have_eval_every, have_eval_batches, have_save_every, have_keep;
     const char *fixed; /* the first option given that a resumed run cannot change, or NULL */
 } train_opts;
 
@@ -95,6 +95,9 @@ void help_train(void)
            "  --seed S            initialisation and batch order (%" PRIu64 ")\n"
            "  --backend NAME      cpu (fp32, OpenBLAS), ref (double, the oracle; slow) or cuda\n"
            "                      (%s)\n"
+           "  --dtype TYPE        compute type: fp32, or bf16 on cuda (bf16 weights and\n"
+           "                      activations; router, master weights and AdamW state fp32;\n"
+           "                      checkpoints fp32 either way) (the backend's own: fp32)\n"
            "  --threads N         worker threads (OpenMP's default, OMP_NUM_THREADS)\n"
            "Output:\n"
            "  --out DIR           run directory (runs/YYYYmmdd-HHMMSS); must not hold a run\n"
@@ -114,7 +117,7 @@ void help_train(void)
            "                      (or from the checkpoint file PATH): every later step is bitwise\n"
            "                      the step of the uninterrupted run. Settings come from the\n"
            "                      checkpoint; only --steps (a new cosine horizon), --threads,\n"
-           "                      --backend, --eval-every, --eval-batches, --log-every,\n"
+           "                      --backend, --dtype, --eval-every, --eval-batches, --log-every,\n"
            "                      --save-every and --keep may be given. metrics.jsonl is cut back\n"
            "                      to the checkpoint's step and continues; later checkpoints are\n"
            "                      removed. A checkpoint that fails validation changes nothing.\n"
@@ -484,6 +487,8 @@ static moe_status make_train_json(train_run *r)
     json_object_set_new(j, "grad_clip", json_real(r->oc.grad_clip));
     json_object_set_new(j, "seed", json_integer((json_int_t)o->seed));
     json_object_set_new(j, "backend", json_string(o->backend));
+    /* the compute type the backend ran in (f64 ref, f32 cpu, f32 or bf16 cuda) */
+    json_object_set_new(j, "dtype", json_string(moe_dtype_name(r->b->float_type)));
     json_object_set_new(j, "threads", json_integer(o->threads));
     json_object_set_new(j, "eval_every", json_integer(o->eval_every));
     json_object_set_new(j, "eval_batches", json_integer(o->eval_batches));
@@ -689,6 +694,7 @@ static moe_status resume_settings(train_run *r)
     train_opts *o = &r->o;
     moe_status s = MOE_OK;
     static char data[4096], model[4200], backend[16];
+    const char *dtype = NULL;
 #define INT(key, field) \
     if (!s && !(s = need(t, key, JSON_INTEGER, path, &v))) field = json_integer_value(v);
 #define NUM(key, field) \
@@ -713,6 +719,8 @@ static moe_status resume_settings(train_run *r)
         keep = json_integer_value(v);
     if (!s && !(s = need(t, "backend", JSON_STRING, path, &v)))
         snprintf(backend, sizeof backend, "%s", json_string_value(v));
+    if (!s && (v = json_object_get(t, "dtype")) && json_is_string(v) && !strcmp(json_string_value(v), "bf16"))
+        dtype = "bf16"; /* else the backend's own type (runs before --dtype have no key) */
 #undef INT
 #undef NUM
     json_decref(t);
@@ -738,6 +746,8 @@ static moe_status resume_settings(train_run *r)
         o->save_every = se;
     if (!o->have_keep)
         o->keep = keep;
+    if (!o->have_dtype) /* another backend computes in its own type unless told */
+        o->dtype = o->have_backend && strcmp(o->backend, backend) ? NULL : dtype;
     if (!o->have_backend)
         o->backend = backend;
     else if (strcmp(o->backend, backend))
@@ -882,7 +892,7 @@ static moe_status setup(train_run *r)
     }
     if ((s = moe_optim_config_validate(&r->oc)))
         return s;
-    if ((s = cli_backend_create(o->backend, (int)o->threads, &r->b)) ||
+    if ((s = cli_backend_create(o->backend, (int)o->threads, o->dtype, &r->b)) ||
         (s = moe_model_create(&r->cfg, r->b, NULL, o->batch, o->seq, &r->m)) ||
         (s = moe_optim_create(r->m, &r->oc, &r->opt)) || (s = acc_create(&r->cfg, &r->acc)))
         return s;
@@ -1094,7 +1104,7 @@ static int run_train(train_opts *o)
 enum {
     OPT_CONFIG = 256, OPT_PRESET, OPT_DATA, OPT_STEPS, OPT_BATCH, OPT_SEQ, OPT_ACCUM, OPT_LR, OPT_WARMUP,
     OPT_BACKEND, OPT_THREADS, OPT_SEED, OPT_OUT, OPT_FORCE, OPT_EVAL_EVERY, OPT_EVAL_BATCHES, OPT_LOG_EVERY,
-    OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_INIT_FROM, OPT_HELP
+    OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_INIT_FROM, OPT_DTYPE, OPT_HELP
 };
 
 static int int_opt(const char *name, const char *arg, int64_t lo, int64_t hi, int64_t *out)
@@ -1118,6 +1128,7 @@ int cmd_train(int argc, char **argv)
         {"lr", required_argument, NULL, OPT_LR},
         {"warmup", required_argument, NULL, OPT_WARMUP},
         {"backend", required_argument, NULL, OPT_BACKEND},
+        {"dtype", required_argument, NULL, OPT_DTYPE},
         {"threads", required_argument, NULL, OPT_THREADS},
         {"seed", required_argument, NULL, OPT_SEED},
         {"out", required_argument, NULL, OPT_OUT},
@@ -1159,6 +1170,12 @@ int cmd_train(int argc, char **argv)
                 return usage("--backend: '%s' is not one of cpu, ref, cuda", optarg);
             o.backend = optarg;
             o.have_backend = 1;
+            break;
+        case OPT_DTYPE:
+            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16"))
+                return usage("--dtype: '%s' is not one of fp32, bf16", optarg);
+            o.dtype = optarg;
+            o.have_dtype = 1;
             break;
         case OPT_STEPS:
             if (int_opt("--steps", optarg, 1, big, &o.steps))
@@ -1235,7 +1252,7 @@ int cmd_train(int argc, char **argv)
         return usage("give --config FILE or --preset NAME, not both");
     if (o.resume && o.fixed)
         return usage("--%s cannot be given with --resume: a resumed run keeps its checkpoint's settings (only "
-                     "--steps, --threads, --backend, --eval-every, --eval-batches, --log-every, --save-every and "
+                     "--steps, --threads, --backend, --dtype, --eval-every, --eval-batches, --log-every, --save-every and "
                      "--keep may change)", o.fixed);
     if (o.init_from && (o.config || o.preset))
         return usage("--init-from DIR takes the model config from DIR; drop --%s", o.config ? "config" : "preset");

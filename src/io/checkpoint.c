@@ -51,7 +51,7 @@ moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe
         goto done;
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_model_get_param(m, i, pv)) || (s = moe_optim_get_moments(o, i, mv, vv)) ||
+        if ((s = moe_optim_get_weights(o, i, pv)) || (s = moe_optim_get_moments(o, i, mv, vv)) ||
             (s = add_tensor(w, p->name, dt, p, pv, scratch)))
             break;
         snprintf(name, sizeof name, "optim.m.%s", p->name);
@@ -347,7 +347,8 @@ moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
         s = moe_error(MOE_ERR_NOMEM, "checkpoint restore: out of memory");
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, p->name), pv)) || (s = moe_model_set_param(m, i, pv)))
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, p->name), pv)) ||
+            (s = o ? moe_optim_set_weights(o, i, pv) : moe_model_set_param(m, i, pv)))
             break;
         if (!o)
             continue;

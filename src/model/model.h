@@ -337,5 +337,11 @@ moe_status moe_optim_set_config(moe_optim *o, const moe_optim_config *c);
 /* Host copies of the moments of parameter i (numel each; checkpoints: "optim.m.NAME"). */
 moe_status moe_optim_get_moments(moe_optim *o, int i, double *m, double *v);
 moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const double *v);
+/* The weights AdamW steps for parameter i: its f32 master copy when the parameters are
+ * stored narrower (bf16), else the parameter itself. Checkpoints save these (so a bf16 run
+ * saves fp32 weights and resumes bit for bit); set writes the master copy and the
+ * parameter (rounded to its type). */
+moe_status moe_optim_get_weights(moe_optim *o, int i, double *w);
+moe_status moe_optim_set_weights(moe_optim *o, int i, const double *w);
 
 #endif

@@ -214,3 +214,22 @@ moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const dou
     moe_status s = m ? moe_upload_f64(b, (moe_tensor){o->mbuf, o->off[i]}, m, n) : MOE_OK;
     return s || !v ? s : moe_upload_f64(b, (moe_tensor){o->vbuf, o->off[i]}, v, n);
 }
+
+moe_status moe_optim_get_weights(moe_optim *o, int i, double *w)
+{
+    if (!o || i < 0 || i >= o->n)
+        return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
+    if (!o->wbuf)
+        return moe_model_get_param(o->m, i, w);
+    return moe_download_f64(moe_model_backend(o->m), w, (moe_tensor){o->wbuf, o->off[i]}, o->off[i + 1] - o->off[i]);
+}
+
+moe_status moe_optim_set_weights(moe_optim *o, int i, const double *w)
+{
+    if (!o || i < 0 || i >= o->n)
+        return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
+    moe_status s = moe_model_set_param(o->m, i, w);
+    if (s || !o->wbuf)
+        return s;
+    return moe_upload_f64(moe_model_backend(o->m), (moe_tensor){o->wbuf, o->off[i]}, w, o->off[i + 1] - o->off[i]);
+}
