@@ -1,7 +1,7 @@
 /*
  * Grouped GEMMs over plan segments (gemm.h): a tiled fp32 kernel for any type and shape,
  * and a tensor-core kernel for bf16 (mma.sync.m16n8k16 with ldmatrix fragments and a
- * three-stage cp.async pipeline; the layout follows CUTLASS's sm80 "multistage" GEMMs).
+ * four-stage cp.async pipeline; the layout follows CUTLASS's sm80 "multistage" GEMMs).
  *
  * The grid is sized from host-known bounds: ROWS launches rows_bound/BM + E row tiles
  * (Σ_e ceil(m_e/BM) never exceeds that) and each block finds its expert by scanning the
@@ -263,7 +263,7 @@ __device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a, const uint
 
 #define T_BM 128
 #define T_BK 32
-#define T_ST 3
+#define T_ST 4
 #define T_PAD 8
 
 template <int NB> struct tc_shape {

@@ -122,20 +122,26 @@ moe_status moe_convert(void *dst, moe_dtype dt, const void *src, moe_dtype st, i
         memcpy(dst, src, (size_t)n * types[dt].size);
         return MOE_OK;
     }
+    /* elementwise, so threads change no bit; they matter for the GiB-sized expert tensors
+     * of a GPU model loaded from double */
     switch (dt) {
     case MOE_F64:
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
         for (int64_t i = 0; i < n; i++)
             ((double *)dst)[i] = load(src, st, i);
         return MOE_OK;
     case MOE_F32: /* from double: one rounding, as the C cast does */
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
         for (int64_t i = 0; i < n; i++)
             ((float *)dst)[i] = (float)load(src, st, i);
         return MOE_OK;
     case MOE_BF16:
         if (st == MOE_F64) { /* directly from double: one rounding, not two */
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
             for (int64_t i = 0; i < n; i++)
                 ((uint16_t *)dst)[i] = moe_f64_to_bf16(((const double *)src)[i]);
         } else {
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
             for (int64_t i = 0; i < n; i++)
                 ((uint16_t *)dst)[i] = moe_f32_to_bf16((float)load(src, st, i));
         }
