@@ -266,10 +266,12 @@ __device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a, const uint
 #define T_ST 4
 #define T_PAD 8
 
+/* 128 × 256 outputs per block (two accumulators: 128 × 128 each), 2 × 4 warps of 64 × 64:
+ * 32 mma per 8 ldmatrix per k16 step. One block per SM (its registers), four stages deep. */
 template <int NB> struct tc_shape {
-    static constexpr int BN = NB == 2 ? 64 : 128; /* two accumulators: half the columns each */
-    static constexpr int WN = BN / 4;             /* 2 × 4 warps: a warp owns 64 × WN */
-    static constexpr int NT = WN / 8;             /* n8 tiles per warp */
+    static constexpr int BN = NB == 2 ? 128 : 256;
+    static constexpr int WN = BN / 4; /* a warp owns 64 × WN */
+    static constexpr int NT = WN / 8; /* n8 tiles per warp */
 };
 
 /* elements of one stage: A (AT: [BK][BM], else [BM][BK]) and NB B tiles (BT: [BN][BK],
@@ -282,7 +284,7 @@ template <int MODE, int BT, int NB> struct tc_smem {
 };
 
 template <int MODE, int BT, int NB, int NK, int EPI>
-__global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
+__global__ void __launch_bounds__(256, 1) tc_gemm(GA g)
 {
     constexpr int BN = tc_shape<NB>::BN, WN = tc_shape<NB>::WN, NT = tc_shape<NB>::NT;
     constexpr int AS = tc_smem<MODE, BT, NB>::AS, BS = tc_smem<MODE, BT, NB>::BS;
