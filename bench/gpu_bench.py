@@ -262,7 +262,7 @@ class Model(torch.nn.Module):
             k = k * cos + torch.cat([-k[..., self.hd // 2:], k[..., :self.hd // 2]], -1) * sin
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.Hkv != self.H)
             x = x + F.linear(a.transpose(1, 2).reshape(B, S, -1), b.wo)
-            h = F.rms_norm(x, (x.shape[-1],), b.ln2, eps).view(B * S, -1)
+            h = F.rms_norm(x, (x.shape[-1],), b.ln2, eps).reshape(B * S, -1)
             with torch.autocast("cuda", enabled=False):  # the router in fp32, as cmoe's
                 logits = h.float() @ b.wr.float()
             probs = logits.softmax(-1)
@@ -282,10 +282,10 @@ class Model(torch.nn.Module):
             ye = torch._grouped_mm(F.silu(g) * u, w2, offs=offs)
             ye = ye * w.flatten()[order].to(ye.dtype)[:, None]
             y = torch.zeros(B * S, x.shape[-1], device=x.device, dtype=ye.dtype).index_add_(0, tok, ye)
-            x = x + y.view(B, S, -1).to(x.dtype)
+            x = x + y.reshape(B, S, -1).to(x.dtype)
         x = F.rms_norm(x, (x.shape[-1],), self.normf, eps)
         logits = F.linear(x, self.lm if self.lm is not None else self.wte)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), tgt.view(-1)) + aux
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1)) + aux
 
 
 def bench_train_torch(c):

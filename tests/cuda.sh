@@ -43,7 +43,7 @@ common="--preset tiny --data synth --steps 10 --batch 4 --seq 32 --eval-every 10
 for b in ref cpu cuda; do
     run "train-$b" train $common --backend "$b" --threads 2 --out "$tmp/$b"
 done
-run train-cuda2 train $common --backend cuda --out "$tmp/cuda2"
+run train-cuda2 train $common --backend cuda --threads 2 --out "$tmp/cuda2"
 for b in ref cpu; do
     col "$tmp/cuda/metrics.jsonl" loss >"$tmp/cuda.loss"
     col "$tmp/$b/metrics.jsonl" loss >"$tmp/$b.loss"
@@ -83,7 +83,7 @@ n=$(wc -l <"$tmp/gpu/metrics.jsonl" | tr -d ' ')
 [ "$n" -eq 30 ] || fail "the resumed run has $n steps, want 30"
 col "$tmp/gpu/metrics.jsonl" loss | awk '!($1 > 0 && $1 < 10) { bad = 1 } END { exit bad }' ||
     fail "the resumed run's losses are not finite"
-run sample sample "$tmp/gpu" --backend cuda --tokens 20 --prompt ab
+run sample sample "$tmp/gpu" --backend cuda --tokens 20 --prompt "1 2 3"
 run eval eval "$tmp/gpu" --backend cuda --max-batches 2
 
 [ "$fails" -eq 0 ] && echo "cuda.sh: all ok"

@@ -174,6 +174,7 @@ static const shape shapes[] = {
     {23, 16, 24, 5, 1, 0, 2, 0},     /* all tokens to one expert */
     {41, 16, 28, 4, 2, 0.5, 0, 0},   /* capacity overflow */
     {31, 8, 12, 3, 2, 0.75, 2, 0},   /* overflow of one expert */
+    {67, 64, 136, 4, 2, 0, 0, 0},    /* several tiles of N and K on the fast GEMM paths */
     {509, 64, 136, 8, 2, 0, 0, 1},   /* T prime, several tiles per expert */
     {1031, 128, 256, 16, 4, 1.0, 0, 1}, /* many experts, capacity */
 };
