@@ -66,8 +66,10 @@ static void small_model(moe_model_config *c)
     c->moe.jitter_eps = 0.01;
 }
 
-/* per-step losses (ce + aux, averaged over 2 micro-batches) and, in params, the weights */
-static void train(const char *backend, const char *dtype, double *losses, double **params, int64_t *n)
+/* per-step losses (ce + aux, averaged over 2 micro-batches) and, in params, the weights;
+ * init_after: the optimizer is made before the weights are initialised (as cmoe train does) */
+static void train_order(const char *backend, const char *dtype, double *losses, double **params, int64_t *n,
+                        int init_after)
 {
     moe_model_config c;
     small_model(&c);
@@ -77,7 +79,8 @@ static void train(const char *backend, const char *dtype, double *losses, double
     moe_model *m;
     const int64_t B = 4, S = 32;
     ck_assert_msg(moe_model_create(&c, b, NULL, B, S, &m) == MOE_OK, "%s", moe_last_error());
-    ck_assert_int_eq(moe_model_init(m, 5), MOE_OK);
+    if (!init_after)
+        ck_assert_int_eq(moe_model_init(m, 5), MOE_OK);
     moe_optim_config oc;
     moe_optim_config_default(&oc);
     oc.lr = 3e-3;
@@ -85,6 +88,8 @@ static void train(const char *backend, const char *dtype, double *losses, double
     oc.total_steps = STEPS;
     moe_optim *o;
     ck_assert_int_eq(moe_optim_create(m, &oc, &o), MOE_OK);
+    if (init_after)
+        ck_assert_int_eq(moe_model_init(m, 5), MOE_OK);
     int32_t in[128], tg[128];
     for (int step = 0; step < STEPS; step++) {
         moe_model_zero_grad(m);
@@ -117,6 +122,11 @@ static void train(const char *backend, const char *dtype, double *losses, double
     moe_optim_free(o);
     moe_model_free(m);
     moe_backend_free(b);
+}
+
+static void train(const char *backend, const char *dtype, double *losses, double **params, int64_t *n)
+{
+    train_order(backend, dtype, losses, params, n, 0);
 }
 
 START_TEST(test_train_vs_cpu_ref)
@@ -230,6 +240,23 @@ START_TEST(test_layer_bits)
 }
 END_TEST
 
+/* bf16 parameters with fp32 master weights: the weights set after the optimizer was made
+ * (cmoe train initialises after creating it) are the ones stepped, not the zeros the
+ * optimizer copied when it was made */
+START_TEST(test_master_weights_order)
+{
+    double l1[STEPS], l2[STEPS], *p1, *p2;
+    int64_t n1, n2;
+    train_order("cuda", "bf16", l1, &p1, &n1, 0);
+    train_order("cuda", "bf16", l2, &p2, &n2, 1);
+    ck_assert_int_eq(n1, n2);
+    same_bits("losses", l1, l2, STEPS);
+    same_bits("weights", p1, p2, n1);
+    free(p1);
+    free(p2);
+}
+END_TEST
+
 /* ---- bad requests ---------------------------------------------------------------------------- */
 
 START_TEST(test_bad_input)
@@ -279,6 +306,7 @@ int main(void)
     tcase_add_test(tc, test_ops_bf16);
     tcase_add_test(tc, test_train_vs_cpu_ref);
     tcase_add_loop_test(tc, test_train_bits, 0, 2);
+    tcase_add_test(tc, test_master_weights_order);
     tcase_add_loop_test(tc, test_layer_bits, 0, 2 * (int)(sizeof routers / sizeof routers[0]));
     suite_add_tcase(s, tc);
     /* no fork: a CUDA context does not survive into a forked child (the probe made one) */

@@ -340,7 +340,9 @@ moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const dou
 /* The weights AdamW steps for parameter i: its f32 master copy when the parameters are
  * stored narrower (bf16), else the parameter itself. Checkpoints save these (so a bf16 run
  * saves fp32 weights and resumes bit for bit); set writes the master copy and the
- * parameter (rounded to its type). */
+ * parameter (rounded to its type). Until the first step the parameters are authoritative:
+ * the first moe_optim_step takes the master copies from them, however they were set after
+ * the optimizer was created (initialisation, a loaded model). */
 moe_status moe_optim_get_weights(moe_optim *o, int i, double *w);
 moe_status moe_optim_set_weights(moe_optim *o, int i, const double *w);
 

@@ -134,6 +134,12 @@ moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
     if (!o || !isfinite(grad_scale) || grad_scale <= 0)
         return moe_error(MOE_ERR_ARG, "optimizer step: grad_scale must be a finite number > 0 (got %g)", grad_scale);
     moe_backend *b = moe_model_backend(o->m);
+    if (o->wbuf && o->t == 0) /* nothing stepped yet: the master weights are the parameters as they are now, */
+        for (int i = 0; i < o->n; i++) { /* however they were set after the optimizer was made (init, a load) */
+            moe_tensor p;
+            moe_model_param_tensors(o->m, i, &p, NULL);
+            b->copy(b, (moe_tensor){o->wbuf, o->off[i]}, p, o->off[i + 1] - o->off[i]);
+        }
     moe_tensor sumsq = moe_model_scalar(o->m, MOE_SCALAR_GRAD_SUMSQ), scale = moe_model_scalar(o->m, MOE_SCALAR_CLIP);
     b->fill(b, sumsq, 0.0, 1);
     for (int i = 0; i < o->n; i++) { /* in table order: the same sum on every run */
@@ -219,7 +225,7 @@ moe_status moe_optim_get_weights(moe_optim *o, int i, double *w)
 {
     if (!o || i < 0 || i >= o->n)
         return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
-    if (!o->wbuf)
+    if (!o->wbuf || o->t == 0) /* before the first step the parameters are authoritative (moe_optim_step) */
         return moe_model_get_param(o->m, i, w);
     return moe_download_f64(moe_model_backend(o->m), w, (moe_tensor){o->wbuf, o->off[i]}, o->off[i + 1] - o->off[i]);
 }
