@@ -66,6 +66,11 @@ const char *moe_build_info(void);
  * MOE_OK when at least one device answers; MOE_ERR_CUDA when none does (buf says
  * why); MOE_ERR_UNSUPPORTED when built without --with-cuda (buf: "CUDA: not built"). */
 moe_status moe_cuda_device_info(char *buf, size_t n);
+/* The machine's GEMM ceiling on device 0: GFLOP/s of one cuBLAS GEMM (dtype "fp32": plain
+ * fp32, TF32 off; "bf16": bf16 operands, fp32 accumulation) of about `flops` operations on
+ * random data, median of 5 after a warm-up; side = its M = N = K. MOE_ERR_UNSUPPORTED
+ * without --with-cuda, MOE_ERR_CUDA without a device. */
+moe_status moe_cuda_gemm_ceiling(const char *dtype, double flops, double *gflops, int64_t *side);
 
 /* ---- random numbers: Philox-4x32-10, counter based --------------------- */
 

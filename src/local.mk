@@ -19,6 +19,8 @@ libcmoe_la_SOURCES += \
 EXTRA_DIST += cmoe.pc.in
 # the backend table and its registry
 libcmoe_la_SOURCES += src/backend/backend.h src/backend/registry.c
+# every op of a backend against the oracle (cmoe check, the cross-check suites)
+libcmoe_la_SOURCES += src/backend/check.h src/backend/check_impl.h src/backend/check.c src/backend/check_model.c
 # the cpu backend: fp32, OpenBLAS + OpenMP; one file per op, named as its ref/ twin
 libcmoe_la_SOURCES += \
 	src/cpu/cpu.h \

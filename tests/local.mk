@@ -158,3 +158,16 @@ tests_test_rundir_SOURCES = tests/test_rundir.c tests/testutil.h
 tests_test_rundir_CFLAGS = $(TEST_CFLAGS)
 tests_test_rundir_LDADD = $(TEST_LDADD)
 endif
+# the cuda backend (gpu/) against ref and cpu; exits 77 (SKIP) without a build or a device
+if HAVE_CHECK
+check_PROGRAMS += tests/test_cuda tests/test_check
+TESTS += tests/test_cuda tests/test_check
+tests_test_cuda_SOURCES = tests/test_cuda.c tests/testutil.h
+tests_test_cuda_CFLAGS = $(TEST_CFLAGS)
+tests_test_cuda_LDADD = $(TEST_LDADD)
+tests_test_check_SOURCES = tests/test_check.c tests/testutil.h
+tests_test_check_CFLAGS = $(TEST_CFLAGS)
+tests_test_check_LDADD = $(TEST_LDADD)
+endif
+TESTS += tests/cuda.sh
+EXTRA_DIST += tests/cuda.sh

@@ -5,7 +5,7 @@
  * element offset) and never dereferences them; values cross to the host only through
  * upload and download, in the host's own element type (dtype.h), converted on the way.
  * Backends register by name (moe_backend_register; ggml-backend-reg is the model):
- * ref (double, the oracle in ref/), cpu (fp32, OpenBLAS + OpenMP), cuda (later).
+ * ref (double, the oracle in ref/), cpu (fp32, OpenBLAS + OpenMP), cuda (gpu/, --with-cuda).
  *
  * Types per tensor. Every buffer carries a dtype, chosen by whoever allocates it: the
  * model asks for its parameters, activations, master weights and optimizer state in the
@@ -358,5 +358,7 @@ void moe_backend_free(moe_backend *b);
 /* The built-in backends' creators (registered by name in src/backend/registry.c). */
 moe_status moe_backend_ref_create(const moe_backend_options *o, moe_backend **out);
 moe_status moe_backend_cpu_create(const moe_backend_options *o, moe_backend **out);
+/* Only in a --with-cuda build (gpu/backend.cu); MOE_ERR_CUDA when no device answers. */
+moe_status moe_backend_cuda_create(const moe_backend_options *o, moe_backend **out);
 
 #endif

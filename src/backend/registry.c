@@ -2,6 +2,8 @@
  * The backend registry (ggml-backend-reg's idea): backends by name, each checked for a
  * complete op table when it is created; and the sticky error of enqueued ops.
  */
+#include "config.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -19,6 +21,9 @@ typedef struct {
 static entry builtin[] = {
     {"ref", "the oracle: plain C in double, every op as in ref/ (slow, trusted)", moe_backend_ref_create},
     {"cpu", "fp32, OpenBLAS + OpenMP", moe_backend_cpu_create},
+#ifdef HAVE_CUDA
+    {"cuda", "NVIDIA GPUs: fp32 (cross-checks) or bf16 (--dtype), cuBLAS + own kernels", moe_backend_cuda_create},
+#endif
 };
 
 static entry table[MAX_BACKENDS];

@@ -1,7 +1,8 @@
 /*
  * cmoe bench layer — times forward + backward of one MoE layer on a backend, splits the
  * time by phase, and measures in the same run the machine's ceiling: one cblas_sgemm
- * (OpenBLAS with its own threads, its best setting) of the same total FLOPs.
+ * (OpenBLAS with its own threads, its best setting) of the same total FLOPs, or on the
+ * cuda backend one cuBLAS GEMM of them in the compute type (--dtype).
  */
 #include "config.h"
 
@@ -26,9 +27,11 @@ void help_bench(void)
     printf("usage: cmoe bench layer [OPTIONS]\n\n"
            "Times forward + backward of one MoE layer (random inputs and weights) and\n"
            "prints the median, a per-phase split, GFLOP/s, and the ratio to one\n"
-           "cblas_sgemm of the same total FLOPs measured in the same run.\n\n"
+           "cblas_sgemm (cuda: one cuBLAS GEMM in the compute type) of the same total\n"
+           "FLOPs measured in the same run.\n\n"
            "Options (default):\n"
            "  --backend NAME         one of this build's: %s (cpu)\n"
+           "  --dtype TYPE           compute type: fp32 or bf16 (bf16 needs cuda; fp32)\n"
            "  --tokens T             tokens per batch (4096)\n"
            "  --d-model D            hidden size (512)\n"
            "  --d-ff F               expert intermediate size (2048)\n"
@@ -50,7 +53,9 @@ void help_bench(void)
            "  --help                 this text\n\n"
            "FLOPs count the GEMMs only (router, experts, shared): forward 2·m·n·k each,\n"
            "backward twice that. Gradients accumulate across iterations (zero_grad is\n"
-           "outside the timed region).\n", moe_backend_list());
+           "outside the timed region). On cuda an iteration ends with a sync and the\n"
+           "phases are the host's time to enqueue them (CMOE_CUDA_SYNC=1 makes every op\n"
+           "wait, so that the phases are the device's time, and the total slower).\n", moe_backend_list());
 }
 
 static int usage(const char *fmt, const char *arg)
@@ -139,7 +144,7 @@ static int lookup(const char *s, const char *const *names, int n)
 }
 
 typedef struct {
-    const char *backend;
+    const char *backend, *dtype;
     long long T, d, f, E, k, shared, threads, iters, warmup;
     int act, router, json;
     double cf;
@@ -180,10 +185,11 @@ static int parse(int argc, char **argv, bench_opts *o)
 {
     static const char *const acts[] = {"relu", "gelu", "gelu_tanh", "geglu", "swiglu"};
     static const char *const routers[] = {"topk", "noisy_topk", "expert_choice", "hash", "sinkhorn"};
-    enum { O_BACKEND = 256, O_TOKENS, O_D, O_F, O_E, O_K, O_SHARED, O_ACT, O_ROUTER, O_CF, O_THREADS, O_ITERS,
+    enum { O_BACKEND = 256, O_DTYPE, O_TOKENS, O_D, O_F, O_E, O_K, O_SHARED, O_ACT, O_ROUTER, O_CF, O_THREADS, O_ITERS,
            O_WARMUP, O_JSON, O_HELP, O_PRESET, O_LAYER };
     static const struct option longopts[] = {
         {"backend", required_argument, NULL, O_BACKEND}, {"tokens", required_argument, NULL, O_TOKENS},
+        {"dtype", required_argument, NULL, O_DTYPE},
         {"d-model", required_argument, NULL, O_D},        {"d-ff", required_argument, NULL, O_F},
         {"experts", required_argument, NULL, O_E},        {"top-k", required_argument, NULL, O_K},
         {"shared", required_argument, NULL, O_SHARED},    {"act", required_argument, NULL, O_ACT},
@@ -202,9 +208,14 @@ static int parse(int argc, char **argv, bench_opts *o)
     while ((opt = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
         switch (opt) {
         case O_BACKEND:
-            if (strcmp(optarg, "cpu") && strcmp(optarg, "ref"))
-                return usage("--backend must be cpu or ref (got '%s')", optarg);
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "ref") && strcmp(optarg, "cuda"))
+                return usage("--backend must be cpu, ref or cuda (got '%s')", optarg);
             o->backend = optarg;
+            break;
+        case O_DTYPE:
+            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16"))
+                return usage("--dtype must be fp32 or bf16 (got '%s')", optarg);
+            o->dtype = optarg;
             break;
         case O_TOKENS: r = parse_int(optarg, 1, INT32_MAX, "--tokens", &o->T); break;
         case O_D: r = parse_int(optarg, 1, BIG, "--d-model", &o->d); break;
@@ -314,7 +325,8 @@ static int run_layer(const bench_opts *o)
     double *host = NULL, *samples = NULL;
     int rc = EXIT_FAIL;
     const int64_t T = o->T, d = o->d;
-    if ((st = moe_backend_create(o->backend, &(moe_backend_options){.threads = (int)o->threads}, &b)) ||
+    if ((st = moe_backend_create(o->backend, &(moe_backend_options){.threads = (int)o->threads, .dtype = o->dtype},
+                                 &b)) ||
         (st = moe_layer_create(&c, b, T, NULL, &L)) || (st = moe_layer_init(L, 1.0)) ||
         (st = b->alloc(b, b->float_type, 4 * T * d, &io)))
         goto done;
@@ -356,31 +368,47 @@ static int run_layer(const bench_opts *o)
     for (int p = 0; p < MOE_PH_COUNT; p++)
         phase_ms[p] = 1e3 * median(samples + o->iters * (p + 1), (int)o->iters);
     int64_t side;
-    double gflops = fc.total_flops / (ms * 1e-3) / 1e9, ceil_gflops = sgemm_ceiling(fc.total_flops, threads, &side);
+    const int gpu = !strcmp(o->backend, "cuda");
+    const char *dtype = moe_dtype_name(b->float_type);
+    double gflops = fc.total_flops / (ms * 1e-3) / 1e9, ceil_gflops = 0;
+    if (gpu) {
+        if ((st = moe_cuda_gemm_ceiling(b->float_type == MOE_BF16 ? "bf16" : "fp32", fc.total_flops, &ceil_gflops,
+                                        &side)))
+            goto done;
+    } else {
+        ceil_gflops = sgemm_ceiling(fc.total_flops, threads, &side);
+    }
     double frac = gflops / ceil_gflops;
     static const char *const act_names[] = {"relu", "gelu", "gelu_tanh", "geglu", "swiglu"};
     if (o->json) {
-        printf("{\"backend\": \"%s\", \"tokens\": %lld, \"d_model\": %lld, \"d_ff\": %lld, \"experts\": %lld, "
+        printf("{\"backend\": \"%s\", \"dtype\": \"%s\", \"tokens\": %lld, \"d_model\": %lld, \"d_ff\": %lld, \"experts\": %lld, "
                "\"top_k\": %lld, \"shared\": %lld, \"act\": \"%s\", \"router\": \"%s\", \"capacity_factor\": %g, "
                "\"threads\": %d, \"iters\": %lld, \"warmup\": %lld, \"assignments\": %lld, \"dropped\": %lld, "
                "\"ms_median\": %.4f, \"gflop\": %.4f, \"gflops\": %.3f, \"sgemm_gflops\": %.3f, "
                "\"sgemm_side\": %lld, \"ceiling_fraction\": %.4f, \"phases_ms\": {",
-               o->backend, o->T, o->d, o->f, o->E, (long long)c.top_k, o->shared, act_names[o->act],
+               o->backend, dtype, o->T, o->d, o->f, o->E, (long long)c.top_k, o->shared, act_names[o->act],
                moe_router_name(c.router), c.capacity_factor, threads, o->iters, o->warmup, (long long)n,
                (long long)dropped, ms, fc.total_flops / 1e9, gflops, ceil_gflops, (long long)side, frac);
         for (int p = 0; p < MOE_PH_COUNT; p++)
             printf("%s\"%s\": %.4f", p ? ", " : "", moe_layer_phase_name(p), phase_ms[p]);
         printf("}}\n");
     } else {
-        printf("cmoe bench layer: backend %s, %d thread%s\n", o->backend, threads, threads == 1 ? "" : "s");
+        if (gpu)
+            printf("cmoe bench layer: backend cuda, %s\n", dtype);
+        else
+            printf("cmoe bench layer: backend %s, %d thread%s\n", o->backend, threads, threads == 1 ? "" : "s");
         printf("  T=%lld d=%lld f=%lld E=%lld k=%lld shared=%lld act=%s router=%s capacity_factor=%g\n", o->T, o->d,
                o->f, o->E, (long long)c.top_k, o->shared, act_names[o->act], moe_router_name(c.router),
                c.capacity_factor);
         printf("  assignments %lld, dropped %lld; %lld iterations after %lld warm-up\n", (long long)n,
                (long long)dropped, o->iters, o->warmup);
         printf("  forward+backward: median %.2f ms, %.2f GFLOP -> %.1f GFLOP/s\n", ms, fc.total_flops / 1e9, gflops);
-        printf("  sgemm %lldx%lldx%lld (OpenBLAS, %d threads): %.1f GFLOP/s -> ceiling fraction %.3f\n",
-               (long long)side, (long long)side, (long long)side, threads, ceil_gflops, frac);
+        if (gpu)
+            printf("  cuBLAS GEMM %lldx%lldx%lld (%s): %.1f GFLOP/s -> ceiling fraction %.3f\n", (long long)side,
+                   (long long)side, (long long)side, dtype, ceil_gflops, frac);
+        else
+            printf("  sgemm %lldx%lldx%lld (OpenBLAS, %d threads): %.1f GFLOP/s -> ceiling fraction %.3f\n",
+                   (long long)side, (long long)side, (long long)side, threads, ceil_gflops, frac);
         printf("  phases (median ms):\n");
         for (int p = 0; p < MOE_PH_COUNT; p++)
             printf("    %-13s %9.3f  (%4.1f%%)\n", moe_layer_phase_name(p), phase_ms[p], 100.0 * phase_ms[p] / ms);

@@ -4,7 +4,7 @@ cmoe_SOURCES = \
 	src/cli/main.c \
 	src/cli/oracle.c
 cmoe_LDADD = libcmoe.la
-cmoe_SOURCES += src/cli/bench.c
+cmoe_SOURCES += src/cli/bench.c src/cli/check.c
 cmoe_LDADD += $(BLAS_LIBS)
 # cmoe train, sample, eval and the run directory they share
 cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.c src/cli/sample.c src/cli/eval.c
@@ -16,7 +16,7 @@ cmoe_CPPFLAGS = $(AM_CPPFLAGS) -DCMOE_PKGDATADIR='"$(pkgdatadir)"'
 presetsdir = $(pkgdatadir)/configs
 dist_presets_DATA = configs/mixtral-8x7b.json configs/mixtral-8x22b.json configs/deepseek-moe-16b.json \
 	configs/qwen1.5-moe-a2.7b.json configs/dbrx.json configs/arctic.json configs/gpu-100m.json \
-	configs/laptop.json configs/tiny.json
+	configs/gpu-1b.json configs/laptop.json configs/tiny.json
 EXTRA_DIST += configs/README.md
 # cmoe export / import: Hugging Face checkpoints (src/io/hf.h)
 cmoe_SOURCES += src/cli/convert.c

@@ -28,6 +28,7 @@ static const command commands[] = {
     {"oracle", cmd_oracle, help_oracle,
      "run the reference MoE layer (double) on given tensors; write outputs, plan, gradients"},
     {"bench", cmd_bench, help_bench, "time the MoE layer (forward + backward) against the sgemm ceiling"},
+    {"check", cmd_check, help_check, "every op of a backend (cpu, cuda) against the oracle, on random inputs"},
     {"train", cmd_train, help_train, "train an MoE language model (default: the laptop model on Brown)"},
     {"sample", cmd_sample, help_sample, "generate text from a trained run"},
     {"eval", cmd_eval, help_eval, "validation loss, perplexity, bits per byte of a trained run"},

@@ -45,9 +45,9 @@ int cli_parse_double(const char *s, double *out)
     return 1;
 }
 
-moe_status cli_backend_create(const char *name, int threads, moe_backend **out)
+moe_status cli_backend_create(const char *name, int threads, const char *dtype, moe_backend **out)
 {
-    return moe_backend_create(name, &(moe_backend_options){.threads = threads}, out);
+    return moe_backend_create(name, &(moe_backend_options){.threads = threads, .dtype = dtype}, out);
 }
 
 int cli_backend_known(const char *name)
@@ -187,7 +187,7 @@ moe_status cli_run_open(const char *dir, cli_run *r)
 moe_status cli_run_build(cli_run *r, const char *backend, int threads, int64_t max_batch, int64_t max_seq)
 {
     moe_status s;
-    if ((s = cli_backend_create(backend, threads, &r->backend)) ||
+    if ((s = cli_backend_create(backend, threads, NULL, &r->backend)) ||
         (s = moe_model_create(&r->cfg, r->backend, NULL, max_batch, max_seq, &r->model)))
         return s;
     return cli_run_load_into(r, r->model);

@@ -27,8 +27,9 @@ int cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out);
 /* Finite decimal number: 1 ok, 0 not. */
 int cli_parse_double(const char *s, double *out);
 
-/* "ref" or "cpu"; "cuda" fails with MOE_ERR_UNSUPPORTED and says what to use instead. */
-moe_status cli_backend_create(const char *name, int threads, moe_backend **out);
+/* A backend by name (moe_backend_create); dtype: its compute type ("fp32", "bf16"; NULL: the
+ * backend's own). */
+moe_status cli_backend_create(const char *name, int threads, const char *dtype, moe_backend **out);
 /* Whether this build registers a backend of that name (moe_backend_list() has them all). */
 int cli_backend_known(const char *name);
 

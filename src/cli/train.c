@@ -82,7 +82,10 @@ void help_train(void)
            "  --warmup N          linear warmup steps (min(100, steps/10))\n"
            "  --seed S            initialisation and batch order (%" PRIu64 ")\n"
            "  --backend NAME      one of this build's: %s (%s); cpu: fp32, OpenBLAS;\n"
-           "                      ref: double, the oracle (slow)\n"
+           "                      ref: double, the oracle (slow); cuda: the GPU\n"
+           "  --dtype TYPE        compute type: fp32, or bf16 on cuda (bf16 weights and\n"
+           "                      activations; router, master weights and AdamW state fp32;\n"
+           "                      checkpoints fp32 either way) (the backend's own)\n"
            "  --threads N         worker threads (OpenMP's default, OMP_NUM_THREADS)\n"
            "Output:\n"
            "  --out DIR           run directory (runs/YYYYmmdd-HHMMSS): new, or empty; a directory\n"
@@ -104,7 +107,7 @@ void help_train(void)
            "                      or from the checkpoint file PATH (that one or none): every later\n"
            "                      step is bitwise the step of the uninterrupted run. Settings come\n"
            "                      from the checkpoint; only --steps (a new cosine horizon),\n"
-           "                      --threads, --backend, --eval-every, --eval-batches, --log-every,\n"
+           "                      --threads, --backend, --dtype, --eval-every, --eval-batches, --log-every,\n"
            "                      --save-every, --keep and --data (the same data, moved: checked\n"
            "                      by size and checksum) may be given. metrics.jsonl is cut back to\n"
            "                      the checkpoint's step and continues; later checkpoints are\n"
@@ -363,7 +366,7 @@ static moe_status setup(train_run *r)
     /* fails here, not at step 1, when the data is shorter than one row */
     if ((s = moe_dataset_batch(r->d, t->seed, 0, 0, t->batch, t->seq, r->in, r->tg, r->task)))
         return s;
-    if ((s = cli_backend_create(t->backend, (int)t->threads, &r->b)) ||
+    if ((s = cli_backend_create(t->backend, (int)t->threads, t->dtype[0] ? t->dtype : NULL, &r->b)) ||
         (s = moe_model_create(&r->cfg, r->b, NULL, t->batch, t->seq, &r->m)) ||
         (s = moe_optim_create(r->m, &t->oc, &r->opt)) || (s = moe_step_stats_create(&r->cfg, &r->acc)))
         return s;
@@ -596,7 +599,7 @@ static int run_train(const train_opts *o)
 enum {
     OPT_CONFIG = 256, OPT_PRESET, OPT_DATA, OPT_STEPS, OPT_BATCH, OPT_SEQ, OPT_ACCUM, OPT_LR, OPT_WARMUP,
     OPT_BACKEND, OPT_THREADS, OPT_SEED, OPT_OUT, OPT_FORCE, OPT_EVAL_EVERY, OPT_EVAL_BATCHES, OPT_LOG_EVERY,
-    OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_INIT_FROM, OPT_HELP
+    OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_INIT_FROM, OPT_DTYPE, OPT_HELP
 };
 
 static int int_opt(const char *name, const char *arg, int64_t lo, int64_t hi, int64_t *out)
@@ -620,6 +623,7 @@ int cmd_train(int argc, char **argv)
         {"lr", required_argument, NULL, OPT_LR},
         {"warmup", required_argument, NULL, OPT_WARMUP},
         {"backend", required_argument, NULL, OPT_BACKEND},
+        {"dtype", required_argument, NULL, OPT_DTYPE},
         {"threads", required_argument, NULL, OPT_THREADS},
         {"seed", required_argument, NULL, OPT_SEED},
         {"out", required_argument, NULL, OPT_OUT},
@@ -661,6 +665,12 @@ int cmd_train(int argc, char **argv)
                 return usage("--backend: '%s' is not a backend of this build (%s)", optarg, moe_backend_list());
             snprintf(o.t.backend, sizeof o.t.backend, "%s", optarg);
             o.given |= MOE_TS_BACKEND;
+            break;
+        case OPT_DTYPE:
+            if (strcmp(optarg, "fp32") && strcmp(optarg, "bf16"))
+                return usage("--dtype: '%s' is not one of fp32, bf16", optarg);
+            snprintf(o.t.dtype, sizeof o.t.dtype, "%s", optarg);
+            o.given |= MOE_TS_DTYPE;
             break;
         case OPT_STEPS:
             if (int_opt("--steps", optarg, 1, big, &o.t.steps))
@@ -737,7 +747,7 @@ int cmd_train(int argc, char **argv)
         return usage("give --config FILE or --preset NAME, not both");
     if (o.resume && o.fixed)
         return usage("--%s cannot be given with --resume: a resumed run keeps its checkpoint's settings (only "
-                     "--steps, --threads, --backend, --eval-every, --eval-batches, --log-every, --save-every, "
+                     "--steps, --threads, --backend, --dtype, --eval-every, --eval-batches, --log-every, --save-every, "
                      "--keep and --data may change)", o.fixed);
     if (o.init_from && (o.config || o.preset))
         return usage("--init-from DIR takes the model config from DIR; drop --%s", o.config ? "config" : "preset");

@@ -175,16 +175,21 @@ moe_status moe_convert(void *dst, moe_dtype dt, const void *src, moe_dtype st, i
         memcpy(dst, src, (size_t)n * types[dt].size);
         return MOE_OK;
     }
+    /* elementwise, so threads change no bit; they matter for the GiB-sized expert tensors
+     * of a GPU model loaded from double */
     switch (dt) {
     case MOE_F64:
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
         for (int64_t i = 0; i < n; i++)
             STORE(dst, i, double, load(src, st, i));
         return MOE_OK;
     case MOE_F32: /* from double: one rounding, as the C cast does */
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
         for (int64_t i = 0; i < n; i++)
             STORE(dst, i, float, (float)load(src, st, i));
         return MOE_OK;
     case MOE_BF16: /* straight from the exact value: one rounding, not two */
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
         for (int64_t i = 0; i < n; i++)
             STORE(dst, i, uint16_t, moe_f64_to_bf16(load(src, st, i)));
         return MOE_OK;

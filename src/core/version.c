@@ -83,4 +83,14 @@ moe_status moe_cuda_device_info(char *buf, size_t n)
     snprintf(buf, n, "CUDA: not built");
     return moe_error(MOE_ERR_UNSUPPORTED, "CUDA: not built (configure --with-cuda)");
 }
+
+moe_status moe_cuda_gemm_ceiling(const char *dtype, double flops, double *gflops, int64_t *side)
+{
+    (void)dtype, (void)flops;
+    if (gflops)
+        *gflops = 0;
+    if (side)
+        *side = 0;
+    return moe_error(MOE_ERR_UNSUPPORTED, "CUDA: not built (configure --with-cuda)");
+}
 #endif

@@ -342,6 +342,8 @@ moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
     moe_backend *b = moe_model_backend(m);
     const int n = moe_model_n_params(m);
     char name[160];
+    if (o) /* first: the steps decide where the weights go (moe_optim_tensors) */
+        moe_optim_set_steps(o, c->optim_steps);
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
         moe_tensor pt, wt, mt, vt;
@@ -362,9 +364,5 @@ moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
         snprintf(name, sizeof name, "optim.v.%s", p->name);
         s = put(b, c, name, vt, p->numel);
     }
-    if (!s)
-        s = b->sync(b);
-    if (!s && o)
-        moe_optim_set_steps(o, c->optim_steps);
-    return s;
+    return s ? s : b->sync(b);
 }

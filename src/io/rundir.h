@@ -41,6 +41,7 @@ typedef struct {
     int64_t eval_every, eval_batches, save_every, keep;
     uint64_t seed;
     char backend[16];
+    char dtype[8];       /* the backend's compute type, "fp32" or "bf16"; "": its own */
     moe_optim_config oc; /* lr, warmup, schedule (total_steps = steps), AdamW */
     char data[4096];     /* the data: an absolute path, a stream's path, or synth[:spec] */
     char model[4200];    /* where the model config came from (for the log) */
@@ -56,6 +57,7 @@ enum {
     MOE_TS_EVAL_BATCHES = 1 << 4,
     MOE_TS_SAVE_EVERY = 1 << 5,
     MOE_TS_KEEP = 1 << 6,
+    MOE_TS_DTYPE = 1 << 7,
 };
 
 /* The laptop defaults (2000 steps of 8 x 128, lr 3e-3, seed 1337, cpu, keep 3, ...). */

@@ -10,6 +10,7 @@
 
 #include <jansson.h>
 
+#include "backend/backend.h"
 #include "io/rundir.h"
 
 void moe_train_settings_default(moe_train_settings *t)
@@ -53,8 +54,14 @@ moe_status moe_train_settings_validate(const moe_train_settings *t, const moe_mo
     if (c && t->seq > c->max_position_embeddings)
         return moe_error(MOE_ERR_ARG, "seq %lld is longer than the model's max_position_embeddings %lld",
                          (long long)t->seq, (long long)c->max_position_embeddings);
-    if (strcmp(t->backend, "cpu") && strcmp(t->backend, "ref") && strcmp(t->backend, "cuda"))
-        return moe_error(MOE_ERR_ARG, "backend '%s' is not one of cpu, ref, cuda", t->backend);
+    int known = 0;
+    for (int i = 0; i < moe_backend_count(); i++)
+        known |= !strcmp(moe_backend_name(i), t->backend);
+    if (!known)
+        return moe_error(MOE_ERR_ARG, "backend '%s' is not a backend of this build (%s)", t->backend,
+                         moe_backend_list());
+    if (t->dtype[0] && strcmp(t->dtype, "fp32") && strcmp(t->dtype, "bf16"))
+        return moe_error(MOE_ERR_ARG, "dtype '%s' is not one of fp32, bf16", t->dtype);
     if (t->oc.total_steps != t->steps)
         return moe_error(MOE_ERR_ARG, "the schedule's total_steps %lld differs from steps %lld",
                          (long long)t->oc.total_steps, (long long)t->steps);
@@ -90,6 +97,8 @@ moe_status moe_train_settings_to_json(const moe_train_settings *t, const moe_dat
     json_object_set_new(j, "grad_clip", json_real(t->oc.grad_clip));
     json_object_set_new(j, "seed", json_integer((json_int_t)t->seed));
     json_object_set_new(j, "backend", json_string(t->backend));
+    if (t->dtype[0]) /* absent: the backend computed in its own type */
+        json_object_set_new(j, "dtype", json_string(t->dtype));
     json_object_set_new(j, "threads", json_integer(t->threads));
     json_object_set_new(j, "eval_every", json_integer(t->eval_every));
     json_object_set_new(j, "eval_batches", json_integer(t->eval_batches));
@@ -172,6 +181,8 @@ moe_status moe_run_record_parse(const char *train_json, const char *where, moe_r
         t->save_every = json_integer_value(v);
     if (!s && (v = json_object_get(j, "keep")) && json_is_integer(v))
         t->keep = json_integer_value(v);
+    if (!s && (v = json_object_get(j, "dtype")) && json_is_string(v))
+        snprintf(t->dtype, sizeof t->dtype, "%s", json_string_value(v));
     if (!s && (v = json_object_get(j, "init_from")) && json_is_string(v))
         snprintf(t->init_from, sizeof t->init_from, "%s", json_string_value(v));
     if (!s && (v = json_object_get(j, "data_identity"))) {
@@ -196,8 +207,12 @@ void moe_train_settings_resume(moe_train_settings *out, const moe_run_record *re
         out->steps = cli->steps;
     if (given & MOE_TS_THREADS)
         out->threads = cli->threads;
-    if (given & MOE_TS_BACKEND)
+    if ((given & MOE_TS_BACKEND) && strcmp(out->backend, cli->backend)) {
         snprintf(out->backend, sizeof out->backend, "%s", cli->backend);
+        out->dtype[0] = 0; /* another backend computes in its own type unless told */
+    }
+    if (given & MOE_TS_DTYPE)
+        snprintf(out->dtype, sizeof out->dtype, "%s", cli->dtype);
     if (given & MOE_TS_EVAL_EVERY)
         out->eval_every = cli->eval_every;
     if (given & MOE_TS_EVAL_BATCHES)

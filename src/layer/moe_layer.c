@@ -403,6 +403,8 @@ moe_status moe_layer_init(moe_layer *l, double scale)
         if (strcmp(v->name, "router.bias") != 0) {
             int64_t fan_in = v->ndim == 3 ? v->shape[1] : v->shape[0];
             double std = scale / sqrt((double)fan_in);
+            /* counter-based draws: any thread count gives the same numbers */
+#pragma omp parallel for schedule(static) if (v->numel > (1 << 16))
             for (int64_t i = 0; i < v->numel; i++) {
                 const int64_t g = base + i;
                 w[i] = std * moe_rand_normal(l->c.seed, stream, (uint32_t)vi, (uint32_t)g, (uint32_t)(g >> 32));

@@ -259,6 +259,8 @@ moe_status moe_model_init(moe_model *m, uint64_t seed)
         const double sd = sw > 0 ? sqrt(sw / (double)fan_in(p)) : m->c.initializer_range;
         /* an expert shard draws its elements of the whole tensor: the same weights under any split */
         const int64_t base = p->shard * p->numel;
+        /* counter-based draws: any thread count gives the same numbers */
+#pragma omp parallel for schedule(static) if (p->numel > (1 << 16))
         for (int64_t j = 0; j < p->numel; j++) {
             const int64_t e = base + j;
             if (norm || zero) {

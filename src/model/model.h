@@ -347,8 +347,11 @@ void moe_optim_set_steps(moe_optim *o, int64_t t);
 const moe_optim_config *moe_optim_config_of(const moe_optim *o);
 /* Change lr and schedule in place (e.g. from the command line on resume). */
 moe_status moe_optim_set_config(moe_optim *o, const moe_optim_config *c);
-/* Parameter i's weights as the optimizer steps them (its fp32 master copy when the model
- * stores them narrower, else the parameter itself) and its moments, on the backend. */
+/* Parameter i's weights as the optimizer steps them and its moments, on the backend: the
+ * weights are the fp32 master copy when the model stores them narrower (bf16) — except
+ * before the first step, when the parameters are authoritative (the first step takes the
+ * master copies from them, however they were set after the optimizer was created). A
+ * checkpoint saves these and restores into them (after moe_optim_set_steps). */
 moe_status moe_optim_tensors(moe_optim *o, int i, moe_tensor *weights, moe_tensor *m, moe_tensor *v);
 /* Host copies of the moments of parameter i (numel each; checkpoints: "optim.m.NAME"). */
 moe_status moe_optim_get_moments(moe_optim *o, int i, double *m, double *v);

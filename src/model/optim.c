@@ -137,6 +137,12 @@ moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
     if (!o || !isfinite(grad_scale) || grad_scale <= 0)
         return moe_error(MOE_ERR_ARG, "optimizer step: grad_scale must be a finite number > 0 (got %g)", grad_scale);
     moe_backend *b = moe_model_backend(o->m);
+    if (o->wbuf && o->t == 0) /* nothing stepped yet: the master weights are the parameters as they are now, */
+        for (int i = 0; i < o->n; i++) { /* however they were set after the optimizer was made (init, a load) */
+            moe_tensor p;
+            moe_model_param_tensors(o->m, i, &p, NULL);
+            b->copy(b, (moe_tensor){o->wbuf, o->off[i]}, p, o->off[i + 1] - o->off[i]);
+        }
     moe_tensor sumsq = moe_model_scalar(o->m, MOE_SCALAR_GRAD_SUMSQ), scale = moe_model_scalar(o->m, MOE_SCALAR_CLIP);
     b->fill(b, sumsq, 0.0, 1);
     for (int i = 0; i < o->n; i++) { /* in table order: the same sum on every run */
@@ -199,8 +205,8 @@ moe_status moe_optim_tensors(moe_optim *o, int i, moe_tensor *weights, moe_tenso
 {
     if (!o || i < 0 || i >= o->n)
         return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
-    if (weights) {
-        if (o->wbuf)
+    if (weights) { /* until the first step the parameters are authoritative (moe_optim_step) */
+        if (o->wbuf && o->t > 0)
             *weights = (moe_tensor){o->wbuf, o->off[i]};
         else
             moe_model_param_tensors(o->m, i, weights, NULL);
@@ -231,3 +237,4 @@ moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const dou
     moe_status s = m ? moe_upload_f64(b, (moe_tensor){o->mbuf, o->off[i]}, m, n) : MOE_OK;
     return s || !v ? s : moe_upload_f64(b, (moe_tensor){o->vbuf, o->off[i]}, v, n);
 }
+

@@ -1,0 +1,269 @@
+/*
+ * cuda.h — internals shared by the cuda backend's files (gpu/: backend.cu and the op files,
+ * named as their ref/ and src/cpu/ twins).
+ *
+ * Buffers live in device memory and carry their dtype (f32, bf16, i32). Every op is
+ * enqueued on the backend's current stream and returns at once; a failed launch (or, with
+ * CMOE_CUDA_SYNC=1, a failed run) is recorded as the backend's sticky error naming the op.
+ * Ops read the types of the tensors they are given, so one op serves the fp32 router next
+ * to bf16 experts (moe_layer.c's wide and compute types): element loads and stores go
+ * through ldf/stf, which convert, and every sum is kept in fp32 or fp64 registers.
+ *
+ * Determinism: no floating-point atomics anywhere. Reductions run in a fixed order
+ * (a fixed grid, a fixed tree per block, then the partial sums in index order), scatters
+ * are turned into gathers through the plan's token index, and cuBLAS is deterministic
+ * with the explicit workspace it is given. Two identical runs give the same bits.
+ */
+#ifndef CMOE_GPU_CUDA_H
+#define CMOE_GPU_CUDA_H
+
+#include <cstdint>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+extern "C" {
+#include "backend/backend.h"
+}
+
+struct moe_buf {
+    moe_dtype type; /* MOE_F32, MOE_BF16 or MOE_I32 */
+    int64_t n;
+    void *d;
+};
+
+struct moe_event {
+    cudaEvent_t ev;
+};
+
+/*
+ * A routing plan in device memory, laid out as moe_plan (sorted by expert, then token),
+ * with int32 indices (moe_layer_config_validate keeps T·k and E·C below 2^31), the
+ * inverse index token -> rows (tok_off/tok_row) that combine and the dispatch backward
+ * gather through, and the workspace route needs (radix sorts, Sinkhorn), all sized at
+ * creation. The count of kept rows n and of dropped ones live on the device (nd); the
+ * host knows T, k, the capacity and bounds (rows_bound) that size the launches.
+ */
+struct moe_bplan {
+    int64_t E, max_T, max_k, cap_n, sortn; /* as allocated */
+    int64_t T, k, capacity;                /* of the last route / upload */
+    int64_t rows_bound;                    /* rows the plan may hold: launch bound over its rows */
+    int ec;                                /* expert-choice plan (choice = -1) */
+    int32_t *token, *expert, *choice, *src; /* [cap_n] */
+    float *weight;                          /* [cap_n] */
+    int32_t *offsets;                       /* [E + 1]; offsets[E] = -1 for segments */
+    int32_t *count, *selected, *start;      /* [E], start [E + 1] */
+    int32_t *nd;                            /* [2]: n, dropped */
+    int32_t *choice_expert;                 /* [max_T · max_k] */
+    float *choice_weight;
+    uint8_t *choice_kept;
+    int32_t *tok_off; /* [max_T + 1] */
+    int32_t *tok_row; /* [cap_n] */
+    /* route's workspace */
+    unsigned long long *keys_in, *keys_out; /* [sortn] */
+    int32_t *vals_in, *vals_out;            /* [sortn] */
+    int32_t *flags, *pos;                   /* [max_T · E] expert choice */
+    float *bal;                             /* [max_T · E] Sinkhorn */
+    double *d0, *d1;                        /* [max_T], [E] */
+    float *mx;                              /* [1] */
+    void *cub_tmp;
+    size_t cub_bytes;
+};
+
+typedef struct {
+    int device, sm_count;
+    cudaStream_t stream[MOE_NSTREAMS];
+    int cur;
+    cublasHandle_t blas;
+    void *blas_ws[MOE_NSTREAMS];
+    size_t blas_ws_bytes;
+    char *scratch; /* the ops' workspace (compute stream), sized by reserve() */
+    size_t scratch_bytes;
+    int sync_ops;  /* CMOE_CUDA_SYNC=1: wait after every op (errors name their op exactly) */
+    int simt_only; /* CMOE_CUDA_GEMM=simt: the grouped GEMMs never take the tensor-core path */
+    void **pending; /* host temporaries of enqueued uploads, freed at the next sync */
+    int npending, cap_pending;
+    size_t pending_bytes;
+} moe_cuda_state;
+
+static inline moe_cuda_state *moe_cu(moe_backend *b)
+{
+    return (moe_cuda_state *)b->impl;
+}
+
+static inline cudaStream_t moe_cu_stream(moe_backend *b)
+{
+    moe_cuda_state *st = moe_cu(b);
+    return st->stream[st->cur];
+}
+
+/* ---- typed device pointers ----------------------------------------------------------- */
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_I32 = 2 };
+
+/* An element pointer and its storage type, passed to kernels by value. */
+struct dptr {
+    void *p;
+    int t;
+};
+
+static inline int moe_cu_dt(moe_dtype t)
+{
+    return t == MOE_BF16 ? DT_BF16 : (t == MOE_I32 ? DT_I32 : DT_F32);
+}
+
+static inline size_t moe_cu_size(moe_dtype t)
+{
+    return t == MOE_BF16 ? 2 : 4;
+}
+
+/* The element pointer of a tensor (NULL when its buffer is). */
+static inline dptr DP(moe_tensor t)
+{
+    dptr d = {nullptr, DT_F32};
+    if (t.buf) {
+        d.p = (char *)t.buf->d + (size_t)t.off * moe_cu_size(t.buf->type);
+        d.t = moe_cu_dt(t.buf->type);
+    }
+    return d;
+}
+
+static inline dptr DPOPT(const moe_tensor *t)
+{
+    return t ? DP(*t) : dptr{nullptr, DT_F32};
+}
+
+static inline const int32_t *I32P(moe_tensor t)
+{
+    return t.buf ? (const int32_t *)t.buf->d + t.off : nullptr;
+}
+
+#ifdef __CUDACC__
+__device__ __forceinline__ float ldf(dptr a, int64_t i)
+{
+    return a.t == DT_BF16 ? __bfloat162float(((const __nv_bfloat16 *)a.p)[i]) : ((const float *)a.p)[i];
+}
+
+__device__ __forceinline__ void stf(dptr a, int64_t i, float v)
+{
+    if (a.t == DT_BF16)
+        ((__nv_bfloat16 *)a.p)[i] = __float2bfloat16_rn(v);
+    else
+        ((float *)a.p)[i] = v;
+}
+
+/* v as it reads back from a's storage (bf16 rounding), for values used again downstream */
+__device__ __forceinline__ float roundt(int t, float v)
+{
+    return t == DT_BF16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;
+}
+
+/* A grid-stride loop over [0, n). */
+#define CU_LOOP(i, n)                                                                                               \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)blockDim.x * gridDim.x)
+
+/* Block-wide sum of v in a fixed tree (blockDim.x a power of two <= 1024): the same bits
+ * on every run. sh holds blockDim.x values; the result is returned to every thread. */
+template <typename T> __device__ T block_sum(T v, T *sh)
+{
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s)
+            sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    T r = sh[0];
+    __syncthreads();
+    return r;
+}
+#endif
+
+/* Blocks of a grid-stride launch over n elements (at most 4 per SM-ish, at least 1). */
+static inline unsigned moe_cu_blocks(int64_t n, int threads)
+{
+    int64_t g = (n + threads - 1) / threads;
+    if (g < 1)
+        g = 1;
+    if (g > 65535)
+        g = 65535;
+    return (unsigned)g;
+}
+
+/* ---- errors and scratch ---------------------------------------------------------------- */
+
+/* After a launch: a launch error (or with sync_ops, a run error) becomes the sticky error
+ * of op. Returns 1 when all is well. */
+int moe_cu_check(moe_backend *b, const char *op);
+/* A CUDA runtime call's status as the sticky error of op; returns 1 when cudaSuccess. */
+int moe_cu_ok(moe_backend *b, const char *op, cudaError_t e, const char *what);
+/* Enqueues the copy of bytes from the malloc'd host temporary tmp to device dst on the
+ * current stream; tmp is freed once the copy is done (at the next sync). 0 on failure. */
+int moe_cu_copy_in(moe_backend *b, const char *op, void *dst, void *tmp, size_t bytes);
+/* bytes of scratch (256-byte aligned) as reserved, or NULL with the sticky error set */
+void *moe_cu_scratch(moe_backend *b, size_t bytes, const char *op);
+
+/*
+ * Row-major C[M, N] = alpha·op(A)·op(B) + beta·C through cuBLAS (ta: A is stored [K, M];
+ * tb: B is stored [N, K]). A and B share a type; C may be f32 beside bf16 operands.
+ * fp32 operands run without TF32 (pedantic fp32), bf16 on the tensor cores with fp32
+ * accumulation.
+ */
+void moe_cu_gemm(moe_backend *b, const char *op, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
+                 dptr A, int64_t lda, dptr B, int64_t ldb, float beta, dptr C, int64_t ldc);
+/* The same for a batch of row-major problems whose pointers are in device arrays. */
+void moe_cu_gemm_batched(moe_backend *b, const char *op, int ta, int tb, int64_t M, int64_t N, int64_t K,
+                         float alpha, const void *const *A, int at, int64_t lda, const void *const *B, int bt,
+                         int64_t ldb, float beta, void *const *C, int ct, int64_t ldc, int64_t batch);
+
+/* Bytes of temporary storage of the radix sorts (64-bit keys, int32 values) and scans of
+ * up to n items. */
+size_t moe_cu_sort_bytes(int64_t n);
+/* Stable sort of (keys, vals) over bits [lo, hi); 0 on a CUDA failure (sticky error set). */
+int moe_cu_sort(moe_backend *b, const char *op, void *tmp, size_t tmp_bytes, const unsigned long long *kin,
+                unsigned long long *kout, const int32_t *vin, int32_t *vout, int64_t n, int lo, int hi);
+/* out = exclusive prefix sums of in (int32) over n */
+int moe_cu_scan(moe_backend *b, const char *op, void *tmp, size_t tmp_bytes, const int32_t *in, int32_t *out,
+                int64_t n);
+/* bits needed for values in [0, v] */
+static inline int moe_cu_bits(int64_t v)
+{
+    int n = 1;
+    while (n < 63 && (1LL << n) <= v)
+        n++;
+    return n;
+}
+
+/* ---- one table filler per file --------------------------------------------------------- */
+void moe_cu_router_ops(moe_backend *b);
+void moe_cu_select_ops(moe_backend *b);
+void moe_cu_aux_ops(moe_backend *b);
+void moe_cu_experts_ops(moe_backend *b);
+void moe_cu_dispatch_ops(moe_backend *b);
+void moe_cu_model_ops(moe_backend *b); /* calls the five below */
+void moe_cu_embedding_ops(moe_backend *b);
+void moe_cu_rmsnorm_ops(moe_backend *b);
+void moe_cu_rope_ops(moe_backend *b);
+void moe_cu_crossentropy_ops(moe_backend *b);
+void moe_cu_attention_ops(moe_backend *b);
+void moe_cu_adamw_ops(moe_backend *b);
+
+/* Row blocks of the two-pass column sums (RMSNorm's dw, the bias gradient): each column is
+ * summed over RB fixed row ranges, then the RB partial sums in order. */
+#define MOE_CU_RB 32
+
+/* Scratch each file's ops need for a workload (bytes). */
+size_t moe_cu_router_scratch(const moe_workload *w);
+size_t moe_cu_aux_scratch(const moe_workload *w);
+size_t moe_cu_experts_scratch(const moe_workload *w, moe_dtype ft);
+size_t moe_cu_select_scratch(const moe_workload *w);
+size_t moe_cu_model_scratch(const moe_workload *w, moe_dtype ft);
+size_t moe_cu_attention_scratch(const moe_workload *w, moe_dtype ft);
+
+/* Grouped expert GEMMs (gpu/gemm.cu): see there. */
+struct moe_cu_group {
+    const int32_t *begin, *count; /* [E] the plan's segments */
+    int64_t E, rows_bound;        /* experts; a bound on the rows of all segments */
+};
+
+#endif

@@ -1,0 +1,533 @@
+/*
+ * Grouped GEMMs over plan segments (gemm.h): a tiled fp32 kernel for any type and shape,
+ * and a tensor-core kernel for bf16 (mma.sync.m16n8k16 with ldmatrix fragments and a
+ * three-stage cp.async pipeline; the layout follows CUTLASS's sm80 "multistage" GEMMs).
+ *
+ * The grid is sized from host-known bounds: ROWS launches rows_bound/BM + E row tiles
+ * (Σ_e ceil(m_e/BM) never exceeds that) and each block finds its expert by scanning the
+ * counts on the device; blocks past the last tile return. KSEG launches one z-slice per
+ * expert; an expert without rows returns at once (its gradient is left as it is).
+ */
+#include "gpu/act.cuh"
+#include "gpu/gemm.h"
+
+typedef __nv_bfloat16 bf16;
+
+struct GA {
+    const void *A0, *A1, *B0, *B1;
+    long long lda, ldb, b_es;
+    void *C0, *C1, *C2;
+    const void *H1, *H3;
+    long long ldc, c_es;
+    long long M, N, K;
+    const int32_t *begin, *count;
+    int E, act;
+};
+
+template <typename T> __device__ __forceinline__ float tof(T v);
+template <> __device__ __forceinline__ float tof<float>(float v)
+{
+    return v;
+}
+template <> __device__ __forceinline__ float tof<bf16>(bf16 v)
+{
+    return __bfloat162float(v);
+}
+template <typename T> __device__ __forceinline__ T fromf(float v);
+template <> __device__ __forceinline__ float fromf<float>(float v)
+{
+    return v;
+}
+template <> __device__ __forceinline__ bf16 fromf<bf16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+
+/* Expert and row tile of block blockIdx.x in ROWS mode; e = -1 past the last tile. */
+__device__ __forceinline__ void rows_tile(const GA &g, int BM, int *s_info)
+{
+    if (threadIdx.x == 0) {
+        long long tile = blockIdx.x, acc = 0;
+        s_info[0] = -1;
+        for (int x = 0; x < g.E; x++) {
+            const long long t = ((long long)g.count[x] + BM - 1) / BM;
+            if (tile < acc + t) {
+                s_info[0] = x;
+                s_info[1] = (int)(tile - acc);
+                break;
+            }
+            acc += t;
+        }
+    }
+    __syncthreads();
+}
+
+/* One output element: C index ci, the block's accumulators v[NB]. */
+template <typename T, int EPI, int NB>
+__device__ __forceinline__ void epilogue(const GA &g, long long ci, const float *v)
+{
+    T *C0 = (T *)g.C0, *C1 = (T *)g.C1, *C2 = (T *)g.C2;
+    if (EPI == EPI_STORE) {
+        C0[ci] = fromf<T>(v[0]);
+        if (NB == 2)
+            C1[ci] = fromf<T>(v[1]);
+    } else if (EPI == EPI_ACC) {
+        C0[ci] = fromf<T>(tof<T>(C0[ci]) + v[0]);
+        if (NB == 2)
+            C1[ci] = fromf<T>(tof<T>(C1[ci]) + v[1]);
+    } else if (EPI == EPI_FWD) {
+        /* a from the stored (rounded) h1, h3: what the backward will read */
+        const T h1 = fromf<T>(v[0]);
+        C0[ci] = h1;
+        float a = act_fwd(g.act, tof<T>(h1));
+        if (NB == 2) {
+            const T h3 = fromf<T>(v[1]);
+            C1[ci] = h3;
+            a *= tof<T>(h3);
+        }
+        C2[ci] = fromf<T>(a);
+    } else { /* EPI_BWD: v[0] = da */
+        const float x = tof<T>(((const T *)g.H1)[ci]);
+        const float h3 = g.H3 ? tof<T>(((const T *)g.H3)[ci]) : 0.0f;
+        float g1 = 0.0f, g3 = 0.0f;
+        act_bwd(g.act, v[0], x, h3, &g1, &g3);
+        C0[ci] = fromf<T>(g1);
+        if (C1)
+            C1[ci] = fromf<T>(g3);
+    }
+}
+
+/* ---- the tiled fp32 kernel (any type, any shape) ------------------------------------------ */
+
+#define S_BM 64
+#define S_BN 64
+#define S_BK 16
+
+template <typename T, int MODE, int BT, int NB, int NK, int EPI>
+__global__ void __launch_bounds__(256) simt_gemm(GA g)
+{
+    __shared__ float As[S_BK][S_BM + 1];
+    __shared__ float Bs[NB][S_BK][S_BN + 1];
+    __shared__ int s_info[2];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    int e;
+    long long m0, Mx, Kx, row0;
+    const long long n0 = (long long)blockIdx.y * S_BN;
+    if (MODE == GM_ROWS) {
+        rows_tile(g, S_BM, s_info);
+        e = s_info[0];
+        if (e < 0)
+            return;
+        m0 = (long long)s_info[1] * S_BM;
+        Mx = g.count[e];
+        Kx = g.K;
+    } else {
+        e = blockIdx.z;
+        Kx = g.count[e];
+        if (Kx == 0)
+            return;
+        m0 = (long long)blockIdx.x * S_BM;
+        Mx = g.M;
+    }
+    row0 = g.begin[e];
+    float acc[NB][4][4];
+#pragma unroll
+    for (int i = 0; i < NB; i++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                acc[i][r][c] = 0.0f;
+    for (int pp = 0; pp < NK; pp++) {
+        const T *Ap = (const T *)(pp ? g.A1 : g.A0);
+        for (long long k0 = 0; k0 < Kx; k0 += S_BK) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int idx = tid + 256 * q;
+                int mm, kk;
+                if (MODE == GM_ROWS) { /* A rows [rows, K]: k fastest */
+                    mm = idx / S_BK;
+                    kk = idx % S_BK;
+                } else { /* A stored [rows, M]: m fastest */
+                    kk = idx / S_BM;
+                    mm = idx % S_BM;
+                }
+                const long long m = m0 + mm, k = k0 + kk;
+                float v = 0.0f;
+                if (m < Mx && k < Kx)
+                    v = tof<T>(MODE == GM_ROWS ? Ap[(row0 + m) * g.lda + k] : Ap[(row0 + k) * g.lda + m]);
+                As[kk][mm] = v;
+            }
+#pragma unroll
+            for (int i = 0; i < NB; i++) {
+                const T *Bp = (const T *)(NK == 2 ? (pp ? g.B1 : g.B0) : (i ? g.B1 : g.B0));
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const int idx = tid + 256 * q;
+                    int nn, kk;
+                    if (MODE == GM_ROWS && BT) {
+                        nn = idx / S_BK;
+                        kk = idx % S_BK;
+                    } else {
+                        kk = idx / S_BN;
+                        nn = idx % S_BN;
+                    }
+                    const long long n = n0 + nn, k = k0 + kk;
+                    float v = 0.0f;
+                    if (n < g.N && k < Kx) {
+                        if (MODE == GM_ROWS)
+                            v = tof<T>(Bp[e * g.b_es + (BT ? n * g.ldb + k : k * g.ldb + n)]);
+                        else
+                            v = tof<T>(Bp[(row0 + k) * g.ldb + n]);
+                    }
+                    Bs[i][kk][nn] = v;
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < S_BK; kk++) {
+                float a[4];
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+                    a[r] = As[kk][ty + 16 * r];
+#pragma unroll
+                for (int i = 0; i < NB; i++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        const float bv = Bs[i][kk][tx + 16 * c];
+#pragma unroll
+                        for (int r = 0; r < 4; r++)
+                            acc[i][r][c] = fmaf(a[r], bv, acc[i][r][c]);
+                    }
+            }
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const long long m = m0 + ty + 16 * r, n = n0 + tx + 16 * c;
+            if (m < Mx && n < g.N) {
+                float v[NB];
+#pragma unroll
+                for (int i = 0; i < NB; i++)
+                    v[i] = acc[i][r][c];
+                const long long ci = MODE == GM_ROWS ? (row0 + m) * g.ldc + n : e * g.c_es + m * g.ldc + n;
+                epilogue<T, EPI, NB>(g, ci, v);
+            }
+        }
+}
+
+/* ---- the bf16 tensor-core kernel ------------------------------------------------------------ */
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool ok)
+{
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a, const uint32_t *b)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+#define T_BM 128
+#define T_BK 32
+#define T_ST 3
+#define T_PAD 8
+
+/* 128 × 128 outputs per block (two accumulators: 128 × 64 each), 2 × 4 warps of 64 × 32,
+ * two blocks per SM, three stages deep. (128 × 256 blocks of 64 × 64 warp tiles, one per SM,
+ * four stages, measured no faster on the H200: 34.6 against 32.7 ms for layer (b).) */
+template <int NB> struct tc_shape {
+    static constexpr int BN = NB == 2 ? 64 : 128;
+    static constexpr int WN = BN / 4; /* a warp owns 64 × WN */
+    static constexpr int NT = WN / 8; /* n8 tiles per warp */
+};
+
+/* elements of one stage: A (AT: [BK][BM], else [BM][BK]) and NB B tiles (BT: [BN][BK],
+ * else [BK][BN]), rows padded by 8 elements (16 bytes) so ldmatrix meets no bank conflict */
+template <int MODE, int BT, int NB> struct tc_smem {
+    static constexpr int BN = tc_shape<NB>::BN;
+    static constexpr int AS = MODE == GM_KSEG ? T_BK * (T_BM + T_PAD) : T_BM * (T_BK + T_PAD);
+    static constexpr int BS = (MODE == GM_ROWS && BT) ? BN * (T_BK + T_PAD) : T_BK * (BN + T_PAD);
+    static constexpr int BYTES = T_ST * (AS + NB * BS) * 2;
+};
+
+template <int MODE, int BT, int NB, int NK, int EPI>
+__global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
+{
+    constexpr int BN = tc_shape<NB>::BN, WN = tc_shape<NB>::WN, NT = tc_shape<NB>::NT;
+    constexpr int AS = tc_smem<MODE, BT, NB>::AS, BS = tc_smem<MODE, BT, NB>::BS;
+    constexpr bool AT = MODE == GM_KSEG, BTT = MODE == GM_ROWS && BT;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16 *sA = (bf16 *)smem_raw;
+    bf16 *sB = sA + T_ST * AS;
+    __shared__ int s_info[2];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 2, wn = warp & 3;
+    int e;
+    long long m0, Mx, Kx, row0;
+    const long long n0 = (long long)blockIdx.y * BN;
+    if (MODE == GM_ROWS) {
+        rows_tile(g, T_BM, s_info);
+        e = s_info[0];
+        if (e < 0)
+            return;
+        m0 = (long long)s_info[1] * T_BM;
+        Mx = g.count[e];
+        Kx = g.K;
+    } else {
+        e = blockIdx.z;
+        Kx = g.count[e];
+        if (Kx == 0)
+            return;
+        m0 = (long long)blockIdx.x * T_BM;
+        Mx = g.M;
+    }
+    row0 = g.begin[e];
+    const int ktiles = (int)((Kx + T_BK - 1) / T_BK);
+    const int total = NK * ktiles;
+
+    auto load = [&](int slot, int t) {
+        const int pp = NK == 2 ? t / ktiles : 0;
+        const long long k0 = (long long)(NK == 2 ? t % ktiles : t) * T_BK;
+        const bf16 *Ap = (const bf16 *)(pp ? g.A1 : g.A0);
+        bf16 *dA = sA + slot * AS;
+#pragma unroll
+        for (int q = 0; q < 2; q++) { /* BM·BK/8 = 512 chunks of 16 bytes */
+            const int c = tid + 256 * q;
+            int mm, kk;
+            if (!AT) {
+                mm = c >> 2;
+                kk = (c & 3) * 8;
+            } else {
+                kk = c >> 4;
+                mm = (c & 15) * 8;
+            }
+            const long long m = m0 + mm, k = k0 + kk;
+            const bool ok = m < Mx && k < Kx;
+            const bf16 *src = !AT ? Ap + (row0 + m) * g.lda + k : Ap + (row0 + k) * g.lda + m;
+            bf16 *dst = !AT ? dA + mm * (T_BK + T_PAD) + kk : dA + kk * (T_BM + T_PAD) + mm;
+            cp_async16(dst, ok ? src : Ap, ok);
+        }
+        constexpr int BCH = BN * T_BK / 8;
+#pragma unroll
+        for (int i = 0; i < NB; i++) {
+            const bf16 *Bp = (const bf16 *)(NK == 2 ? (pp ? g.B1 : g.B0) : (i ? g.B1 : g.B0));
+            bf16 *dB = sB + (slot * NB + i) * BS;
+#pragma unroll
+            for (int c = tid; c < BCH; c += 256) {
+                int nn, kk;
+                if (BTT) {
+                    nn = c >> 2;
+                    kk = (c & 3) * 8;
+                } else {
+                    kk = c / (BN / 8);
+                    nn = (c % (BN / 8)) * 8;
+                }
+                const long long n = n0 + nn, k = k0 + kk;
+                const bool ok = n < g.N && k < Kx;
+                const bf16 *src = MODE == GM_ROWS ? Bp + e * g.b_es + (BTT ? n * g.ldb + k : k * g.ldb + n)
+                                                  : Bp + (row0 + k) * g.ldb + n;
+                bf16 *dst = BTT ? dB + nn * (T_BK + T_PAD) + kk : dB + kk * (BN + T_PAD) + nn;
+                cp_async16(dst, ok ? src : Bp, ok);
+            }
+        }
+    };
+
+    float acc[NB][4][NT][4];
+#pragma unroll
+    for (int i = 0; i < NB; i++)
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int b = 0; b < NT; b++)
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+                    acc[i][a][b][c] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < T_ST - 1; s++) {
+        if (s < total)
+            load(s, s);
+        cp_async_commit();
+    }
+    for (int t = 0; t < total; t++) {
+        cp_async_wait<T_ST - 2>();
+        __syncthreads();
+        {
+            const int nt = t + T_ST - 1;
+            if (nt < total)
+                load(nt % T_ST, nt);
+            cp_async_commit();
+        }
+        const bf16 *cA = sA + (t % T_ST) * AS;
+        const bf16 *cB = sB + (t % T_ST) * NB * BS;
+#pragma unroll
+        for (int ks = 0; ks < T_BK; ks += 16) {
+            uint32_t af[4][4];
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (!AT) {
+                    const int r = wm * 64 + mt * 16 + (lane & 15), cc = ks + (lane >> 4) * 8;
+                    ldsm_x4(af[mt], cA + r * (T_BK + T_PAD) + cc);
+                } else {
+                    const int kk = ks + (lane & 7) + (lane >> 4) * 8, mm = wm * 64 + mt * 16 + ((lane >> 3) & 1) * 8;
+                    ldsm_x4_t(af[mt], cA + kk * (T_BM + T_PAD) + mm);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < NB; i++) {
+                const bf16 *bb = cB + i * BS;
+                uint32_t bfr[NT][2];
+#pragma unroll
+                for (int np = 0; np < NT / 2; np++) {
+                    uint32_t r[4];
+                    if (BTT) {
+                        const int nn = wn * WN + np * 16 + (lane & 7) + (lane >> 4) * 8;
+                        const int kk = ks + ((lane >> 3) & 1) * 8;
+                        ldsm_x4(r, bb + nn * (T_BK + T_PAD) + kk);
+                    } else {
+                        const int kk = ks + (lane & 7) + ((lane >> 3) & 1) * 8;
+                        const int nn = wn * WN + np * 16 + (lane >> 4) * 8;
+                        ldsm_x4_t(r, bb + kk * (BN + T_PAD) + nn);
+                    }
+                    bfr[2 * np][0] = r[0];
+                    bfr[2 * np][1] = r[1];
+                    bfr[2 * np + 1][0] = r[2];
+                    bfr[2 * np + 1][1] = r[3];
+                }
+#pragma unroll
+                for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+                        mma_bf16(acc[i][mt][nt], af[mt], bfr[nt]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const long long m = m0 + wm * 64 + mt * 16 + (lane >> 2) + h * 8;
+                if (m >= Mx)
+                    continue;
+#pragma unroll
+                for (int q = 0; q < 2; q++) {
+                    const long long n = n0 + wn * WN + nt * 8 + (lane & 3) * 2 + q;
+                    if (n >= g.N)
+                        continue;
+                    float v[NB];
+#pragma unroll
+                    for (int i = 0; i < NB; i++)
+                        v[i] = acc[i][mt][nt][h * 2 + q];
+                    const long long ci = MODE == GM_ROWS ? (row0 + m) * g.ldc + n : e * g.c_es + m * g.ldc + n;
+                    epilogue<bf16, EPI, NB>(g, ci, v);
+                }
+            }
+}
+
+/* ---- dispatch -------------------------------------------------------------------------- */
+
+static bool aligned16(const void *p)
+{
+    return !p || ((uintptr_t)p & 15) == 0;
+}
+
+template <int MODE, int BT, int NB, int NK, int EPI>
+static void launch(moe_backend *b, const GA &g, const moe_cu_group *grp, bool tc, moe_dtype t)
+{
+    cudaStream_t s = moe_cu_stream(b);
+    if (tc) {
+        const int bm = T_BM, bn = tc_shape<NB>::BN;
+        dim3 grid(MODE == GM_ROWS ? (unsigned)(grp->rows_bound / bm + grp->E) : (unsigned)((g.M + bm - 1) / bm),
+                  (unsigned)((g.N + bn - 1) / bn), MODE == GM_ROWS ? 1u : (unsigned)grp->E);
+        const int bytes = tc_smem<MODE, BT, NB>::BYTES;
+        static bool attr = false; /* one per instantiation */
+        if (!attr) {
+            cudaFuncSetAttribute(tc_gemm<MODE, BT, NB, NK, EPI>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+            attr = true;
+        }
+        tc_gemm<MODE, BT, NB, NK, EPI><<<grid, 256, bytes, s>>>(g);
+    } else {
+        dim3 grid(MODE == GM_ROWS ? (unsigned)(grp->rows_bound / S_BM + grp->E) : (unsigned)((g.M + S_BM - 1) / S_BM),
+                  (unsigned)((g.N + S_BN - 1) / S_BN), MODE == GM_ROWS ? 1u : (unsigned)grp->E);
+        if (t == MOE_BF16)
+            simt_gemm<bf16, MODE, BT, NB, NK, EPI><<<grid, 256, 0, s>>>(g);
+        else
+            simt_gemm<float, MODE, BT, NB, NK, EPI><<<grid, 256, 0, s>>>(g);
+    }
+}
+
+void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp, const moe_cu_gemm_args *a,
+                         moe_dtype t)
+{
+    if (grp->E <= 0 || a->N <= 0 || (a->mode == GM_KSEG && a->M <= 0) || grp->rows_bound <= 0)
+        return;
+    if (a->mode == GM_ROWS && a->K <= 0)
+        return; /* not reached by the FFN (d, f >= 1) */
+    GA g;
+    g.A0 = a->A0, g.A1 = a->A1, g.B0 = a->B0, g.B1 = a->B1;
+    g.lda = a->lda, g.ldb = a->ldb, g.b_es = a->b_es;
+    g.C0 = a->C0, g.C1 = a->C1, g.C2 = a->C2, g.H1 = a->H1, g.H3 = a->H3;
+    g.ldc = a->ldc, g.c_es = a->c_es;
+    g.M = a->M, g.N = a->N, g.K = a->K;
+    g.begin = grp->begin, g.count = grp->count;
+    g.E = (int)grp->E, g.act = a->act;
+    /* tensor cores: bf16, and every 16-byte chunk a tile loads either wholly inside its
+     * operand or wholly outside (dimensions, strides and pointers in multiples of 8) */
+    const int64_t inner = a->mode == GM_ROWS ? a->K : a->M;
+    bool tc = t == MOE_BF16 && !moe_cu(b)->simt_only && inner % 8 == 0 && a->N % 8 == 0 && a->lda % 8 == 0 &&
+              a->ldb % 8 == 0 && a->b_es % 8 == 0 && aligned16(a->A0) && aligned16(a->A1) && aligned16(a->B0) &&
+              aligned16(a->B1);
+    const int key = a->mode * 10000 + a->bt * 1000 + a->nb * 100 + a->nk * 10 + a->epi;
+    switch (key) {
+    case GM_ROWS * 10000 + 0 * 1000 + 200 + 10 + EPI_FWD: launch<GM_ROWS, 0, 2, 1, EPI_FWD>(b, g, grp, tc, t); break;
+    case GM_ROWS * 10000 + 0 * 1000 + 100 + 10 + EPI_FWD: launch<GM_ROWS, 0, 1, 1, EPI_FWD>(b, g, grp, tc, t); break;
+    case GM_ROWS * 10000 + 0 * 1000 + 100 + 10 + EPI_STORE: launch<GM_ROWS, 0, 1, 1, EPI_STORE>(b, g, grp, tc, t); break;
+    case GM_ROWS * 10000 + 1 * 1000 + 100 + 10 + EPI_BWD: launch<GM_ROWS, 1, 1, 1, EPI_BWD>(b, g, grp, tc, t); break;
+    case GM_ROWS * 10000 + 1 * 1000 + 100 + 20 + EPI_ACC: launch<GM_ROWS, 1, 1, 2, EPI_ACC>(b, g, grp, tc, t); break;
+    case GM_ROWS * 10000 + 1 * 1000 + 100 + 10 + EPI_ACC: launch<GM_ROWS, 1, 1, 1, EPI_ACC>(b, g, grp, tc, t); break;
+    case GM_KSEG * 10000 + 0 * 1000 + 200 + 10 + EPI_ACC: launch<GM_KSEG, 0, 2, 1, EPI_ACC>(b, g, grp, tc, t); break;
+    case GM_KSEG * 10000 + 0 * 1000 + 100 + 10 + EPI_ACC: launch<GM_KSEG, 0, 1, 1, EPI_ACC>(b, g, grp, tc, t); break;
+    default:
+        moe_backend_fail(b, op, MOE_ERR_ARG, "no grouped GEMM kernel for mode %d, bt %d, nb %d, nk %d, epilogue %d",
+                         a->mode, a->bt, a->nb, a->nk, a->epi);
+        return;
+    }
+    moe_cu_check(b, op);
+}

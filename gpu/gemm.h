@@ -1,0 +1,49 @@
+/*
+ * gemm.h — grouped GEMMs over a plan's segments, with the segment sizes read on the
+ * device (nothing waits for the host to learn how many rows each expert got).
+ *
+ * Two shapes of problem, each expert e owning rows [begin[e], begin[e] + count[e]) of the
+ * row-indexed buffers and slice e of the weights:
+ *  - ROWS: C_e[m_e, N] = A_e[m_e, K] · B_e[K, N] with A, C row buffers (m_e from the
+ *    plan) and B the expert's weights, stored [K, N] or transposed [N, K] (bt);
+ *  - KSEG: C_e[M, N] += A_eᵀ · B_e, the reduction running over the expert's rows (its
+ *    count), A stored [rows, M] and B [rows, N]: the weight gradients.
+ * Options: two B operands with an accumulator each (x·W1 and x·W3 in one pass; dW1 and
+ * dW3), or two (A, B) pairs summed into one accumulator (dx = g1·W1ᵀ + g3·W3ᵀ); and an
+ * epilogue: store, accumulate (+=), the FFN's forward activation (h1, h3 and a = act(h1)
+ * [⊙ h3] written together), or its backward (da -> g1, g3 reading h1, h3).
+ *
+ * Every output element is computed by one thread block in one fixed order over K: no
+ * split-K, no atomics, the same bits on every run. bf16 operands whose dimensions and
+ * pointers are multiples of 8 elements take tensor cores (mma.sync m16n8k16, fp32
+ * accumulation, a cp.async pipeline); everything else, fp32 included, a tiled fp32 kernel
+ * (TF32 off: the fp32 cross-checks see plain fp32 arithmetic).
+ */
+#ifndef CMOE_GPU_GEMM_H
+#define CMOE_GPU_GEMM_H
+
+#include "gpu/cuda.h"
+
+enum { GM_ROWS = 0, GM_KSEG = 1 };
+enum { EPI_STORE = 0, EPI_ACC = 1, EPI_FWD = 2, EPI_BWD = 3 };
+
+typedef struct {
+    int mode;           /* GM_ROWS or GM_KSEG */
+    int bt;             /* ROWS: B stored [N, K] (the expert's weights transposed) */
+    int nb;             /* B operands, each with its own accumulator and output (1 or 2) */
+    int nk;             /* (A, B) pairs summed into one accumulator (1 or 2) */
+    int epi, act;
+    const void *A0, *A1, *B0, *B1;
+    int64_t lda, ldb;   /* leading dimensions (elements), the same for both operands of a kind */
+    int64_t b_es;       /* ROWS: elements between two experts' B */
+    void *C0, *C1, *C2; /* outputs (EPI_FWD: h1, h3, a; EPI_BWD: g1, g3) */
+    const void *H1, *H3; /* EPI_BWD: the saved pre-activations */
+    int64_t ldc, c_es;  /* KSEG: elements between two experts' C */
+    int64_t M, N, K;    /* ROWS: N, K (M per expert); KSEG: M, N (K per expert) */
+} moe_cu_gemm_args;
+
+/* All operands of type t (f32 or bf16). */
+void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *g, const moe_cu_gemm_args *a,
+                         moe_dtype t);
+
+#endif

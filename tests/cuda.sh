@@ -1,0 +1,90 @@
+#!/bin/sh
+# The cuda backend end to end through the command line, when this build has it and a device
+# answers (else exit 77, SKIP):
+#  - cmoe check --backend cuda (fp32 and bf16, the quick table);
+#  - cmoe train: 10 steps on cuda fp32 give cpu's and ref's losses (<= 1e-4 relative);
+#    two identical cuda runs give the same bits (every loss, the weights file);
+#  - bf16 against fp32: 300 steps of the laptop model end within 2% in validation loss;
+#  - a run saved on the GPU (bf16) holds F32 checkpoints and resumes on the cpu backend;
+#  - cmoe sample and cmoe eval on cuda.
+# Run by automake with top_srcdir and top_builddir exported.
+: "${top_srcdir:=.}" "${top_builddir:=.}"
+cmoe="$top_builddir/cmoe"
+[ -x "$cmoe" ] || { echo "cuda.sh: $cmoe is not built"; exit 99; }
+if ! "$cmoe" --version 2>/dev/null | grep -q "device 0:"; then
+    echo "cuda.sh: skipped: no cuda build or no device answers"
+    exit 77
+fi
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/cmoe-cuda.XXXXXX") || exit 99
+trap 'rm -rf "$tmp"' EXIT INT TERM
+fails=0
+fail() {
+    echo "FAIL: $*"
+    fails=$((fails + 1))
+}
+run() { # run NAME ARGS...: cmoe ARGS with its output in $tmp/NAME.log
+    name=$1
+    shift
+    if "$cmoe" "$@" >"$tmp/$name.log" 2>&1; then
+        echo "ok: cmoe $*"
+    else
+        fail "cmoe $* (exit $?):"
+        tail -n 15 "$tmp/$name.log" | sed 's/^/    /'
+    fi
+}
+# the value of "key" on each line of a metrics file
+col() { sed -n "s/.*\"$2\":\([-0-9.eE+]*\).*/\1/p" "$1"; }
+
+run check32 check --backend cuda --quick --failures
+run check16 check --backend cuda --dtype bf16 --quick --failures
+
+# ---- 10 steps: cuda fp32 = cpu = ref (to 1e-4), and two cuda runs bit for bit ----------------
+common="--preset tiny --data synth --steps 10 --batch 4 --seq 32 --eval-every 10 --eval-batches 2"
+for b in ref cpu cuda; do
+    run "train-$b" train $common --backend "$b" --threads 2 --out "$tmp/$b"
+done
+run train-cuda2 train $common --backend cuda --threads 2 --out "$tmp/cuda2"
+for b in ref cpu; do
+    col "$tmp/cuda/metrics.jsonl" loss >"$tmp/cuda.loss"
+    col "$tmp/$b/metrics.jsonl" loss >"$tmp/$b.loss"
+    n=$(wc -l <"$tmp/cuda.loss" | tr -d ' ')
+    [ "$n" -eq 10 ] || fail "cuda run: $n losses, want 10"
+    paste "$tmp/cuda.loss" "$tmp/$b.loss" | awk -v b="$b" '
+        { r = ($1 - $2) / $2; if (r < 0) r = -r; printf "step %2d  cuda %.10f  %s %.10f  rel %.1e\n", NR, $1, b, $2, r
+          if (!(r <= 1e-4)) bad = 1 }
+        END { exit bad }' || fail "cuda fp32 and $b losses differ by more than 1e-4"
+done
+col "$tmp/cuda2/metrics.jsonl" loss >"$tmp/cuda2.loss"
+cmp -s "$tmp/cuda.loss" "$tmp/cuda2.loss" || fail "two identical cuda runs gave different losses"
+cmp -s "$tmp/cuda/model.safetensors" "$tmp/cuda2/model.safetensors" ||
+    fail "two identical cuda runs gave different weights"
+
+# ---- bf16 against fp32 over 300 steps of the laptop model ---------------------------------------
+data="$top_srcdir/datasets/brown/brown.txt.gz"
+for t in fp32 bf16; do
+    run "laptop-$t" train --data "$data" --steps 300 --eval-every 300 --eval-batches 20 --backend cuda --dtype "$t" \
+        --log-every 100 --out "$tmp/laptop-$t"
+done
+v32=$(col "$tmp/laptop-fp32/metrics.jsonl" val_loss | tail -n 1)
+v16=$(col "$tmp/laptop-bf16/metrics.jsonl" val_loss | tail -n 1)
+echo "laptop, 300 steps: validation loss fp32 $v32, bf16 $v16"
+awk -v a="$v32" -v b="$v16" 'BEGIN { r = (b - a) / a; if (r < 0) r = -r; printf "relative difference %.4f\n", r
+    exit !(a > 0 && r <= 0.02) }' || fail "bf16 and fp32 validation losses differ by more than 2%"
+grep -q '"dtype": "bf16"' "$tmp/laptop-bf16/train.json" || fail "train.json does not record the dtype"
+
+# ---- a GPU (bf16) run saves F32 checkpoints and resumes on the cpu ------------------------------
+run save train --preset tiny --data synth --steps 20 --batch 4 --seq 32 --save-every 10 --backend cuda --dtype bf16 \
+    --out "$tmp/gpu"
+ck=$(ls "$tmp/gpu"/ckpt-*.safetensors 2>/dev/null | tail -n 1)
+[ -n "$ck" ] || fail "no checkpoint in $tmp/gpu"
+[ -n "$ck" ] && { head -c 4096 "$ck" | grep -q '"F32"' || fail "the checkpoint is not F32"; }
+run resume train --resume "$tmp/gpu" --backend cpu --steps 30
+n=$(wc -l <"$tmp/gpu/metrics.jsonl" | tr -d ' ')
+[ "$n" -eq 30 ] || fail "the resumed run has $n steps, want 30"
+col "$tmp/gpu/metrics.jsonl" loss | awk '!($1 > 0 && $1 < 10) { bad = 1 } END { exit bad }' ||
+    fail "the resumed run's losses are not finite"
+run sample sample "$tmp/gpu" --backend cuda --tokens 20 --prompt "1 2 3"
+run eval eval "$tmp/gpu" --backend cuda --max-batches 2
+
+[ "$fails" -eq 0 ] && echo "cuda.sh: all ok"
+exit $((fails > 0))
