@@ -158,3 +158,14 @@ tests_test_rundir_SOURCES = tests/test_rundir.c tests/testutil.h
 tests_test_rundir_CFLAGS = $(TEST_CFLAGS)
 tests_test_rundir_LDADD = $(TEST_LDADD)
 endif
+# expert parallelism over MPI (src/dist/): the exchange against one process, bit for bit,
+# under mpirun -np 1, 2, 4 (skipped only when the build has no MPI)
+if HAVE_CHECK
+check_PROGRAMS += tests/mpi_exchange
+tests_mpi_exchange_SOURCES = tests/mpi_exchange.c tests/testutil.h
+tests_mpi_exchange_CFLAGS = $(TEST_CFLAGS)
+tests_mpi_exchange_LDADD = $(TEST_LDADD)
+endif
+TESTS += tests/mpi_exchange.sh
+EXTRA_DIST += tests/mpi_exchange.sh tests/mpi_env.sh
+AM_TESTS_ENVIRONMENT += MPIRUN='$(MPIRUN)'; export MPIRUN;
