@@ -50,4 +50,5 @@ libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/safetenso
 	src/io/data.c src/io/data_load.c src/io/synth.c
 # distribution: communicators (MPI or one process), fixed-tree sums, the expert-parallel exchange
 libcmoe_la_SOURCES += src/dist/comm.h src/dist/comm.c src/dist/tree.h src/dist/tree.c src/dist/exchange_ep.h \
-	src/dist/exchange_ep.c
+	src/dist/exchange_ep.c src/dist/dist.h src/dist/dist.c src/dist/groups.h src/dist/groups.c \
+	src/dist/dist_io.h src/dist/dist_io.c

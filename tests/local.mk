@@ -166,6 +166,7 @@ tests_mpi_exchange_SOURCES = tests/mpi_exchange.c tests/testutil.h
 tests_mpi_exchange_CFLAGS = $(TEST_CFLAGS)
 tests_mpi_exchange_LDADD = $(TEST_LDADD)
 endif
-TESTS += tests/mpi_exchange.sh
-EXTRA_DIST += tests/mpi_exchange.sh tests/mpi_env.sh
+# cmoe train under mpirun: the same bits in every layout, resharding, refusals, faults
+TESTS += tests/mpi_exchange.sh tests/mpi_train.sh
+EXTRA_DIST += tests/mpi_exchange.sh tests/mpi_train.sh tests/mpi_env.sh
 AM_TESTS_ENVIRONMENT += MPIRUN='$(MPIRUN)'; export MPIRUN;

@@ -14,6 +14,7 @@
 
 #include "cmoe.h"
 #include "run.h"
+#include "io/checkpoint.h"
 #include "io/safetensors.h"
 
 int cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
@@ -72,20 +73,32 @@ void cli_fmt_duration(char *buf, size_t n, double s)
 
 /* ---- saving ------------------------------------------------------------------ */
 
+static moe_status local_param(void *ctx, int i, double *p, double *m, double *v)
+{
+    return moe_model_get_param(ctx, i, p);
+}
+
 moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, int64_t step)
+{
+    return cli_run_save_with(dir, m, local_param, m, train_json, step);
+}
+
+moe_status cli_run_save_with(const char *dir, const moe_model *m, moe_ckpt_get_fn get, void *ctx,
+                             const char *train_json, int64_t step)
 {
     char path[4096], num[32], *cfg_json = NULL;
     moe_st_writer *w = NULL;
     moe_status s;
     const int n = moe_model_n_params(m);
-    const int64_t total = moe_model_numel(m);
+    int64_t total = 0, biggest = 1;
+    moe_param_info fi; /* whole tensors, also of a model split over ranks */
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        total += fi.numel;
+        biggest = fi.numel > biggest ? fi.numel : biggest;
+    }
     float *f32 = malloc((size_t)(total > 0 ? total : 1) * sizeof *f32);
-    double *tmp = NULL;
-    int64_t biggest = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(m, i)->numel > biggest)
-            biggest = moe_model_param(m, i)->numel;
-    tmp = malloc((size_t)biggest * sizeof *tmp);
+    double *tmp = malloc((size_t)biggest * sizeof *tmp);
     if (!f32 || !tmp) {
         s = moe_error(MOE_ERR_NOMEM, "out of memory saving %lld parameters", (long long)total);
         goto done;
@@ -94,11 +107,11 @@ moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, i
         goto done;
     int64_t at = 0;
     for (int i = 0; i < n; i++) {
-        const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_model_get_param(m, i, tmp)) || (s = moe_st_from_f64(MOE_ST_F32, tmp, p->numel, f32 + at)) ||
-            (s = moe_st_writer_add(w, p->name, MOE_ST_F32, p->ndim, p->shape, f32 + at)))
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        if ((s = get(ctx, i, tmp, NULL, NULL)) || (s = moe_st_from_f64(MOE_ST_F32, tmp, fi.numel, f32 + at)) ||
+            (s = moe_st_writer_add(w, fi.name, MOE_ST_F32, fi.ndim, fi.shape, f32 + at)))
             goto done;
-        at += p->numel;
+        at += fi.numel;
     }
     snprintf(num, sizeof num, "%" PRId64, step);
     if ((s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg_json)) ||
@@ -197,22 +210,25 @@ moe_status cli_run_load_into(cli_run *r, moe_model *model)
             return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is not a parameter of the model its config describes",
                              r->path, f->tensors[i].name);
     int64_t biggest = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(model, i)->numel > biggest)
-            biggest = moe_model_param(model, i)->numel;
+    moe_param_info fi; /* the file holds whole tensors; an expert shard takes its slice */
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(model, i), &fi);
+        biggest = fi.numel > biggest ? fi.numel : biggest;
+    }
     double *buf = malloc((size_t)biggest * sizeof *buf);
     if (!buf)
         return moe_error(MOE_ERR_NOMEM, "out of memory loading %s", r->path);
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(model, i);
+        moe_ckpt_full_info(p, &fi);
         if (!moe_st_find(f, p->name))
             s = moe_error(MOE_ERR_FORMAT, "%s: parameter '%s' is missing", r->path, p->name);
-        else if (!(s = moe_st_get_f64(f, p->name, p->ndim, p->shape, buf))) {
+        else if (!(s = moe_st_get_f64(f, p->name, fi.ndim, fi.shape, buf))) {
             /* NaN or Inf weights give NaN losses and text: refused here, by name */
             char what[4300];
             snprintf(what, sizeof what, "%s: parameter '%s'", r->path, p->name);
-            if (!(s = moe_check_finite(MOE_ERR_FORMAT, what, buf, p->numel)))
-                s = moe_model_set_param(model, i, buf);
+            if (!(s = moe_check_finite(MOE_ERR_FORMAT, what, buf, fi.numel)))
+                s = moe_model_set_param(model, i, buf + p->shard * p->numel);
         }
     }
     free(buf);

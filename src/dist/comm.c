@@ -128,6 +128,72 @@ static moe_status mpi_fail(int rc, const char *call, const char *what)
     return moe_error(MOE_ERR_MPI, "rank %d: %s (%s): %s", world_rank, call, what ? what : "?", msg);
 }
 
+/* The watchdog's own communicator: a rank that waits too long asks its group's ranks
+ * whether they are alive; every rank answers from inside its waits. */
+static MPI_Comm wd = MPI_COMM_NULL;
+enum { TAG_PING = 1, TAG_PONG = 2 };
+
+static void serve_pings(void)
+{
+    static int pong;
+    for (;;) {
+        int flag = 0, ping;
+        MPI_Status st;
+        if (wd == MPI_COMM_NULL || MPI_Iprobe(MPI_ANY_SOURCE, TAG_PING, wd, &flag, &st) != MPI_SUCCESS || !flag)
+            return;
+        if (MPI_Recv(&ping, 1, MPI_INT, st.MPI_SOURCE, TAG_PING, wd, MPI_STATUS_IGNORE) == MPI_SUCCESS)
+            MPI_Send(&pong, 1, MPI_INT, st.MPI_SOURCE, TAG_PONG, wd); /* one int: sent eagerly */
+    }
+}
+
+/* The world ranks of c that do not answer a ping within a few seconds, into buf. */
+static void silent_ranks(const moe_comm *c, char *buf, size_t n)
+{
+    const int P = c->size;
+    int *mine = calloc((size_t)P, sizeof *mine), *world = calloc((size_t)P, sizeof *world), ping = 0;
+    int *pongs = calloc((size_t)P, sizeof *pongs);
+    MPI_Request *r = calloc((size_t)(2 * P), sizeof *r);
+    MPI_Group g, wg;
+    buf[0] = 0;
+    if (!mine || !world || !pongs || !r || wd == MPI_COMM_NULL || MPI_Comm_group(c->comm, &g) != MPI_SUCCESS) {
+        free(mine), free(world), free(pongs), free(r);
+        return;
+    }
+    MPI_Comm_group(wd, &wg);
+    for (int i = 0; i < P; i++)
+        mine[i] = i;
+    MPI_Group_translate_ranks(g, P, mine, wg, world);
+    MPI_Group_free(&g);
+    MPI_Group_free(&wg);
+    for (int i = 0; i < P; i++) {
+        r[2 * i] = r[2 * i + 1] = MPI_REQUEST_NULL;
+        if (i != c->rank && world[i] != MPI_UNDEFINED) {
+            MPI_Irecv(&pongs[i], 1, MPI_INT, world[i], TAG_PONG, wd, &r[2 * i]);
+            MPI_Isend(&ping, 1, MPI_INT, world[i], TAG_PING, wd, &r[2 * i + 1]);
+        }
+    }
+    const double t0 = now();
+    int left = 1;
+    while (left && now() - t0 < 3.0) {
+        serve_pings();
+        left = 0;
+        for (int i = 0; i < P; i++) {
+            int done = 1;
+            if (r[2 * i] != MPI_REQUEST_NULL)
+                MPI_Test(&r[2 * i], &done, MPI_STATUS_IGNORE);
+            left |= !done;
+        }
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    size_t at = 0;
+    for (int i = 0; i < P && at + 16 < n; i++)
+        if (r[2 * i] != MPI_REQUEST_NULL) /* still pending: no answer */
+            at += (size_t)snprintf(buf + at, n - at, "%s%d", at ? ", " : "", world[i]);
+    /* the pending requests are left to MPI_Abort, which follows */
+    free(mine), free(world), free(r);
+    (void)pongs; /* may still be written by a late answer: kept (a few bytes) */
+}
+
 #define CALL(call, what, ...)                                                                                      \
     do {                                                                                                           \
         int rc_ = call(__VA_ARGS__);                                                                               \
@@ -147,15 +213,18 @@ static moe_status poll(const moe_comm *c, int n, MPI_Request *r, double timeout,
             return mpi_fail(rc, "MPI_Testall", what);
         if (done)
             break;
+        serve_pings();
         const double t = now();
         if (t > deadline) {
-            if (peer >= 0)
-                return moe_error(MOE_ERR_MPI, "rank %d: %s: no answer from rank %d of its group of %d within %.0f s "
-                                 "(it died or hangs; CMOE_MPI_TIMEOUT sets the limit)", world_rank, what, peer,
-                                 c->size, timeout);
-            return moe_error(MOE_ERR_MPI, "rank %d: %s: the %d ranks of its group did not all answer within %.0f s "
-                             "(one died or hangs; CMOE_MPI_TIMEOUT sets the limit)", world_rank, what, c->size,
-                             timeout);
+            char silent[256];
+            silent_ranks(c, silent, sizeof silent);
+            if (silent[0])
+                return moe_error(MOE_ERR_MPI, "rank %d: %s: no answer within %.0f s; rank %s of the job does not "
+                                 "respond (it hangs or died; CMOE_MPI_TIMEOUT sets the limit)", world_rank, what,
+                                 timeout, silent);
+            return moe_error(MOE_ERR_MPI, "rank %d: %s: no answer within %.0f s from %s, although every rank "
+                             "responds (they wait in different places: ranks out of step; CMOE_MPI_TIMEOUT sets "
+                             "the limit)", world_rank, what, timeout, peer >= 0 ? "its peer" : "its group");
         }
         /* yield while a peer may answer soon (oversubscribed ranks share cores, and a
          * yield lets the peer run), then sleep between polls so that a long wait (a rank
@@ -228,6 +297,8 @@ moe_status moe_comm_world(moe_comm **out)
         return mpi_fail(rc, "MPI_Comm_dup", "the world communicator");
     }
     world_rank = c->rank;
+    if (wd == MPI_COMM_NULL && MPI_Comm_dup(MPI_COMM_WORLD, &wd) == MPI_SUCCESS)
+        MPI_Comm_set_errhandler(wd, MPI_ERRORS_RETURN);
     *out = c;
     return MOE_OK;
 }
@@ -237,6 +308,8 @@ void moe_comm_finalize(void)
     int init = 0, fin = 0;
     MPI_Initialized(&init);
     MPI_Finalized(&fin);
+    if (wd != MPI_COMM_NULL && init && !fin)
+        MPI_Comm_free(&wd);
     if (mpi_started && init && !fin)
         MPI_Finalize();
 }

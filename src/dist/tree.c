@@ -117,6 +117,11 @@ int64_t moe_tree_numel(const moe_tree *t)
     return t->n;
 }
 
+int64_t moe_tree_bytes(const moe_tree *t)
+{
+    return (int64_t)(t->slots + 3) * t->n * (int64_t)moe_dtype_size(t->b->float_type);
+}
+
 static moe_tensor slot_t(const moe_tree *t, int slot)
 {
     return (moe_tensor){t->buf, (int64_t)slot * t->n};
@@ -248,4 +253,35 @@ moe_status moe_tree_across(moe_comm *c, moe_backend *b, moe_tensor t, moe_tensor
     if (!s && r != 0)
         s = b->upload(b, t, host, dt, n);
     return s;
+}
+
+moe_status moe_tree_across_host(moe_comm *c, double *v, int n, const char *what)
+{
+    const int P = moe_comm_size(c), r = moe_comm_rank(c);
+    if (P == 1 || n == 0)
+        return MOE_OK;
+    double *in = malloc((size_t)n * sizeof *in);
+    if (!in)
+        return moe_error(MOE_ERR_NOMEM, "out of memory");
+    moe_status s = MOE_OK;
+    for (int step = 1; step < P && !s; step <<= 1) {
+        if (r % (2 * step) == 0) {
+            if (r + step < P && !(s = moe_comm_recv(c, in, (int64_t)n * 8, r + step, what)))
+                for (int i = 0; i < n; i++)
+                    v[i] += in[i];
+        } else {
+            s = moe_comm_send(c, v, (int64_t)n * 8, r - step, what);
+            break;
+        }
+    }
+    free(in);
+    return s ? s : moe_comm_bcast(c, v, (int64_t)n * 8, 0, what);
+}
+
+double moe_tree_sum_host(const double *v, int64_t count)
+{
+    if (count == 1)
+        return v[0];
+    const int64_t h = count / 2; /* count is a power of two */
+    return moe_tree_sum_host(v, h) + moe_tree_sum_host(v + h, count - h);
 }

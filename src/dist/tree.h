@@ -39,8 +39,9 @@ int moe_tree_slots(const int64_t *order, int64_t n, int64_t base, int64_t count)
 moe_status moe_tree_create(moe_backend *b, const moe_piece *pieces, int np, int64_t base, int64_t count, int slots,
                            moe_tree **out);
 void moe_tree_free(moe_tree *t);
-/* Elements of the set. */
+/* Elements of the set; bytes of the tree's buffers (backend and host). */
 int64_t moe_tree_numel(const moe_tree *t);
+int64_t moe_tree_bytes(const moe_tree *t);
 /* Forgets the partial sums (a new micro-batch). */
 void moe_tree_reset(moe_tree *t);
 /* The pieces' current values are leaf id. */
@@ -59,5 +60,10 @@ void moe_tree_scatter(moe_tree *t);
  * goes to every rank. scratch [n] receives; host [n elements of t's type] stages. */
 moe_status moe_tree_across(moe_comm *c, moe_backend *b, moe_tensor t, moe_tensor scratch, int64_t n, void *host,
                            const char *what);
+
+/* The same for host doubles v [n] (the validation loss's sums). */
+moe_status moe_tree_across_host(moe_comm *c, double *v, int n, const char *what);
+/* v [count] summed pairwise, level by level (left = lower index): the tree over leaves. */
+double moe_tree_sum_host(const double *v, int64_t count);
 
 #endif

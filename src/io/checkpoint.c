@@ -26,17 +26,55 @@ static moe_status add_tensor(moe_st_writer *w, const char *name, moe_st_dtype dt
     return s ? s : moe_st_writer_add_copy(w, name, dt, p->ndim, p->shape, scratch);
 }
 
+/* The whole tensor a (possibly sharded) parameter belongs to. */
+void moe_ckpt_full_info(const moe_param_info *p, moe_param_info *full)
+{
+    *full = *p;
+    if (p->shards > 1) {
+        full->shape[0] = p->shape[0] * p->shards;
+        full->numel = p->numel * p->shards;
+        full->shard = 0;
+        full->shards = 1;
+    }
+}
+
+/* The local model's tensors, for moe_ckpt_save. */
+typedef struct {
+    moe_model *m;
+    moe_optim *o;
+} local_src;
+
+static moe_status local_get(void *ctx, int i, double *p, double *m, double *v)
+{
+    local_src *l = ctx;
+    moe_status s = moe_model_get_param(l->m, i, p);
+    return s ? s : moe_optim_get_moments(l->o, i, m, v);
+}
+
 moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe_ckpt_state *st)
 {
     if (!path || !m || !o || !st)
         return moe_error(MOE_ERR_ARG, "checkpoint save: path, model, optimizer and state must not be NULL");
+    for (int i = 0; i < moe_model_n_params(m); i++)
+        if (moe_model_param(m, i)->shards > 1)
+            return moe_error(MOE_ERR_ARG, "checkpoint save: '%s' is a shard: gather it (src/dist/dist_io.h)",
+                             moe_model_param(m, i)->name);
+    local_src l = {m, o};
+    return moe_ckpt_save_with(path, m, local_get, &l, st);
+}
+
+moe_status moe_ckpt_save_with(const char *path, const moe_model *m, moe_ckpt_get_fn get, void *ctx,
+                              const moe_ckpt_state *st)
+{
     const moe_backend *b = moe_model_backend(m);
     const moe_st_dtype dt = b->float_type == MOE_F64 ? MOE_ST_F64 : MOE_ST_F32;
     const int n = moe_model_n_params(m);
     int64_t big = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(m, i)->numel > big)
-            big = moe_model_param(m, i)->numel;
+    moe_param_info fi;
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        big = fi.numel > big ? fi.numel : big;
+    }
     double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
            *vv = malloc((size_t)big * sizeof *vv);
     void *scratch = malloc((size_t)big * 8);
@@ -50,15 +88,14 @@ moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe
     if ((s = moe_st_writer_create(&w)))
         goto done;
     for (int i = 0; i < n && !s; i++) {
-        const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_model_get_param(m, i, pv)) || (s = moe_optim_get_moments(o, i, mv, vv)) ||
-            (s = add_tensor(w, p->name, dt, p, pv, scratch)))
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        if ((s = get(ctx, i, pv, mv, vv)) || (s = add_tensor(w, fi.name, dt, &fi, pv, scratch)))
             break;
-        snprintf(name, sizeof name, "optim.m.%s", p->name);
-        if ((s = add_tensor(w, name, dt, p, mv, scratch)))
+        snprintf(name, sizeof name, "optim.m.%s", fi.name);
+        if ((s = add_tensor(w, name, dt, &fi, mv, scratch)))
             break;
-        snprintf(name, sizeof name, "optim.v.%s", p->name);
-        s = add_tensor(w, name, dt, p, vv, scratch);
+        snprintf(name, sizeof name, "optim.v.%s", fi.name);
+        s = add_tensor(w, name, dt, &fi, vv, scratch);
     }
     if (s || (s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg)))
         goto done;
@@ -265,8 +302,10 @@ static moe_status check_values(const moe_ckpt *c, const moe_st_tensor *t)
     return MOE_OK;
 }
 
-static moe_status check_tensor(const moe_ckpt *c, const char *name, const moe_param_info *p)
+static moe_status check_tensor(const moe_ckpt *c, const char *name, const moe_param_info *shard)
 {
+    moe_param_info full, *p = &full; /* a checkpoint holds whole tensors, whatever the layout */
+    moe_ckpt_full_info(shard, &full);
     const moe_st_tensor *t = moe_st_find(c->f, name);
     if (!t)
         return FMT("%s: tensor '%s' is missing (the model has parameter '%s')", c->f->path, name, p->name);
@@ -337,9 +376,11 @@ moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
         return s;
     const int n = moe_model_n_params(m);
     int64_t big = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(m, i)->numel > big)
-            big = moe_model_param(m, i)->numel;
+    moe_param_info fi;
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        big = fi.numel > big ? fi.numel : big;
+    }
     double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
            *vv = malloc((size_t)big * sizeof *vv);
     char name[160];
@@ -347,7 +388,9 @@ moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
         s = moe_error(MOE_ERR_NOMEM, "checkpoint restore: out of memory");
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
-        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, p->name), pv)) || (s = moe_model_set_param(m, i, pv)))
+        const int64_t at = p->shard * p->numel; /* a shard takes its slice of the whole tensor */
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, p->name), pv)) ||
+            (s = moe_model_set_param(m, i, pv + at)))
             break;
         if (!o)
             continue;
@@ -355,7 +398,8 @@ moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
         if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), mv)))
             break;
         snprintf(name, sizeof name, "optim.v.%s", p->name);
-        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), vv)) || (s = moe_optim_set_moments(o, i, mv, vv)))
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), vv)) ||
+            (s = moe_optim_set_moments(o, i, mv + at, vv + at)))
             break;
     }
     if (!s && o)
