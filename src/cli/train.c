@@ -35,6 +35,7 @@
 #include "model/model.h"
 #include "presets.h"
 #include "run.h"
+#include "signals.h"
 #include "train_dist.h"
 
 /* The command line: the settings (io/rundir.h) and what only this process cares about. */
@@ -179,46 +180,6 @@ static void progress_text(char *buf, size_t n, const progress *p)
                      (int)snprintf(NULL, 0, "%" PRId64, p->steps), p->step, p->steps, p->loss, val, p->tok_s, eta);
     if (p->moe && k > 0 && (size_t)k < n)
         snprintf(buf + k, n - (size_t)k, "  load max/mean %.2f  dropped %.1f%%", p->load, 100 * p->dropped);
-}
-
-/* ---- signals ------------------------------------------------------------------------- */
-
-/* The first SIGINT, SIGTERM or SIGHUP asks the loop to stop after its step; a second one
- * (of any of them) ends the process at once, by the signal's own default action. */
-static volatile sig_atomic_t stop_signal;
-
-static void on_stop_signal(int sig)
-{
-    static const char msg[] = "\ncmoe train: stopping after this step (a checkpoint is saved); a second signal "
-                              "stops at once\n";
-    if (stop_signal) {
-        signal(sig, SIG_DFL);
-        raise(sig);
-        return;
-    }
-    stop_signal = sig;
-    ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1); /* async-signal-safe, unlike stdio */
-    (void)k;
-}
-
-static const int stop_signals[] = {SIGINT, SIGTERM, SIGHUP};
-
-static void catch_stop_signals(struct sigaction *old)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop_signal;
-    sa.sa_flags = SA_RESTART; /* writes and reads carry on; the loop looks at the flag */
-    sigemptyset(&sa.sa_mask);
-    stop_signal = 0;
-    for (int i = 0; i < 3; i++)
-        sigaction(stop_signals[i], &sa, &old[i]);
-}
-
-static void restore_signals(const struct sigaction *old)
-{
-    for (int i = 0; i < 3; i++)
-        sigaction(stop_signals[i], &old[i], NULL);
 }
 
 /* ---- the run ---------------------------------------------------------------------- */
@@ -518,7 +479,7 @@ static moe_status train_loop(train_run *r, int *stopped)
     if (r->dist.d)
         cli_dist_describe(&r->dist, stdout);
     fflush(stdout);
-    if ((r->stop_sig = cli_dist_max(&r->dist, (int)stop_signal))) { /* before the first step: nothing to save */
+    if ((r->stop_sig = cli_dist_max(&r->dist, cli_stop_signal()))) { /* before the first step: nothing to save */
         *stopped = 1;
         return MOE_OK;
     }
@@ -569,7 +530,7 @@ static moe_status train_loop(train_run *r, int *stopped)
         /* read the flag once: a signal landing later in this step must not stop the run
          * after a step whose checkpoint was not written; every rank stops after the same
          * step (a signal reaches each at its own time) */
-        r->stop_sig = cli_dist_max(&r->dist, (int)stop_signal);
+        r->stop_sig = cli_dist_max(&r->dist, cli_stop_signal());
         const int stop = r->stop_sig != 0;
         const int last = done == t->steps || stop;
         const int eval = last || (t->eval_every > 0 && done % t->eval_every == 0);
@@ -643,7 +604,7 @@ static int run_train(const train_opts *o)
     r.rd.lock_fd = r.rd.metrics_fd = -1;
     r.o = *o;
     struct sigaction old[3];
-    catch_stop_signals(old); /* from the start: a signal during setup stops before step one */
+    cli_stop_catch(old); /* from the start: a signal during setup stops before step one */
     int stopped = 0, removed = 0, in_loop = 0;
     /* under mpirun or srun: every rank runs this; rank 0 owns the run directory and speaks,
      * and at each stage the ranks learn whether any failed */
@@ -673,7 +634,7 @@ static int run_train(const train_opts *o)
     moe_rundir_close(&r.rd, s != MOE_OK || (stopped && !r.rd.saved), &removed);
     const int rank = r.dist.rank, quiet = rank != 0 && (!mine || r.global_error); /* rank 0 speaks for all */
     run_free(&r);
-    restore_signals(old);
+    cli_stop_restore(old);
     int rc = stopped ? 128 + r.stop_sig : EXIT_OK;
     if (s && r.usage_error) {
         rc = quiet ? EXIT_USAGE : rank ? usage("rank %d: %s", rank, why) : usage("%s", why);
@@ -839,35 +800,17 @@ int cmd_train(int argc, char **argv)
             if (!cli_parse_double(optarg, &o.t.oc.lr) || !(o.t.oc.lr > 0))
                 return usage("--lr: '%s' is not a number > 0", optarg);
             break;
-        case OPT_EP:
-            if (int_opt("--ep", optarg, 1, 1 << 20, &o.dist.ep))
-                return EXIT_USAGE;
+        case OPT_EP: case OPT_GROUPS: case OPT_A2A: case OPT_RPN: case OPT_A2A_CHUNKS: case OPT_A2A_MAX_ROWS:
+        case OPT_ZERO: {
+            char err[256];
+            const char *name = NULL;
+            for (int i = 0; longopts[i].name && !name; i++)
+                name = longopts[i].val == opt ? longopts[i].name : NULL;
+            if (cli_dist_option(name, optarg, &o.dist, &o.t.groups, err, sizeof err))
+                return usage("%s", err);
+            o.have_groups |= opt == OPT_GROUPS;
             break;
-        case OPT_GROUPS:
-            if (int_opt("--groups", optarg, 1, 1 << 20, &o.t.groups))
-                return EXIT_USAGE;
-            o.have_groups = 1;
-            break;
-        case OPT_A2A:
-            if (strcmp(optarg, "flat") && strcmp(optarg, "hier"))
-                return usage("--a2a: '%s' is not flat or hier", optarg);
-            o.dist.hier = !strcmp(optarg, "hier");
-            break;
-        case OPT_RPN:
-            if (int_opt("--ranks-per-node", optarg, 1, 1 << 20, &o.dist.ranks_per_node))
-                return EXIT_USAGE;
-            break;
-        case OPT_A2A_CHUNKS:
-            if (!strcmp(optarg, "auto"))
-                o.dist.chunks = 0;
-            else if (int_opt("--a2a-chunks", optarg, 1, 64, &o.dist.chunks))
-                return EXIT_USAGE;
-            break;
-        case OPT_A2A_MAX_ROWS:
-            if (int_opt("--a2a-max-rows", optarg, 1, INT32_MAX, &o.dist.max_rows))
-                return EXIT_USAGE;
-            break;
-        case OPT_ZERO: o.dist.zero = 1; break;
+        }
         case OPT_HELP: help_train(); return EXIT_OK;
         case ':': return usage("option '%s' needs an argument", argv[optind - 1]);
         default: return usage("unknown option '%s'", argv[optind - 1]);

@@ -9,6 +9,45 @@
 #include "run.h"
 #include "train_dist.h"
 
+int cli_dist_option(const char *name, const char *arg, moe_dist_options *o, int64_t *groups, char *err, size_t n)
+{
+    int64_t v = 0;
+    const int num = arg && cli_parse_i64(arg, 1, INT32_MAX, &v);
+    if (!strcmp(name, "zero")) {
+        o->zero = 1;
+        return 0;
+    }
+    if (!strcmp(name, "a2a")) {
+        if (strcmp(arg, "flat") && strcmp(arg, "hier")) {
+            snprintf(err, n, "--a2a: '%s' is not flat or hier", arg);
+            return 1;
+        }
+        o->hier = !strcmp(arg, "hier");
+        return 0;
+    }
+    if (!strcmp(name, "a2a-chunks") && !strcmp(arg, "auto")) {
+        o->chunks = 0;
+        return 0;
+    }
+    const int64_t hi = !strcmp(name, "a2a-chunks") ? 64 : !strcmp(name, "a2a-max-rows") ? INT32_MAX : 1 << 20;
+    if (!num || v > hi) {
+        snprintf(err, n, "--%s: '%s' is not an integer in [1, %lld]%s", name, arg, (long long)hi,
+                 !strcmp(name, "a2a-chunks") ? " or auto" : "");
+        return 1;
+    }
+    if (!strcmp(name, "ep"))
+        o->ep = v;
+    else if (!strcmp(name, "groups"))
+        *groups = v;
+    else if (!strcmp(name, "ranks-per-node"))
+        o->ranks_per_node = v;
+    else if (!strcmp(name, "a2a-chunks"))
+        o->chunks = v;
+    else
+        o->max_rows = v;
+    return 0;
+}
+
 moe_status cli_dist_init(cli_dist *c)
 {
     moe_status s = moe_comm_world(&c->world);

@@ -20,6 +20,10 @@ typedef struct {
     moe_gtrain *g;
 } cli_dist;
 
+/* One of train's layout options (name without "--": ep, groups, a2a, ranks-per-node,
+ * a2a-chunks, a2a-max-rows, zero) into o (and *groups); else 1 with the message in err. */
+int cli_dist_option(const char *name, const char *arg, moe_dist_options *o, int64_t *groups, char *err, size_t n);
+
 /* Joins the job (MPI_Init when launched by MPI); on ranks other than 0 stdout goes to
  * /dev/null (rank 0 speaks for the job; errors still reach stderr, naming the rank). */
 moe_status cli_dist_init(cli_dist *c);
