@@ -170,3 +170,12 @@ endif
 TESTS += tests/mpi_exchange.sh tests/mpi_train.sh
 EXTRA_DIST += tests/mpi_exchange.sh tests/mpi_train.sh tests/mpi_env.sh
 AM_TESTS_ENVIRONMENT += MPIRUN='$(MPIRUN)'; export MPIRUN;
+# groups in one process: a rank's rows of a batch, the fixed tree, the expert-parallel
+# exchange on one rank, --groups training bit-identical across threads and with ZeRO-1
+if HAVE_CHECK
+check_PROGRAMS += tests/test_groups
+TESTS += tests/test_groups
+tests_test_groups_SOURCES = tests/test_groups.c tests/testutil.h
+tests_test_groups_CFLAGS = $(TEST_CFLAGS)
+tests_test_groups_LDADD = $(TEST_LDADD)
+endif

@@ -18,6 +18,7 @@ struct moe_tree {
     int levels, slots, live;
     node *nodes;   /* [slots] the partial sums kept */
     int *free_slot; /* [slots] a stack of unused slots */
+    unsigned char *seen; /* [count] the leaves pushed since the reset */
     int nfree;
     moe_buf *buf;  /* [slots + 2, n]: slots, the accumulator, the receive buffer */
     void *host;    /* [n] staging for moe_tree_across */
@@ -78,7 +79,8 @@ moe_status moe_tree_create(moe_backend *b, const moe_piece *pieces, int np, int6
     t->pieces = malloc((size_t)(np > 0 ? np : 1) * sizeof *t->pieces);
     t->nodes = calloc((size_t)t->slots, sizeof *t->nodes);
     t->free_slot = calloc((size_t)t->slots, sizeof *t->free_slot);
-    if (!t->pieces || !t->nodes || !t->free_slot) {
+    t->seen = calloc((size_t)count, 1);
+    if (!t->pieces || !t->nodes || !t->free_slot || !t->seen) {
         moe_tree_free(t);
         return moe_error(MOE_ERR_NOMEM, "out of memory");
     }
@@ -108,6 +110,7 @@ void moe_tree_free(moe_tree *t)
     free(t->pieces);
     free(t->nodes);
     free(t->free_slot);
+    free(t->seen);
     free(t->host);
     free(t);
 }
@@ -149,6 +152,7 @@ void moe_tree_reset(moe_tree *t)
     for (int s = t->slots - 1; s >= 0; s--)
         t->free_slot[t->nfree++] = s;
     t->root = -1;
+    memset(t->seen, 0, (size_t)t->count);
 }
 
 static int find(const moe_tree *t, int level, int64_t index)
@@ -166,8 +170,9 @@ moe_status moe_tree_push(moe_tree *t, int64_t id)
     if (idx < 0 || idx >= t->count)
         return moe_error(MOE_ERR_ARG, "tree: leaf %lld outside [%lld, %lld)", (long long)id, (long long)t->base,
                          (long long)(t->base + t->count));
-    if (find(t, 0, idx) >= 0)
+    if (t->seen[idx])
         return moe_error(MOE_ERR_ARG, "tree: leaf %lld pushed twice", (long long)id);
+    t->seen[idx] = 1;
     int level = 0, cur;
     int sib = t->levels > 0 ? find(t, 0, idx ^ 1) : -1;
     if (sib >= 0) { /* the sibling's slot becomes the parent: sibling + these pieces */
