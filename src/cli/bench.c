@@ -50,7 +50,8 @@ void help_bench(void)
            "  --help                 this text\n\n"
            "FLOPs count the GEMMs only (router, experts, shared): forward 2·m·n·k each,\n"
            "backward twice that. Gradients accumulate across iterations (zero_grad is\n"
-           "outside the timed region).\n");
+           "outside the timed region).\n\n");
+    help_bench_a2a();
 }
 
 static int usage(const char *fmt, const char *arg)
@@ -401,15 +402,17 @@ done:
 int cmd_bench(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "cmoe bench: which benchmark? (layer)\nTry 'cmoe help bench'.\n");
+        fprintf(stderr, "cmoe bench: which benchmark? (layer, a2a)\nTry 'cmoe help bench'.\n");
         return EXIT_USAGE;
     }
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         help_bench();
         return EXIT_OK;
     }
+    if (strcmp(argv[1], "a2a") == 0) /* the expert-parallel all-to-all, under mpirun (bench_a2a.c) */
+        return cmd_bench_a2a(argc - 1, argv + 1);
     if (strcmp(argv[1], "layer") != 0)
-        return usage("unknown benchmark '%s' (layer)", argv[1]);
+        return usage("unknown benchmark '%s' (layer, a2a)", argv[1]);
     bench_opts o;
     int r = parse(argc - 1, argv + 1, &o);
     if (r < 0)

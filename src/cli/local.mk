@@ -4,7 +4,7 @@ cmoe_SOURCES = \
 	src/cli/main.c \
 	src/cli/oracle.c
 cmoe_LDADD = libcmoe.la
-cmoe_SOURCES += src/cli/bench.c
+cmoe_SOURCES += src/cli/bench.c src/cli/bench_a2a.c
 cmoe_LDADD += $(BLAS_LIBS)
 # cmoe train, sample, eval and the run directory they share
 cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.c src/cli/train_dist.h src/cli/train_dist.c src/cli/signals.h src/cli/signals.c src/cli/sample.c \

@@ -594,6 +594,7 @@ static moe_status train_loop(train_run *r, int *stopped)
            *stopped ? "stopped by a signal" : "done", now() - t_start,
            train_time > 0 ? (double)((moe_optim_steps(r->opt) - r->start_step) * tokens_per_step) / train_time : 0.0,
            last_loss, val_loss, r->rd.dir, CLI_RUN_WEIGHTS);
+    cli_dist_report(&r->dist, r->m, moe_optim_steps(r->opt) - r->start_step, train_time, stdout);
     return MOE_OK;
 }
 

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "dist/dist_io.h"
+#include "ref/ref.h"
 #include "run.h"
 #include "train_dist.h"
 
@@ -177,6 +178,26 @@ void cli_dist_describe(const cli_dist *c, FILE *out)
     fprintf(out, "  layout: %s\n  memory per rank: parameters %.1f MiB, gradients %.1f MiB, reduction trees %.1f MiB, "
             "optimizer state %.1f MiB (activations and the all-to-all's buffers apart)\n", line, mib(mem.params),
             mib(mem.grads), mib(mem.trees), mib(mem.optim));
+}
+
+void cli_dist_report(cli_dist *c, const moe_model *m, int64_t steps, double train_time, FILE *out)
+{
+    if (!c->d || !c->d->ex || steps < 1 || train_time <= 0)
+        return;
+    moe_ep_traffic t;
+    moe_exchange_ep_traffic(c->d->ex, &t, 0);
+    /* data parallelism instead: every rank holds every expert and all-reduces their
+     * gradients, a ring moving 2(W-1)/W of them per rank per step */
+    const moe_model_config *cfg = moe_model_config_of(m);
+    const int64_t es = (int64_t)moe_dtype_size(moe_model_backend(m)->float_type);
+    double expert = 0;
+    for (int64_t l = 0; l < cfg->num_hidden_layers; l++)
+        expert += (double)moe_model_layer_experts(cfg, l) * (double)cfg->hidden_size *
+                  (double)cfg->moe_intermediate_size * (moe_act_is_glu(cfg->moe.act) ? 3 : 2);
+    const double W = c->size, dp = 2.0 * (W - 1) / W * expert * (double)es;
+    fprintf(out, "  all-to-all: %.2f MB sent per rank per step (%.0f%% of the step time in the exchange); data "
+            "parallelism would all-reduce %.2f MB of expert gradients per rank per step instead\n",
+            (double)t.bytes_sent / (double)steps / 1e6, 100.0 * t.seconds / train_time, dp / 1e6);
 }
 
 typedef struct {

@@ -52,6 +52,10 @@ moe_status cli_dist_setup(cli_dist *c, const moe_model_config *cfg, moe_backend 
 /* Lines for the start of the log: the layout and the memory per rank. */
 void cli_dist_describe(const cli_dist *c, FILE *out);
 
+/* At the end: the all-to-all's bytes per rank per step and its share of the step time
+ * (this rank's counters), beside what data parallelism would all-reduce instead. */
+void cli_dist_report(cli_dist *c, const moe_model *m, int64_t steps, double train_time, FILE *out);
+
 /* The weights (model.safetensors) and a checkpoint, whole tensors gathered; every rank
  * calls, rank 0 writes (ok = 0: rank 0 failed before, only take part). */
 moe_status cli_dist_save_weights(cli_dist *c, const char *dir, moe_model *m, const char *train_json, int64_t step);

@@ -7,10 +7,19 @@
  * for (from) each peer form one block, and inside a block each local expert's slice in
  * turn. Counts are rows; MPI moves them as a row datatype.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "dist/exchange_ep.h"
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 #define MAXD 64
 
@@ -276,7 +285,17 @@ static moe_status layout(moe_xstate *s)
     return MOE_OK;
 }
 
+static moe_status plan_counts(moe_xstate *s, const moe_bplan *p);
+
 static moe_status plan(moe_xstate *s, const moe_bplan *p, int64_t T)
+{
+    const double t0 = now();
+    moe_status st = plan_counts(s, p);
+    s->x->traffic.seconds += now() - t0;
+    return st;
+}
+
+static moe_status plan_counts(moe_xstate *s, const moe_bplan *p)
 {
     ep_ctx *x = s->x;
     moe_backend *b = s->b;
@@ -435,16 +454,22 @@ static moe_status step_two(moe_xstate *s, int dir, int64_t c)
 static moe_status finish(moe_xstate *s, int dir, int64_t c, moe_tensor side)
 {
     ep_ctx *x = s->x;
+    const double t0 = now();
     moe_status st = moe_comm_wait(x->hier ? x->node : x->ep, s->req[dir][c]);
     if (!st && x->hier)
         st = step_two(s, dir, c);
-    return st ? st : pack(s, dir, c, side, s->width[dir][c], 0);
+    if (!st)
+        st = pack(s, dir, c, side, s->width[dir][c], 0);
+    x->traffic.seconds += now() - t0;
+    return st;
 }
 
 /* The layer gives the tensor the rows go to at the start; they land there in the wait. */
 static void to_experts_start(moe_xstate *s, int64_t c, moe_tensor expert_side, moe_tensor source_side, int64_t width)
 {
+    const double t0 = now();
     moe_status st = start(s, 0, c, source_side, width);
+    s->x->traffic.seconds += now() - t0;
     if (st)
         moe_backend_fail(s->b, "exchange", st, "%s", moe_last_error());
     else
@@ -459,7 +484,9 @@ static moe_status to_experts_wait(moe_xstate *s, int64_t c)
 
 static void to_sources_start(moe_xstate *s, int64_t c, moe_tensor source_side, moe_tensor expert_side, int64_t width)
 {
+    const double t0 = now();
     moe_status st = start(s, 1, c, expert_side, width);
+    s->x->traffic.seconds += now() - t0;
     if (st)
         moe_backend_fail(s->b, "exchange", st, "%s", moe_last_error());
     else

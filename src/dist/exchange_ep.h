@@ -55,6 +55,7 @@ typedef struct {
     int64_t bytes_sent, bytes_received; /* to / from other ranks */
     int64_t rows_sent, rows_received;
     int64_t messages;                   /* Ialltoallv calls */
+    double seconds;                     /* inside the exchange: counts, packing, waiting, unpacking */
 } moe_ep_traffic;
 
 void moe_exchange_ep_traffic(const moe_exchange *ex, moe_ep_traffic *t, int reset);
