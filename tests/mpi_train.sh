@@ -3,7 +3,7 @@
 #  - bit-identity across layouts: one process, -np 2 --ep 2, -np 4 --ep 4, -np 4 --ep 2
 #    (E+D), -np 4 --ep 2 --zero (E+Z), -np 2 --ep 1 (data parallel), hierarchical
 #    all-to-all with simulated nodes and 3 chunks, --a2a-chunks auto, messages cut into
-#    rounds of 5 rows: the same metrics (every loss, gradient norm, expert load and val
+#    rounds of 5 rows, and with --accum 2 (E+Z): the same metrics (every loss, gradient norm, expert load and val
 #    loss, printed with 17 digits: equal text is equal bits) and the same weights and
 #    checkpoint tensors, byte for byte;
 #  - resharding: the checkpoint written at step 5 by -np 4 --ep 4 resumes at -np 2 --ep 2
@@ -91,6 +91,9 @@ train 2 auto --ep 2 --a2a-chunks auto && same one auto "-np 2 --ep 2 --a2a-chunk
 grep -q 'a2a-chunks auto: [124] chunk' "$tmp/auto.log" || fail "--a2a-chunks auto did not say what it chose"
 train 4 rounds --ep 4 --a2a-max-rows 5 && same one rounds "-np 4 --ep 4, all-to-all messages of 5 rows"
 grep -q 'memory per rank: parameters' "$tmp/ez.log" || fail "no memory per rank at the start"
+# gradient accumulation chains micro-batches in order, in every layout alike
+train 0 one_acc --accum 2 && train 4 ed_acc --ep 2 --accum 2 --zero && same one_acc ed_acc "-np 4 --ep 2 --zero --accum 2"
+grep -q 'all-to-all: .* MB sent per rank per step' "$tmp/ed_acc.log" || fail "no all-to-all report at the end"
 
 # ---- resharding: saved at EP 4, resumed at EP 2 and in one process ----------------------------
 for to in 2 0; do

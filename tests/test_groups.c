@@ -68,7 +68,7 @@ START_TEST(test_tree)
         const int slots = moe_tree_slots(orders[o], COUNT, 8, COUNT);
         ck_assert_int_eq(slots, want_slots[o]);
         moe_tree *t;
-        ck_assert_int_eq(moe_tree_create(b, pc, 2, 8, COUNT, slots, &t), MOE_OK);
+        ck_assert_int_eq(moe_tree_create(b, pc, 2, 8, COUNT, slots, 1, &t), MOE_OK);
         for (int m = 0; m < 2; m++) { /* two micro-batches: acc = R, acc += R */
             moe_tree_reset(t);
             for (int k = 0; k < COUNT; k++) {
@@ -80,7 +80,7 @@ START_TEST(test_tree)
             }
             ck_assert_int_eq(moe_tree_push(t, 8), MOE_ERR_ARG);
             ck_assert_int_eq(moe_tree_push(t, 16), MOE_ERR_ARG);
-            ck_assert_int_eq(moe_tree_finish(t, one, m == 0, "test"), MOE_OK);
+            ck_assert_int_eq(moe_tree_finish(t, one, m == 0, (moe_tensor){NULL, 0}, NULL, "test"), MOE_OK);
         }
         moe_tree_scatter(t);
         double got[N];
@@ -176,7 +176,7 @@ static double *train_groups(int threads, int zero, int64_t *n)
     moe_optim_config oc;
     moe_optim_config_default(&oc);
     moe_gtrain *g;
-    ck_assert_msg(moe_gtrain_create(d, m, &oc, S, &g) == MOE_OK, "%s", moe_last_error());
+    ck_assert_msg(moe_gtrain_create(d, m, &oc, S, 2, &g) == MOE_OK, "%s", moe_last_error());
     moe_dataset *data;
     ck_assert_int_eq(moe_dataset_open("synth", NULL, &data), MOE_OK);
     *n = 9 + moe_model_numel(m);

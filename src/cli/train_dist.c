@@ -158,7 +158,7 @@ moe_status cli_dist_setup(cli_dist *c, const moe_model_config *cfg, moe_backend 
     o.groups = t->groups;
     moe_status s = moe_dist_create(c->world, &o, cfg, t->batch, &c->d);
     if (s || (s = moe_model_create(cfg, b, c->d->ex, c->d->pass_batch, t->seq, m)) ||
-        (s = moe_gtrain_create(c->d, *m, &t->oc, t->seq, &c->g)))
+        (s = moe_gtrain_create(c->d, *m, &t->oc, t->seq, t->accum, &c->g)))
         return s;
     *opt = moe_gtrain_optim(c->g);
     return MOE_OK;

@@ -22,8 +22,11 @@ struct moe_gtrain {
     moe_model *m;
     moe_backend *b;
     moe_optim *opt;
-    int64_t S, pass; /* the pass running (the hook's group ids) */
+    int64_t S, accum, pass; /* the pass running (the hook's group ids) */
     moe_tree *ne, *sc;
+    moe_buf *xbuf;   /* the trees' sums cross ranks through these (one tree at a time) */
+    void *xhost;
+    int64_t xn;
     layer_tree *lt;
     int nlt;
     int32_t *in, *tg, *task;    /* [pass_batch, S] */
@@ -160,6 +163,9 @@ void moe_gtrain_free(moe_gtrain *g)
     }
     if (g->pbuf)
         g->b->free(g->b, g->pbuf);
+    if (g->xbuf)
+        g->b->free(g->b, g->xbuf);
+    free(g->xhost);
     free(g->lt);
     free(g->in);
     free(g->tg);
@@ -188,7 +194,11 @@ moe_optim *moe_gtrain_optim(moe_gtrain *g)
 static moe_status make_tree(moe_gtrain *g, const moe_piece *pieces, int np, int64_t base, int64_t count,
                             const int64_t *order, moe_tree **out)
 {
-    return moe_tree_create(g->b, pieces, np, base, count, moe_tree_slots(order, count, base, count), out);
+    moe_status s = moe_tree_create(g->b, pieces, np, base, count, moe_tree_slots(order, count, base, count),
+                                   g->accum > 1, out);
+    if (!s && moe_tree_numel(*out) > g->xn)
+        g->xn = moe_tree_numel(*out);
+    return s;
 }
 
 static moe_status make_trees(moe_gtrain *g)
@@ -308,7 +318,8 @@ static moe_status plan_optim(moe_gtrain *g, moe_optim_dist *od)
     return MOE_OK;
 }
 
-moe_status moe_gtrain_create(moe_dist *d, moe_model *m, const moe_optim_config *oc, int64_t S, moe_gtrain **out)
+moe_status moe_gtrain_create(moe_dist *d, moe_model *m, const moe_optim_config *oc, int64_t S, int64_t accum,
+                             moe_gtrain **out)
 {
     *out = NULL;
     moe_gtrain *g = calloc(1, sizeof *g);
@@ -318,6 +329,7 @@ moe_status moe_gtrain_create(moe_dist *d, moe_model *m, const moe_optim_config *
     g->m = m;
     g->b = moe_model_backend(m);
     g->S = S;
+    g->accum = accum < 1 ? 1 : accum;
     const size_t pn = (size_t)(d->pass_batch * S), vn = (size_t)(d->batch * S);
     g->in = malloc(pn * sizeof *g->in);
     g->tg = malloc(pn * sizeof *g->tg);
@@ -332,6 +344,10 @@ moe_status moe_gtrain_create(moe_dist *d, moe_model *m, const moe_optim_config *
                                    (long long)d->batch, (long long)S);
     if (!s)
         s = make_trees(g);
+    /* across ranks: one receive buffer and one host staging for every tree, as large as the largest */
+    if (!s && d->size > 1 && !(s = g->b->alloc(g->b, g->b->float_type, g->xn, &g->xbuf)) &&
+        !(g->xhost = malloc((size_t)g->xn * moe_dtype_size(g->b->float_type))))
+        s = moe_error(MOE_ERR_NOMEM, "out of memory for %lld elements", (long long)g->xn);
     if (!s)
         s = plan_optim(g, &od);
     if (!s)
@@ -366,11 +382,12 @@ static moe_status micro_batch(moe_gtrain *g, const moe_dataset *data, uint64_t s
             return s;
     }
     const int first = micro == 0;
-    if ((s = moe_tree_finish(g->ne, d->world, first, "the non-expert gradients' tree across ranks")) ||
-        (s = moe_tree_finish(g->sc, d->world, first, "the step's scalars' tree across ranks")))
+    const moe_tensor x = {g->xbuf, 0};
+    if ((s = moe_tree_finish(g->ne, d->world, first, x, g->xhost, "the non-expert gradients' tree across ranks")) ||
+        (s = moe_tree_finish(g->sc, d->world, first, x, g->xhost, "the step's scalars' tree across ranks")))
         return s;
     for (int i = 0; i < g->nlt; i++)
-        if ((s = moe_tree_finish(g->lt[i].t, d->dp, first, "the expert gradients' tree across replicas")))
+        if ((s = moe_tree_finish(g->lt[i].t, d->dp, first, x, g->xhost, "the expert gradients' tree across replicas")))
             return s;
     return MOE_OK;
 }
@@ -405,6 +422,9 @@ moe_status moe_gtrain_step(moe_gtrain *g, const moe_dataset *data, uint64_t seed
     moe_backend *b = g->b;
     const double t0 = now();
     moe_status s;
+    if (accum != g->accum)
+        return moe_error(MOE_ERR_ARG, "groups: a step of %lld micro-batches, the trainer was made for %lld",
+                         (long long)accum, (long long)g->accum);
     for (int64_t micro = 0; micro < accum; micro++)
         if ((s = micro_batch(g, data, seed, step, micro)))
             return s;
@@ -479,9 +499,7 @@ void moe_gtrain_memory_of(const moe_gtrain *g, moe_gtrain_memory *mem)
     memset(mem, 0, sizeof *mem);
     mem->params = moe_model_numel(g->m) * es;
     mem->grads = mem->params;
-    /* each tree: its slots, the accumulator and the receive buffer; slots are not exposed,
-     * so count them from the size of the buffer the tree allocated */
-    mem->trees = (moe_tree_bytes(g->ne) + moe_tree_bytes(g->sc));
+    mem->trees = moe_tree_bytes(g->ne) + moe_tree_bytes(g->sc) + (g->xbuf ? 2 * g->xn * es : 0);
     for (int i = 0; i < g->nlt; i++)
         mem->trees += moe_tree_bytes(g->lt[i].t);
     mem->optim = 2 * moe_optim_numel(g->opt) * (b->float_type == MOE_F64 ? 8 : 4);

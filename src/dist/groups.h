@@ -17,7 +17,7 @@
  * parameters (keeping only that part's moments) and the parts are all-gathered.
  *
  *     moe_gtrain *g;
- *     moe_gtrain_create(dist, model, &optim_config, S, &g);  // model built on dist->ex, batch dist->pass_batch
+ *     moe_gtrain_create(dist, model, &optim_config, S, accum, &g);  // model on dist->ex, batch dist->pass_batch
  *     for step: moe_gtrain_step(g, data, seed, step, accum, &result);
  *               moe_model_get_stats(model, MOE_SPAN_STEP, &st);  // sums over accum × G groups
  */
@@ -30,8 +30,9 @@
 typedef struct moe_gtrain moe_gtrain;
 
 /* The trees, the optimizer (with the distributed norm and ZeRO-1 when d->o.zero), the
- * batch buffers for sequences of S tokens. */
-moe_status moe_gtrain_create(moe_dist *d, moe_model *m, const moe_optim_config *oc, int64_t S, moe_gtrain **out);
+ * batch buffers for sequences of S tokens; steps of accum micro-batches. */
+moe_status moe_gtrain_create(moe_dist *d, moe_model *m, const moe_optim_config *oc, int64_t S, int64_t accum,
+                             moe_gtrain **out);
 void moe_gtrain_free(moe_gtrain *g);
 moe_optim *moe_gtrain_optim(moe_gtrain *g);
 
@@ -44,8 +45,8 @@ moe_status moe_gtrain_step(moe_gtrain *g, const moe_dataset *data, uint64_t seed
 moe_status moe_gtrain_val_loss(moe_gtrain *g, const moe_dataset *data, int64_t max_batches, double *loss,
                                int64_t *n_tokens);
 
-/* Bytes this rank holds: parameters, gradients, the trees' partial sums and accumulators,
- * optimizer state. */
+/* Bytes this rank holds: parameters, gradients, the trees' partial sums, accumulators and
+ * cross-rank buffers, optimizer state. */
 typedef struct {
     int64_t params, grads, trees, optim;
 } moe_gtrain_memory;

@@ -19,9 +19,9 @@ struct moe_tree {
     node *nodes;   /* [slots] the partial sums kept */
     int *free_slot; /* [slots] a stack of unused slots */
     unsigned char *seen; /* [count] the leaves pushed since the reset */
+    int has_acc;   /* an accumulator of its own (micro-batches chain) */
     int nfree;
-    moe_buf *buf;  /* [slots + 2, n]: slots, the accumulator, the receive buffer */
-    void *host;    /* [n] staging for moe_tree_across */
+    moe_buf *buf;  /* [slots + has_acc, n]: the slots, the accumulator */
     int root;      /* slot of the last finished root, -1: none */
 };
 
@@ -60,7 +60,7 @@ int moe_tree_slots(const int64_t *order, int64_t n, int64_t base, int64_t count)
 }
 
 moe_status moe_tree_create(moe_backend *b, const moe_piece *pieces, int np, int64_t base, int64_t count, int slots,
-                           moe_tree **out)
+                           int acc, moe_tree **out)
 {
     *out = NULL;
     if (count < 1 || (count & (count - 1)) || base % count)
@@ -75,6 +75,7 @@ moe_status moe_tree_create(moe_backend *b, const moe_piece *pieces, int np, int6
     t->count = count;
     t->levels = log2i(count);
     t->slots = slots < 1 ? 1 : slots;
+    t->has_acc = acc != 0;
     t->root = -1;
     t->pieces = malloc((size_t)(np > 0 ? np : 1) * sizeof *t->pieces);
     t->nodes = calloc((size_t)t->slots, sizeof *t->nodes);
@@ -88,10 +89,7 @@ moe_status moe_tree_create(moe_backend *b, const moe_piece *pieces, int np, int6
         t->pieces[i] = pieces[i];
         t->n += pieces[i].n;
     }
-    const size_t es = moe_dtype_size(b->float_type);
-    moe_status s = b->alloc(b, b->float_type, (t->slots + 2) * (t->n > 0 ? t->n : 1), &t->buf);
-    if (!s && !(t->host = malloc((size_t)(t->n > 0 ? t->n : 1) * es)))
-        s = moe_error(MOE_ERR_NOMEM, "out of memory for %lld elements", (long long)t->n);
+    moe_status s = b->alloc(b, b->float_type, (t->slots + t->has_acc) * (t->n > 0 ? t->n : 1), &t->buf);
     if (s) {
         moe_tree_free(t);
         return s;
@@ -111,7 +109,6 @@ void moe_tree_free(moe_tree *t)
     free(t->nodes);
     free(t->free_slot);
     free(t->seen);
-    free(t->host);
     free(t);
 }
 
@@ -122,7 +119,7 @@ int64_t moe_tree_numel(const moe_tree *t)
 
 int64_t moe_tree_bytes(const moe_tree *t)
 {
-    return (int64_t)(t->slots + 3) * t->n * (int64_t)moe_dtype_size(t->b->float_type);
+    return (int64_t)(t->slots + t->has_acc) * t->n * (int64_t)moe_dtype_size(t->b->float_type);
 }
 
 static moe_tensor slot_t(const moe_tree *t, int slot)
@@ -130,19 +127,14 @@ static moe_tensor slot_t(const moe_tree *t, int slot)
     return (moe_tensor){t->buf, (int64_t)slot * t->n};
 }
 
-moe_tensor moe_tree_acc(const moe_tree *t)
-{
-    return slot_t(t, t->slots);
-}
-
-static moe_tensor scratch_t(const moe_tree *t)
-{
-    return slot_t(t, t->slots + 1);
-}
-
 moe_tensor moe_tree_root(const moe_tree *t)
 {
     return slot_t(t, t->root >= 0 ? t->root : 0);
+}
+
+moe_tensor moe_tree_acc(const moe_tree *t)
+{
+    return t->has_acc ? slot_t(t, t->slots) : moe_tree_root(t);
 }
 
 void moe_tree_reset(moe_tree *t)
@@ -207,16 +199,19 @@ moe_status moe_tree_push(moe_tree *t, int64_t id)
     return MOE_OK;
 }
 
-moe_status moe_tree_finish(moe_tree *t, moe_comm *c, int first, const char *what)
+moe_status moe_tree_finish(moe_tree *t, moe_comm *c, int first, moe_tensor scratch, void *host, const char *what)
 {
     const int r = find(t, t->levels, 0);
     if (r < 0)
         return moe_error(MOE_ERR_ARG, "tree (%s): not every one of the %lld leaves was pushed", what,
                          (long long)t->count);
     t->root = t->nodes[r].slot;
-    moe_status s = moe_tree_across(c, t->b, moe_tree_root(t), scratch_t(t), t->n, t->host, what);
-    if (s)
+    moe_status s = moe_tree_across(c, t->b, moe_tree_root(t), scratch, t->n, host, what);
+    if (s || !t->has_acc) {
+        if (!s && !first)
+            s = moe_error(MOE_ERR_ARG, "tree (%s): a second micro-batch, but no accumulator", what);
         return s;
+    }
     if (first)
         t->b->copy(t->b, moe_tree_acc(t), moe_tree_root(t), t->n);
     else

@@ -12,10 +12,10 @@
  * MPI_Allreduce whose order MPI chooses. One process with G groups builds the same tree.
  *
  *     moe_tree *t;   // leaves [base, base + count), count a power of two, base a multiple
- *     moe_tree_create(b, pieces, np, base, count, moe_tree_slots(order, n, base, count), &t);
+ *     moe_tree_create(b, pieces, np, base, count, moe_tree_slots(order, n, base, count), accum > 1, &t);
  *     for each micro-batch m: moe_tree_reset(t);
  *         for each leaf id: (pieces hold its gradient) moe_tree_push(t, id);
- *         moe_tree_finish(t, comm, m == 0);   // across ranks, then acc (+)= the sum
+ *         moe_tree_finish(t, comm, m == 0, scratch, host, "what");  // across ranks, then acc (+)= the sum
  *     moe_tree_scatter(t);                    // the pieces = acc
  */
 #ifndef CMOE_DIST_TREE_H
@@ -34,21 +34,23 @@ typedef struct moe_tree moe_tree;
 
 /* Partial sums kept at once when leaves [base, base + count) arrive in this order. */
 int moe_tree_slots(const int64_t *order, int64_t n, int64_t base, int64_t count);
-/* Buffers (backend memory of the backend's float type): slots + an accumulator + a receive
- * buffer, each of Σ n over the pieces. */
+/* Buffers (backend memory of the backend's float type): slots partial sums, and an
+ * accumulator when micro-batches chain (acc = 0: the last micro-batch's sum is the sum),
+ * each of Σ n over the pieces. */
 moe_status moe_tree_create(moe_backend *b, const moe_piece *pieces, int np, int64_t base, int64_t count, int slots,
-                           moe_tree **out);
+                           int acc, moe_tree **out);
 void moe_tree_free(moe_tree *t);
-/* Elements of the set; bytes of the tree's buffers (backend and host). */
+/* Elements of the set; bytes of the tree's buffers. */
 int64_t moe_tree_numel(const moe_tree *t);
 int64_t moe_tree_bytes(const moe_tree *t);
 /* Forgets the partial sums (a new micro-batch). */
 void moe_tree_reset(moe_tree *t);
 /* The pieces' current values are leaf id. */
 moe_status moe_tree_push(moe_tree *t, int64_t id);
-/* Every leaf pushed: the root meets the other ranks' of c (moe_tree_across), then the
- * accumulator = the sum (first) or += it. */
-moe_status moe_tree_finish(moe_tree *t, moe_comm *c, int first, const char *what);
+/* Every leaf pushed: the root meets the other ranks' of c (moe_tree_across, through
+ * scratch [n] and host [n elements], which trees may share; unused in one process), then
+ * the accumulator = the sum (first) or += it. */
+moe_status moe_tree_finish(moe_tree *t, moe_comm *c, int first, moe_tensor scratch, void *host, const char *what);
 /* The sum of the last micro-batch (after finish), and the accumulator. */
 moe_tensor moe_tree_root(const moe_tree *t);
 moe_tensor moe_tree_acc(const moe_tree *t);
