@@ -393,6 +393,11 @@ moe_status moe_comm_barrier(moe_comm *c, double timeout, const char *what)
 
 moe_status moe_comm_bcast(moe_comm *c, void *buf, int64_t bytes, int root, const char *what)
 {
+    return moe_comm_bcast_within(c, buf, bytes, root, moe_comm_timeout(), what);
+}
+
+moe_status moe_comm_bcast_within(moe_comm *c, void *buf, int64_t bytes, int root, double timeout, const char *what)
+{
     if (c->size == 1 || bytes == 0)
         return MOE_OK;
     int n, made;
@@ -402,8 +407,7 @@ moe_status moe_comm_bcast(moe_comm *c, void *buf, int64_t bytes, int root, const
         return s;
     MPI_Request r;
     int rc = MPI_Ibcast(buf, n, t, root, c->comm, &r);
-    s = rc == MPI_SUCCESS ? poll(c, 1, &r, moe_comm_timeout(), what, root == c->rank ? -1 : root)
-                          : mpi_fail(rc, "MPI_Ibcast", what);
+    s = rc == MPI_SUCCESS ? poll(c, 1, &r, timeout, what, root == c->rank ? -1 : root) : mpi_fail(rc, "MPI_Ibcast", what);
     if (made)
         MPI_Type_free(&t);
     return s;
@@ -578,6 +582,15 @@ moe_status moe_comm_wait(moe_comm *c, moe_comm_req *req)
 
 moe_status moe_comm_world(moe_comm **out)
 {
+    /* started as one of several ranks: each would think itself alone and train alone */
+    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"};
+    *out = NULL;
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && atoi(v) > 1)
+            return moe_error(MOE_ERR_UNSUPPORTED, "started as one of %s ranks (%s), but this cmoe was built without "
+                             "MPI: install libopenmpi-dev and build again (cmoe --version says MPI: yes)", v, vars[i]);
+    }
     *out = one_process();
     return *out ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory");
 }
@@ -612,6 +625,11 @@ moe_status moe_comm_barrier(moe_comm *c, double timeout, const char *what)
 }
 
 moe_status moe_comm_bcast(moe_comm *c, void *buf, int64_t bytes, int root, const char *what)
+{
+    return MOE_OK;
+}
+
+moe_status moe_comm_bcast_within(moe_comm *c, void *buf, int64_t bytes, int root, double timeout, const char *what)
 {
     return MOE_OK;
 }

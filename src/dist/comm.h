@@ -60,6 +60,8 @@ void moe_comm_set_timeout(double seconds);
 
 moe_status moe_comm_barrier(moe_comm *c, double timeout, const char *what);
 moe_status moe_comm_bcast(moe_comm *c, void *buf, int64_t bytes, int root, const char *what);
+/* The same with its own deadline (the others wait while the root writes a checkpoint). */
+moe_status moe_comm_bcast_within(moe_comm *c, void *buf, int64_t bytes, int root, double timeout, const char *what);
 /* recv [size × bytes]: every rank's send, in rank order */
 moe_status moe_comm_allgather(moe_comm *c, const void *send, int64_t bytes, void *recv, const char *what);
 /* send [size × bytes]: block p to rank p; recv [size × bytes]: block p from rank p */

@@ -106,7 +106,9 @@ moe_status moe_dist_write(moe_dist *d, moe_model *m, moe_optim *o, moe_dist_writ
     int64_t st = d->rank == 0 ? s : 0;
     char why[1024];
     snprintf(why, sizeof why, "%s", s ? moe_last_error() : "");
-    moe_status b = moe_comm_bcast(d->world, &st, sizeof st, 0, "the outcome of a save");
+    /* rank 0 writes (fsync, rename) while the others wait: a writer's time, not a hang's */
+    const double t = moe_comm_timeout() > 600 ? moe_comm_timeout() : 600;
+    moe_status b = moe_comm_bcast_within(d->world, &st, sizeof st, 0, t, "the outcome of a save on rank 0");
     if (b)
         return b;
     if (st && d->rank == 0)
