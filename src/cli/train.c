@@ -99,6 +99,7 @@ void help_train(void)
            "  --ranks-per-node N  hier: N consecutive ranks form a node (default: MPI's shared memory)\n"
            "  --a2a-chunks D      the all-to-all in D chunks, each travelling while the last one's\n"
            "                      experts compute (1); auto: 1, 2, 4 timed, the fastest kept\n"
+           "  --a2a-max-rows N    at most N rows of a block per all-to-all message (rounds)\n"
            "  --zero              ZeRO-1: the non-expert AdamW moments split over the ranks\n"
            "Output:\n"
            "  --out DIR           run directory (runs/YYYYmmdd-HHMMSS): new, or empty; a directory\n"
