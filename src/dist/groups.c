@@ -24,6 +24,9 @@ struct moe_gtrain {
     moe_optim *opt;
     int64_t S, accum, pass; /* the pass running (the hook's group ids) */
     moe_tree *ne, *sc;
+    moe_piece *ne_pieces; /* the non-expert gradients, zeroed before each pass (the layers zero
+                           * the experts' before each source) */
+    int ne_np;
     moe_buf *xbuf;   /* the trees' sums cross ranks through these (one tree at a time) */
     void *xhost;
     int64_t xn;
@@ -167,6 +170,7 @@ void moe_gtrain_free(moe_gtrain *g)
         g->b->free(g->b, g->xbuf);
     free(g->xhost);
     free(g->lt);
+    free(g->ne_pieces);
     free(g->in);
     free(g->tg);
     free(g->task);
@@ -220,6 +224,12 @@ static moe_status make_trees(moe_gtrain *g)
         order[i] = d->rank * P + i;
     if (!s)
         s = make_tree(g, pc, np, d->rank * P, P, order, &g->ne);
+    if (!s && !(g->ne_pieces = malloc((size_t)(np > 0 ? np : 1) * sizeof *pc)))
+        s = moe_error(MOE_ERR_NOMEM, "out of memory");
+    if (!s) {
+        memcpy(g->ne_pieces, pc, (size_t)np * sizeof *pc);
+        g->ne_np = np;
+    }
     int64_t ns;
     moe_piece scal = {moe_model_scalars(m, MOE_SPAN_LAST, &ns), 0};
     scal.n = ns;
@@ -375,7 +385,8 @@ static moe_status micro_batch(moe_gtrain *g, const moe_dataset *data, uint64_t s
     for (g->pass = 0; g->pass < d->passes; g->pass++) {
         const int64_t gid = moe_dist_group(d, g->pass);
         const moe_key key = {(uint64_t)step, (uint32_t)micro, (uint64_t)(gid * Bg * S)};
-        moe_model_zero_grad(m);
+        for (int i = 0; i < g->ne_np; i++) /* a pass's own gradient (backward adds) */
+            g->b->fill(g->b, g->ne_pieces[i].t, 0.0, g->ne_pieces[i].n);
         if ((s = moe_dataset_batch_rows(data, seed, step, micro, gid * Bg, Bg, S, g->in, g->tg, g->task)) ||
             (s = moe_model_forward(m, g->in, g->tg, g->task, Bg, S, key, 1, NULL)) || (s = moe_model_backward(m)) ||
             (s = moe_tree_push(g->ne, gid)) || (s = moe_tree_push(g->sc, gid)))
