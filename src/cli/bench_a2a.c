@@ -37,9 +37,13 @@ void help_bench_a2a(void)
            "  --iters N            timed iterations (10)\n"
            "  --threads N          threads per rank (1)\n"
            "  --help               this text\n\n"
-           "Bytes are those sent to other ranks (a rank's rows for its own experts stay).\n"
-           "The data-parallel alternative all-reduces every expert's gradients: a ring sends\n"
-           "2(P-1)/P of them per rank.\n");
+           "Columns: the exchange's time per iteration (the slowest rank), the bytes it sent\n"
+           "to other ranks (a rank's rows for its own experts stay) and their rate, the\n"
+           "machine's ceiling for it (GB/s of one memcpy of a move's bytes, same run), the\n"
+           "layer's forward + backward and the exchange's share of it, the bytes uniform\n"
+           "routing would send (4 moves x tokens x k x (P-1)/P x d x 4), and what data\n"
+           "parallelism would all-reduce instead: every expert's gradients, of which a ring\n"
+           "sends 2(P-1)/P per rank.\n");
 }
 
 typedef struct {
@@ -103,6 +107,29 @@ static int parse(int argc, char **argv, a2a_opts *o)
         }
     }
     return 0;
+}
+
+/* The machine's own ceiling for moving those bytes in shared memory: one memcpy of the
+ * same size (the best of 3), GB/s. */
+static double memcpy_gbs(double bytes)
+{
+    const size_t n = bytes > 1 ? (size_t)bytes : 1;
+    char *a = malloc(n), *b = malloc(n);
+    double best = 0;
+    if (a && b) {
+        memset(a, 1, n);
+        memset(b, 2, n);
+        for (int k = 0; k < 3; k++) {
+            const double t0 = now();
+            memcpy(b, a, n);
+            const double t = now() - t0;
+            best = t > 0 && (double)n / t > best ? (double)n / t : best;
+            a[k] = b[n - 1 - k]; /* the copies must happen */
+        }
+    }
+    free(a);
+    free(b);
+    return best / 1e9;
 }
 
 /* The slowest rank's value (what a synchronous step waits for). */
@@ -203,9 +230,10 @@ static int bench(moe_comm *world, const a2a_opts *o, int hier, int64_t D, moe_ba
         const double expect = 4.0 * (double)N * (double)(P - 1) / P * (double)d * (double)moe_dtype_size(b->float_type);
         const double dp = 2.0 * (P - 1) / (double)P * (double)o->E * (double)o->d * (double)o->f * 3.0 *
                           (double)moe_dtype_size(b->float_type);
+        const double ceil = memcpy_gbs(bytes / 4); /* one move's bytes */
         if (me == 0)
-            printf("%-5s %6lld %9.3f %9.3f %10.2f %9.3f %6.0f%% %10.2f %10.2f\n", hier ? "hier" : "flat",
-                   (long long)D, 1e3 * t_a2a, bytes / 1e6, bytes / t_a2a / 1e9, 1e3 * t_layer,
+            printf("%-5s %6lld %9.3f %9.3f %10.2f %8.2f %9.3f %6.0f%% %10.2f %10.2f\n", hier ? "hier" : "flat",
+                   (long long)D, 1e3 * t_a2a, bytes / 1e6, bytes / t_a2a / 1e9, ceil, 1e3 * t_layer,
                    100.0 * t_a2a / t_layer, expect / 1e6, dp / 1e6);
     }
     if (side)
@@ -246,8 +274,8 @@ int cmd_bench_a2a(int argc, char **argv)
         printf("cmoe bench a2a: %d rank%s, %lld tokens per rank, d_model %lld, %lld experts (%lld per rank), top-%lld, "
                "fp32 rows, %lld iterations (slowest rank)\n", P, P == 1 ? "" : "s", (long long)o.T, (long long)o.d,
                (long long)o.E, (long long)(o.E / P), (long long)o.k, (long long)o.iters);
-        printf("%-5s %6s %9s %9s %10s %9s %7s %10s %10s\n", "a2a", "chunks", "a2a ms", "MB/rank", "GB/s/rank",
-               "layer ms", "share", "MB expect", "MB DP-ar");
+        printf("%-5s %6s %9s %9s %10s %8s %9s %7s %10s %10s\n", "a2a", "chunks", "a2a ms", "MB/rank", "GB/s/rank",
+               "memcpy", "layer ms", "share", "MB expect", "MB DP-ar");
     }
     for (int m = 0; !rc && m < 2; m++)
         for (int ci = 0; !rc && (o.modes >> m & 1) && ci < o.nchunks; ci++)
