@@ -7,7 +7,8 @@
 #    loss, printed with 17 digits: equal text is equal bits) and the same weights and
 #    checkpoint tensors, byte for byte;
 #  - resharding: the checkpoint written at step 5 by -np 4 --ep 4 resumes at -np 2 --ep 2
-#    and in one process, and steps 6..10 are bitwise the uninterrupted run's;
+#    and in one process, and steps 6..10 are bitwise the uninterrupted run's; --init-from
+#    the one-process run's weights under -np 4 --ep 4 trains as in one process;
 #  - refusals, on every rank: an --ep that does not divide the ranks or the experts, a
 #    batch that does not split into the groups, groups the ranks do not divide, 3 ranks;
 #    ranks started with different settings (named);
@@ -115,6 +116,19 @@ for to in 2 0; do
     grep -q "resumed from .*ckpt-5.safetensors at step 5" "$tmp/$name.log" || fail "$name: no resume line"
     same one "$name" "saved by -np 4 --ep 4 at step 5, resumed on ${to:-1} rank(s) ($(($(date +%s) - start)) s)"
 done
+
+# ---- --init-from: each shard takes its slice of the whole weights ------------------------------
+ia="--init-from $tmp/one --data synth --steps 3 --batch 8 --seq 16 --groups 4 --eval-every 0 --eval-batches 1"
+if timeout 60 "$cmoe" train $ia --out "$tmp/if1" >"$tmp/if1.log" 2>&1 &&
+    mpi_run 4 60 "$cmoe" train $ia --ep 4 --out "$tmp/if4" >"$tmp/if4.log" 2>&1; then
+    metrics "$tmp/if1" >"$tmp/a.txt"
+    metrics "$tmp/if4" >"$tmp/b.txt"
+    cmp -s "$tmp/a.txt" "$tmp/b.txt" && echo "ok: --init-from under -np 4 --ep 4: the same bits as in one process" ||
+        fail "--init-from under -np 4 --ep 4 differs from one process"
+else
+    fail "--init-from: exit $mpi_rc"
+    tail -n 3 "$tmp/if1.log" "$tmp/if4.log" | sed 's/^/    /'
+fi
 
 # ---- refusals on every rank ---------------------------------------------------------------------
 # refuse RC PATTERN NP ARGS...
