@@ -12,4 +12,4 @@ libcmoe_la_SOURCES += \
 libcmoe_la_SOURCES += ref/model_ops.h ref/embedding.c ref/residual.c ref/rmsnorm.c ref/rope.c \
 	ref/attention.c ref/crossentropy.c ref/adamw.c
 # the oracle as a backend (backend.h's table over the functions above)
-libcmoe_la_SOURCES += ref/backend.c ref/backend_model.c
+libcmoe_la_SOURCES += ref/ref_backend.h ref/backend.c ref/backend_model.c
