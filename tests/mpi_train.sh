@@ -114,7 +114,9 @@ for to in 2 0; do
         continue
     fi
     grep -q "resumed from .*ckpt-5.safetensors at step 5" "$tmp/$name.log" || fail "$name: no resume line"
-    same one "$name" "saved by -np 4 --ep 4 at step 5, resumed on ${to:-1} rank(s) ($(($(date +%s) - start)) s)"
+    where="on $to ranks --ep 2"
+    [ "$to" -eq 0 ] && where="in one process"
+    same one "$name" "saved by -np 4 --ep 4 at step 5, resumed $where ($(($(date +%s) - start)) s)"
 done
 
 # ---- --init-from: each shard takes its slice of the whole weights ------------------------------

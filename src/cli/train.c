@@ -629,7 +629,10 @@ static int run_train(const train_opts *o)
     if (s && in_loop && !r.global_error && r.dist.size > 1) {
         /* one rank failed inside a step, the others wait in it: this ends the job (mpirun
          * names the rank that aborted) */
-        fprintf(stderr, "cmoe train: rank %d: %s\n", r.dist.rank, why);
+        if (strncmp(why, "rank ", 5)) /* the message may name its rank already */
+            fprintf(stderr, "cmoe train: rank %d: %s\n", r.dist.rank, why);
+        else
+            fprintf(stderr, "cmoe train: %s\n", why);
         moe_comm_abort(r.dist.world, EXIT_FAIL);
     }
     /* a new run that failed, or was stopped before it saved anything, leaves nothing behind */
@@ -641,7 +644,7 @@ static int run_train(const train_opts *o)
     if (s && r.usage_error) {
         rc = quiet ? EXIT_USAGE : rank ? usage("rank %d: %s", rank, why) : usage("%s", why);
     } else if (s) {
-        if (!quiet && rank)
+        if (!quiet && rank && strncmp(why, "rank ", 5))
             fprintf(stderr, "cmoe train: rank %d: %s\n", rank, why);
         else if (!quiet)
             fprintf(stderr, "cmoe train: %s\n", why);
