@@ -538,9 +538,9 @@ static moe_status make_nodes(ep_ctx *x, int64_t ranks_per_node)
         for (int r = 0; !st && r < x->P; r++)
             if (all[2 * r] != L || all[2 * r + 1] != r % L)
                 st = moe_error(MOE_ERR_ARG, "--a2a hier needs the ranks of an expert-parallel group on nodes of equal "
-                               "size, consecutive ranks together; rank %d is rank %lld of %lld on its node (place "
-                               "ranks by node, e.g. mpirun --map-by node:PE=1 is wrong here, --map-by core is right; "
-                               "or give --ranks-per-node, or use --a2a flat)", r, (long long)all[2 * r + 1],
+                               "size, consecutive ranks together, but rank %d is rank %lld of %lld on its node: place "
+                               "consecutive ranks on a node (mpirun --map-by core, srun --distribution=block), or "
+                               "give --ranks-per-node, or use --a2a flat", r, (long long)all[2 * r + 1],
                                (long long)all[2 * r]);
         free(all);
         if (st)
