@@ -626,28 +626,21 @@ static int run_train(const train_opts *o)
     char why[1024] = "";
     if (s)
         snprintf(why, sizeof why, "%s", moe_last_error());
-    if (s && in_loop && !r.global_error && r.dist.size > 1) {
-        /* one rank failed inside a step, the others wait in it: this ends the job (mpirun
-         * names the rank that aborted) */
-        if (strncmp(why, "rank ", 5)) /* the message may name its rank already */
-            fprintf(stderr, "cmoe train: rank %d: %s\n", r.dist.rank, why);
-        else
-            fprintf(stderr, "cmoe train: %s\n", why);
-        moe_comm_abort(r.dist.world, EXIT_FAIL);
-    }
+    if (s && in_loop && !r.global_error && r.dist.size > 1)
+        cli_dist_abort(&r.dist, why); /* one rank failed inside a step, the others wait in it */
     /* a new run that failed, or was stopped before it saved anything, leaves nothing behind */
     moe_rundir_close(&r.rd, s != MOE_OK || (stopped && !r.rd.saved), &removed);
-    const int rank = r.dist.rank, quiet = rank != 0 && (!mine || r.global_error); /* rank 0 speaks for all */
+    const int quiet = r.dist.rank != 0 && (!mine || r.global_error); /* rank 0 speaks for all */
     run_free(&r);
     cli_stop_restore(old);
     int rc = stopped ? 128 + r.stop_sig : EXIT_OK;
+    char line[1100];
+    cli_dist_who(&r.dist, why, line, sizeof line);
     if (s && r.usage_error) {
-        rc = quiet ? EXIT_USAGE : rank ? usage("rank %d: %s", rank, why) : usage("%s", why);
+        rc = quiet ? EXIT_USAGE : usage("%s", line);
     } else if (s) {
-        if (!quiet && rank && strncmp(why, "rank ", 5))
-            fprintf(stderr, "cmoe train: rank %d: %s\n", rank, why);
-        else if (!quiet)
-            fprintf(stderr, "cmoe train: %s\n", why);
+        if (!quiet)
+            fprintf(stderr, "cmoe train: %s\n", line);
         if (removed)
             fprintf(stderr, "cmoe train: removed what this run had written to %s (nothing was saved)\n", r.rd.dir);
         rc = EXIT_FAIL;

@@ -86,6 +86,24 @@ int cli_dist_active(const cli_dist *c, int64_t groups)
     return c->size > 1 || groups > 1;
 }
 
+const char *cli_dist_who(const cli_dist *c, const char *why, char *buf, size_t n)
+{
+    if (c->rank == 0 || !strncmp(why, "rank ", 5))
+        snprintf(buf, n, "%s", why);
+    else
+        snprintf(buf, n, "rank %d: %s", c->rank, why);
+    return buf;
+}
+
+void cli_dist_abort(cli_dist *c, const char *why)
+{
+    if (strncmp(why, "rank ", 5)) /* the aborting rank is named, rank 0 too */
+        fprintf(stderr, "cmoe train: rank %d: %s\n", c->rank, why);
+    else
+        fprintf(stderr, "cmoe train: %s\n", why);
+    moe_comm_abort(c->world, 1);
+}
+
 moe_status cli_dist_all_ok(cli_dist *c, moe_status s, const char *what)
 {
     return c->size > 1 ? moe_dist_all_ok(c->world, s, what) : s;

@@ -34,6 +34,12 @@ void cli_dist_finish(cli_dist *c);
 /* Whether training runs through groups (several ranks, or --groups > 1). */
 int cli_dist_active(const cli_dist *c, int64_t groups);
 
+/* why, prefixed "rank R: " on a rank other than 0 (unless it names its rank already). */
+const char *cli_dist_who(const cli_dist *c, const char *why, char *buf, size_t n);
+/* This rank failed inside a step while the others wait in it: says why and ends the job
+ * (MPI_Abort; mpirun names the rank that aborted). */
+void cli_dist_abort(cli_dist *c, const char *why);
+
 /* Every rank's status (collective; one process: s). */
 moe_status cli_dist_all_ok(cli_dist *c, moe_status s, const char *what);
 /* Rank 0's status and string buf [n] to every rank (collective). */
