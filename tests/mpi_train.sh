@@ -1,6 +1,6 @@
 #!/bin/sh
 # cmoe train under mpirun, end to end (tiny model, 10 steps, --groups 4 everywhere):
-#  - bit-identity across layouts: one process, -np 2 --ep 2, -np 4 --ep 4, -np 4 --ep 2
+#  - bit-identity across layouts: one process, mpirun -np 1, -np 2 --ep 2, -np 4 --ep 4, -np 4 --ep 2
 #    (E+D), -np 4 --ep 2 --zero (E+Z), -np 2 --ep 1 (data parallel), hierarchical
 #    all-to-all with simulated nodes and 3 chunks, --a2a-chunks auto, messages cut into
 #    rounds of 5 rows, and with --accum 2 (E+Z): the same metrics (every loss, gradient norm, expert load and val
@@ -82,6 +82,7 @@ same() {
 
 # ---- bit-identity across layouts ------------------------------------------------------------
 train 0 one
+train 1 np1 && same one np1 "mpirun -np 1"
 train 2 ep2 --ep 2 && same one ep2 "-np 2 --ep 2"
 train 4 ep4 --ep 4 && same one ep4 "-np 4 --ep 4"
 train 4 ed --ep 2 && same one ed "-np 4 --ep 2 (E+D)"
