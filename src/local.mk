@@ -50,3 +50,7 @@ libcmoe_la_SOURCES += src/io/safetensors.h src/io/safetensors.c src/io/safetenso
 	src/io/checkpoint.c src/io/hf.h src/io/hf_config.c src/io/hf.c src/io/rundir.h src/io/rundir.c \
 	src/io/rundir_ckpt.c src/io/rundir_metrics.c src/io/train_settings.c src/io/data.h src/io/data_impl.h \
 	src/io/data.c src/io/data_load.c src/io/synth.c
+# distribution: communicators (MPI or one process), fixed-tree sums, the expert-parallel exchange
+libcmoe_la_SOURCES += src/dist/comm.h src/dist/comm.c src/dist/tree.h src/dist/tree.c src/dist/exchange_ep.h \
+	src/dist/exchange_ep.c src/dist/dist.h src/dist/dist.c src/dist/groups.h src/dist/groups.c \
+	src/dist/dist_io.h src/dist/dist_io.c

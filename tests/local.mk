@@ -171,3 +171,24 @@ tests_test_check_LDADD = $(TEST_LDADD)
 endif
 TESTS += tests/cuda.sh
 EXTRA_DIST += tests/cuda.sh
+# expert parallelism over MPI (src/dist/): the exchange against one process, bit for bit,
+# under mpirun -np 1, 2, 4 (skipped only when the build has no MPI)
+if HAVE_CHECK
+check_PROGRAMS += tests/mpi_exchange
+tests_mpi_exchange_SOURCES = tests/mpi_exchange.c tests/testutil.h
+tests_mpi_exchange_CFLAGS = $(TEST_CFLAGS)
+tests_mpi_exchange_LDADD = $(TEST_LDADD)
+endif
+# cmoe train under mpirun: the same bits in every layout, resharding, refusals, faults
+TESTS += tests/mpi_exchange.sh tests/mpi_train.sh
+EXTRA_DIST += tests/mpi_exchange.sh tests/mpi_train.sh tests/mpi_env.sh
+AM_TESTS_ENVIRONMENT += MPIRUN='$(MPIRUN)'; export MPIRUN;
+# groups in one process: a rank's rows of a batch, the fixed tree, the expert-parallel
+# exchange on one rank, --groups training bit-identical across threads and with ZeRO-1
+if HAVE_CHECK
+check_PROGRAMS += tests/test_groups
+TESTS += tests/test_groups
+tests_test_groups_SOURCES = tests/test_groups.c tests/testutil.h
+tests_test_groups_CFLAGS = $(TEST_CFLAGS)
+tests_test_groups_LDADD = $(TEST_LDADD)
+endif

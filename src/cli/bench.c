@@ -55,7 +55,8 @@ void help_bench(void)
            "backward twice that. Gradients accumulate across iterations (zero_grad is\n"
            "outside the timed region). On cuda an iteration ends with a sync and the\n"
            "phases are the host's time to enqueue them (CMOE_CUDA_SYNC=1 makes every op\n"
-           "wait, so that the phases are the device's time, and the total slower).\n", moe_backend_list());
+           "wait, so that the phases are the device's time, and the total slower).\n\n", moe_backend_list());
+    help_bench_a2a();
 }
 
 static int usage(const char *fmt, const char *arg)
@@ -429,15 +430,17 @@ done:
 int cmd_bench(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "cmoe bench: which benchmark? (layer)\nTry 'cmoe help bench'.\n");
+        fprintf(stderr, "cmoe bench: which benchmark? (layer, a2a)\nTry 'cmoe help bench'.\n");
         return EXIT_USAGE;
     }
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         help_bench();
         return EXIT_OK;
     }
+    if (strcmp(argv[1], "a2a") == 0) /* the expert-parallel all-to-all, under mpirun (bench_a2a.c) */
+        return cmd_bench_a2a(argc - 1, argv + 1);
     if (strcmp(argv[1], "layer") != 0)
-        return usage("unknown benchmark '%s' (layer)", argv[1]);
+        return usage("unknown benchmark '%s' (layer, a2a)", argv[1]);
     bench_opts o;
     int r = parse(argc - 1, argv + 1, &o);
     if (r < 0)

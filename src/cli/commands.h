@@ -8,6 +8,8 @@ int cmd_oracle(int argc, char **argv);
 void help_oracle(void);
 int cmd_bench(int argc, char **argv);
 void help_bench(void);
+int cmd_bench_a2a(int argc, char **argv);
+void help_bench_a2a(void);
 int cmd_train(int argc, char **argv);
 void help_train(void);
 int cmd_sample(int argc, char **argv);

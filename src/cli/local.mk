@@ -4,10 +4,11 @@ cmoe_SOURCES = \
 	src/cli/main.c \
 	src/cli/oracle.c
 cmoe_LDADD = libcmoe.la
-cmoe_SOURCES += src/cli/bench.c src/cli/check.c
+cmoe_SOURCES += src/cli/bench.c src/cli/bench_a2a.c src/cli/check.c
 cmoe_LDADD += $(BLAS_LIBS)
 # cmoe train, sample, eval and the run directory they share
-cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.c src/cli/sample.c src/cli/eval.c
+cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.c src/cli/train_dist.h src/cli/train_dist.c src/cli/signals.h src/cli/signals.c src/cli/sample.c \
+	src/cli/eval.c
 cmoe_LDADD += $(JANSSON_LIBS)
 # cmoe info and cmoe report; presets by name (./configs, $CMOE_CONFIGS, installed)
 cmoe_SOURCES += src/cli/presets.h src/cli/presets.c src/cli/info.c src/cli/report.h src/cli/report.c src/cli/report_metrics.c src/cli/svg.h src/cli/svg.c

@@ -14,6 +14,7 @@
 
 #include "cmoe.h"
 #include "run.h"
+#include "io/checkpoint.h"
 #include "io/safetensors.h"
 
 int cli_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out)
@@ -80,6 +81,24 @@ void cli_fmt_duration(char *buf, size_t n, double s)
 
 /* ---- saving ------------------------------------------------------------------ */
 
+/* The metadata of a weights file, and the file written. */
+static moe_status finish_weights(moe_st_writer *w, const char *dir, const moe_model *m, const char *train_json,
+                                 int64_t step)
+{
+    char path[4096], num[32], *cfg_json = NULL;
+    snprintf(num, sizeof num, "%" PRId64, step);
+    moe_status s;
+    if (!(s = cli_path(path, sizeof path, dir, CLI_RUN_WEIGHTS)) &&
+        !(s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg_json)) &&
+        !(s = moe_st_writer_add_meta(w, "config", cfg_json)) && !(s = moe_st_writer_add_meta(w, "step", num)) &&
+        !(s = moe_st_writer_add_meta(w, "format", "cmoe-weights-1")) &&
+        !(s = moe_st_writer_add_meta(w, "cmoe_version", moe_version())) &&
+        !(train_json && (s = moe_st_writer_add_meta(w, "train", train_json))))
+        s = moe_st_writer_write(w, path);
+    free(cfg_json);
+    return s;
+}
+
 /* One parameter of a weights file, read from the backend as fp32 when the file is written. */
 typedef struct {
     moe_model *m;
@@ -97,30 +116,49 @@ static moe_status fill_weight(void *ctx, void *dst)
 
 moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, int64_t step)
 {
-    char path[4096], num[32], *cfg_json = NULL;
     moe_st_writer *w = NULL;
     const int n = moe_model_n_params(m);
     weight_ref *xs = calloc((size_t)n + 1, sizeof *xs);
-    moe_status s = xs ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory saving %d parameters", n);
-    if (s || (s = cli_path(path, sizeof path, dir, CLI_RUN_WEIGHTS)) || (s = moe_st_writer_create(&w)))
-        goto done;
-    for (int i = 0; i < n; i++) { /* lazy: one tensor in host memory at a time */
+    moe_status s = xs ? moe_st_writer_create(&w) : moe_error(MOE_ERR_NOMEM, "out of memory saving %d parameters", n);
+    for (int i = 0; i < n && !s; i++) { /* lazy: one tensor in host memory at a time */
         const moe_param_info *p = moe_model_param(m, i);
         xs[i] = (weight_ref){m, i};
-        if ((s = moe_st_writer_add_lazy(w, p->name, MOE_ST_F32, p->ndim, p->shape, fill_weight, &xs[i])))
-            goto done;
+        s = moe_st_writer_add_lazy(w, p->name, MOE_ST_F32, p->ndim, p->shape, fill_weight, &xs[i]);
     }
-    snprintf(num, sizeof num, "%" PRId64, step);
-    if ((s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg_json)) ||
-        (s = moe_st_writer_add_meta(w, "config", cfg_json)) || (s = moe_st_writer_add_meta(w, "step", num)) ||
-        (s = moe_st_writer_add_meta(w, "format", "cmoe-weights-1")) ||
-        (s = moe_st_writer_add_meta(w, "cmoe_version", moe_version())) ||
-        (train_json && (s = moe_st_writer_add_meta(w, "train", train_json))) || (s = moe_st_writer_write(w, path)))
-        goto done;
-done:
+    if (!s)
+        s = finish_weights(w, dir, m, train_json, step);
     moe_st_writer_free(w);
-    free(cfg_json);
     free(xs);
+    return s;
+}
+
+moe_status cli_run_save_with(const char *dir, const moe_model *m, moe_ckpt_get_fn get, void *ctx,
+                             const char *train_json, int64_t step)
+{
+    /* get may be collective (a gather over ranks): once per parameter, in table order,
+     * into host memory before the file is written */
+    const int n = moe_model_n_params(m);
+    int64_t biggest = 1;
+    moe_param_info fi; /* whole tensors, also of a model split over ranks */
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        biggest = fi.numel > biggest ? fi.numel : biggest;
+    }
+    moe_st_writer *w = NULL;
+    double *tmp = malloc((size_t)biggest * sizeof *tmp);
+    float *f32 = malloc((size_t)biggest * sizeof *f32);
+    moe_status s = tmp && f32 ? moe_st_writer_create(&w)
+                              : moe_error(MOE_ERR_NOMEM, "out of memory for a tensor of %lld elements", (long long)biggest);
+    for (int i = 0; i < n && !s; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        if (!(s = get(ctx, i, tmp, NULL, NULL)) && !(s = moe_st_from_f64(MOE_ST_F32, tmp, fi.numel, f32)))
+            s = moe_st_writer_add_copy(w, fi.name, MOE_ST_F32, fi.ndim, fi.shape, f32);
+    }
+    if (!s)
+        s = finish_weights(w, dir, m, train_json, step);
+    moe_st_writer_free(w);
+    free(tmp);
+    free(f32);
     return s;
 }
 
@@ -206,22 +244,25 @@ moe_status cli_run_load_into(cli_run *r, moe_model *model)
             return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is not a parameter of the model its config describes",
                              r->path, f->tensors[i].name);
     int64_t biggest = 1;
-    for (int i = 0; i < n; i++)
-        if (moe_model_param(model, i)->numel > biggest)
-            biggest = moe_model_param(model, i)->numel;
+    moe_param_info fi; /* the file holds whole tensors; an expert shard takes its slice */
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(model, i), &fi);
+        biggest = fi.numel > biggest ? fi.numel : biggest;
+    }
     double *buf = malloc((size_t)biggest * sizeof *buf);
     if (!buf)
         return moe_error(MOE_ERR_NOMEM, "out of memory loading %s", r->path);
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(model, i);
+        moe_ckpt_full_info(p, &fi);
         if (!moe_st_find(f, p->name))
             s = moe_error(MOE_ERR_FORMAT, "%s: parameter '%s' is missing", r->path, p->name);
-        else if (!(s = moe_st_get_f64(f, p->name, p->ndim, p->shape, buf))) {
+        else if (!(s = moe_st_get_f64(f, p->name, fi.ndim, fi.shape, buf))) {
             /* NaN or Inf weights give NaN losses and text: refused here, by name */
             char what[4300];
             snprintf(what, sizeof what, "%s: parameter '%s'", r->path, p->name);
-            if (!(s = moe_check_finite(MOE_ERR_FORMAT, what, buf, p->numel)))
-                s = moe_model_set_param(model, i, buf);
+            if (!(s = moe_check_finite(MOE_ERR_FORMAT, what, buf, fi.numel)))
+                s = moe_model_set_param(model, i, buf + p->shard * p->numel);
         }
     }
     free(buf);

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "backend/backend.h"
+#include "io/checkpoint.h"
 #include "model/model.h"
 
 #define CLI_RUN_WEIGHTS "model.safetensors"
@@ -44,6 +45,10 @@ moe_status cli_path(char *buf, size_t n, const char *dir, const char *name);
  * (the model JSON), train (train_json, may be NULL), step.
  */
 moe_status cli_run_save(const char *dir, moe_model *m, const char *train_json, int64_t step);
+/* The same with every parameter's whole tensor from get (m, v NULL): a model split over
+ * ranks (src/dist/dist_io.h). */
+moe_status cli_run_save_with(const char *dir, const moe_model *m, moe_ckpt_get_fn get, void *ctx,
+                             const char *train_json, int64_t step);
 
 /* A run directory read back: open it (file + settings), then build the model. */
 typedef struct {

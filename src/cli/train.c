@@ -35,13 +35,16 @@
 #include "model/model.h"
 #include "presets.h"
 #include "run.h"
+#include "signals.h"
+#include "train_dist.h"
 
 /* The command line: the settings (io/rundir.h) and what only this process cares about. */
 typedef struct {
     moe_train_settings t;
     const char *config, *preset, *data, *out, *resume, *init_from;
     int64_t log_every, warmup;
-    int have_seq, have_warmup, force;
+    int have_seq, have_warmup, have_groups, force;
+    moe_dist_options dist; /* --ep, --a2a, --ranks-per-node, --a2a-chunks, --zero */
     unsigned given;    /* MOE_TS_*: the settings a resumed run takes from the command line */
     const char *fixed; /* the first option given that a resumed run cannot change, or NULL */
 } train_opts;
@@ -50,6 +53,7 @@ static void defaults(train_opts *o)
 {
     memset(o, 0, sizeof *o);
     moe_train_settings_default(&o->t);
+    moe_dist_options_default(&o->dist);
     o->log_every = 25;
 }
 
@@ -87,6 +91,19 @@ void help_train(void)
            "                      activations; router, master weights and AdamW state fp32;\n"
            "                      checkpoints fp32 either way) (the backend's own)\n"
            "  --threads N         worker threads (OpenMP's default, OMP_NUM_THREADS)\n"
+           "Many processes (started by mpirun or srun; README: Expert parallelism):\n"
+           "  --groups G          cut every micro-batch into G groups of batch/G sequences, routed and\n"
+           "                      summed per group in one fixed tree: the same G gives the same bits\n"
+           "                      in one process and under any layout (a power of two, a multiple of\n"
+           "                      the ranks; default: the number of ranks; kept on --resume)\n"
+           "  --ep N              expert-parallel ranks: the experts split over N ranks, the ranks\n"
+           "                      = N x data-parallel replicas (default: all of them)\n"
+           "  --a2a MODE          flat (one MPI_Alltoallv) or hier (inside each node, then across)\n"
+           "  --ranks-per-node N  hier: N consecutive ranks form a node (default: MPI's shared memory)\n"
+           "  --a2a-chunks D      the all-to-all in D chunks, each travelling while the last one's\n"
+           "                      experts compute (1); auto: 1, 2, 4 timed, the fastest kept\n"
+           "  --a2a-max-rows N    at most N rows of a block per all-to-all message (rounds)\n"
+           "  --zero              ZeRO-1: the non-expert AdamW moments split over the ranks\n"
            "Output:\n"
            "  --out DIR           run directory (runs/YYYYmmdd-HHMMSS): new, or empty; a directory\n"
            "                      that holds a run or other files is refused, and so is /\n"
@@ -132,12 +149,13 @@ void help_train(void)
 
 static int usage(const char *fmt, ...)
 {
+    char msg[2048];
     va_list ap;
     va_start(ap, fmt);
-    fputs("cmoe train: ", stderr);
-    vfprintf(stderr, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    fputs("\nTry 'cmoe help train'.\n", stderr);
+    /* one write: the ranks of an MPI job share the terminal */
+    fprintf(stderr, "cmoe train: %s\nTry 'cmoe help train'.\n", msg);
     return EXIT_USAGE;
 }
 
@@ -168,46 +186,6 @@ static void progress_text(char *buf, size_t n, const progress *p)
         snprintf(buf + k, n - (size_t)k, "  load max/mean %.2f  dropped %.1f%%", p->load, 100 * p->dropped);
 }
 
-/* ---- signals ------------------------------------------------------------------------- */
-
-/* The first SIGINT, SIGTERM or SIGHUP asks the loop to stop after its step; a second one
- * (of any of them) ends the process at once, by the signal's own default action. */
-static volatile sig_atomic_t stop_signal;
-
-static void on_stop_signal(int sig)
-{
-    static const char msg[] = "\ncmoe train: stopping after this step (a checkpoint is saved); a second signal "
-                              "stops at once\n";
-    if (stop_signal) {
-        signal(sig, SIG_DFL);
-        raise(sig);
-        return;
-    }
-    stop_signal = sig;
-    ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1); /* async-signal-safe, unlike stdio */
-    (void)k;
-}
-
-static const int stop_signals[] = {SIGINT, SIGTERM, SIGHUP};
-
-static void catch_stop_signals(struct sigaction *old)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop_signal;
-    sa.sa_flags = SA_RESTART; /* writes and reads carry on; the loop looks at the flag */
-    sigemptyset(&sa.sa_mask);
-    stop_signal = 0;
-    for (int i = 0; i < 3; i++)
-        sigaction(stop_signals[i], &sa, &old[i]);
-}
-
-static void restore_signals(const struct sigaction *old)
-{
-    for (int i = 0; i < 3; i++)
-        sigaction(stop_signals[i], &old[i], NULL);
-}
-
 /* ---- the run ---------------------------------------------------------------------- */
 
 typedef struct {
@@ -228,12 +206,21 @@ typedef struct {
     double elapsed0;       /* seconds the run had taken before this process */
     cli_run init;          /* --init-from: the weights to start from */
     int usage_error;       /* the failure is the command line's: exit 2 */
+    cli_dist dist;         /* the ranks, and the group path (several ranks or --groups > 1) */
+    int stop_sig;          /* the stop signal the ranks agreed on */
+    int global_error;      /* every rank failed alike (a divergence): rank 0 speaks */
 } train_run;
 
 static void run_free(train_run *r)
 {
+    if (r->dist.g) { /* the trainer owns the optimizer; the model holds the layout's exchange */
+        moe_gtrain_free(r->dist.g);
+        r->dist.g = NULL;
+        r->opt = NULL;
+    }
     moe_optim_free(r->opt);
     moe_model_free(r->m);
+    cli_dist_free(&r->dist);
     moe_backend_free(r->b);
     moe_dataset_free(r->d);
     free(r->in);
@@ -249,11 +236,16 @@ static void run_free(train_run *r)
 static moe_status resume_open(train_run *r)
 {
     const train_opts *o = &r->o;
-    char dir[4096];
-    moe_status s;
-    /* locked before anything is read, so a run still training is found out at once */
-    if ((s = moe_resume_dir(o->resume, dir, sizeof dir)) || (s = moe_rundir_open(dir, &r->rd)) ||
-        (s = moe_resume_find(o->resume, &r->rp)))
+    char dir[4096], path[4200] = "";
+    moe_status s = MOE_OK;
+    /* locked before anything is read, so a run still training is found out at once; rank 0
+     * chooses the checkpoint, the other ranks read that one */
+    if (r->dist.rank == 0 && !(s = moe_resume_dir(o->resume, dir, sizeof dir)) &&
+        !(s = moe_rundir_open(dir, &r->rd)) && !(s = moe_resume_find(o->resume, &r->rp)))
+        snprintf(path, sizeof path, "%s", r->rp.path);
+    if ((s = cli_dist_share(&r->dist, s, path, sizeof path, "choosing the checkpoint")) ||
+        (r->dist.rank != 0 && ((s = moe_resume_dir(path, r->rd.dir, sizeof r->rd.dir)) ||
+                               (s = moe_resume_find(path, &r->rp)))))
         return s;
     const moe_ckpt *ck = r->rp.ck;
     for (char *p = r->rp.notes, *nl; p && *p; p = nl + 1) {
@@ -317,16 +309,26 @@ static moe_status fresh_open(train_run *r)
         r->t.seq = r->cfg.max_position_embeddings; /* the default S fits the model, not the other way */
     }
     r->t.oc.warmup_steps = o->have_warmup ? o->warmup : (r->t.steps / 10 < 100 ? r->t.steps / 10 : 100);
-    char dir[4096];
-    if (o->out)
-        snprintf(dir, sizeof dir, "%s", o->out);
-    else if ((s = moe_rundir_default_name(dir, sizeof dir)))
+    if (!o->have_groups) /* one group per rank: one pass each */
+        r->t.groups = r->dist.size;
+    char dir[4096] = "";
+    if (r->dist.rank == 0) {
+        if (o->out)
+            snprintf(dir, sizeof dir, "%s", o->out);
+        else
+            s = moe_rundir_default_name(dir, sizeof dir);
+        /* checked and locked before the data is read or the model built: a refusal is quick */
+        if (!s)
+            s = moe_rundir_create(dir, o->force, &r->rd);
+    }
+    if ((s = cli_dist_share(&r->dist, s, dir, sizeof dir, "creating the run directory")) || r->dist.rank == 0)
         return s;
-    /* checked and locked before the data is read or the model built: a refusal is quick */
-    return moe_rundir_create(dir, o->force, &r->rd);
+    snprintf(r->rd.dir, sizeof r->rd.dir, "%s", dir); /* rank 0 writes there; the others only name it */
+    return MOE_OK;
 }
 
-static moe_status setup(train_run *r)
+/* The data and the settings (every rank alike). */
+static moe_status setup_data(train_run *r)
 {
     const moe_train_settings *t = &r->t;
     moe_status s;
@@ -354,6 +356,13 @@ static moe_status setup(train_run *r)
     /* the resolved path (a relative one would not survive `cmoe eval` from elsewhere) */
     snprintf(r->t.data, sizeof r->t.data, "%s",
              moe_dataset_kind(r->d) == MOE_DATA_SYNTH ? data : moe_dataset_identity(r->d)->path);
+    int64_t ep, g;
+    if (cli_dist_active(&r->dist, t->groups) &&
+        (s = moe_dist_check(&(moe_dist_options){.ep = r->dist.o.ep, .groups = t->groups, .chunks = r->dist.o.chunks},
+                            r->dist.size, &r->cfg, t->batch, &ep, &g))) {
+        r->usage_error = 1;
+        return s;
+    }
     if ((s = moe_train_settings_validate(t, &r->cfg)))
         return s;
     const size_t n = (size_t)(t->batch * t->seq);
@@ -364,21 +373,34 @@ static moe_status setup(train_run *r)
         return moe_error(MOE_ERR_NOMEM, "out of memory for a batch of %lld x %lld", (long long)t->batch,
                          (long long)t->seq);
     /* fails here, not at step 1, when the data is shorter than one row */
-    if ((s = moe_dataset_batch(r->d, t->seed, 0, 0, t->batch, t->seq, r->in, r->tg, r->task)))
+    return moe_dataset_batch(r->d, t->seed, 0, 0, t->batch, t->seq, r->in, r->tg, r->task);
+}
+
+/* The ranks agree, then the model, its state and (rank 0) the run directory's files. */
+static moe_status setup_model(train_run *r)
+{
+    const moe_train_settings *t = &r->t;
+    moe_status s;
+    if ((s = cli_dist_agree(&r->dist, &r->cfg, t, r->d)) ||
+        (s = cli_backend_create(t->backend, (int)t->threads, t->dtype[0] ? t->dtype : NULL, &r->b)))
         return s;
-    if ((s = cli_backend_create(t->backend, (int)t->threads, t->dtype[0] ? t->dtype : NULL, &r->b)) ||
-        (s = moe_model_create(&r->cfg, r->b, NULL, t->batch, t->seq, &r->m)) ||
-        (s = moe_optim_create(r->m, &t->oc, &r->opt)) || (s = moe_step_stats_create(&r->cfg, &r->acc)))
+    if (cli_dist_active(&r->dist, t->groups))
+        s = cli_dist_setup(&r->dist, &r->cfg, r->b, t, &r->m, &r->opt);
+    else if (!(s = moe_model_create(&r->cfg, r->b, NULL, t->batch, t->seq, &r->m)))
+        s = moe_optim_create(r->m, &t->oc, &r->opt);
+    if (s || (s = moe_step_stats_create(&r->cfg, &r->acc)))
         return s;
-    /* the state: a checkpoint (validated as a whole before anything is set or written),
-     * the weights of another run, or a fresh initialisation */
+    /* the state: a checkpoint (validated as a whole before anything is set or written; a
+     * shard takes its slice of each tensor), the weights of another run, or a fresh
+     * initialisation */
     if (r->o.resume)
         s = moe_ckpt_restore(r->rp.ck, r->m, r->opt);
     else if (r->o.init_from)
         s = cli_run_load_into(&r->init, r->m);
     else
         s = moe_model_init(r->m, t->seed);
-    if (s || (s = moe_train_settings_to_json(t, r->d, r->o.resume ? r->rp.path : NULL, &r->train_json)))
+    if (s || (s = moe_train_settings_to_json(t, r->d, r->o.resume ? r->rp.path : NULL, &r->train_json)) ||
+        r->dist.rank != 0)
         return s;
     if (r->o.resume) {
         int later = 0;
@@ -399,12 +421,16 @@ static moe_status setup(train_run *r)
 static moe_status save_ckpt(train_run *r, int64_t done, double elapsed)
 {
     char path[4200], state[128];
-    moe_status s;
-    if ((s = moe_ckpt_path(path, sizeof path, r->rd.dir, done)) || (s = moe_rundir_sync_metrics(&r->rd)))
-        return s;
+    moe_status s = MOE_OK;
+    if (r->dist.rank == 0 && !(s = moe_ckpt_path(path, sizeof path, r->rd.dir, done)))
+        s = moe_rundir_sync_metrics(&r->rd);
     snprintf(state, sizeof state, "{\"elapsed_s\": %.17g}", elapsed);
     moe_ckpt_state st = {done, moe_optim_steps(r->opt), r->t.seed, r->train_json, state};
-    if ((s = moe_ckpt_save(path, r->m, r->opt, &st)))
+    if (r->dist.d) /* whole tensors gathered; every rank takes part, rank 0 writes */
+        s = cli_dist_save_ckpt(&r->dist, path, r->m, r->opt, &st, s);
+    else if (!s)
+        s = moe_ckpt_save(path, r->m, r->opt, &st);
+    if (s || r->dist.rank != 0)
         return s;
     r->rd.saved = 1;
     return moe_ckpt_prune(r->rd.dir, -1, r->t.keep, NULL);
@@ -438,7 +464,8 @@ static moe_status diverged(train_run *r, int64_t step, double total, double ce, 
 static moe_status train_loop(train_run *r, int *stopped)
 {
     const moe_train_settings *t = &r->t;
-    const int tty = isatty(STDOUT_FILENO);
+    /* under mpirun a rank's stdout may be a pseudo-terminal whatever mpirun's own is: plain lines */
+    const int tty = isatty(STDOUT_FILENO) && r->dist.size == 1;
     const int64_t tokens_per_step = t->batch * t->seq * t->accum;
     const int n_moe = moe_step_stats_moe_layers(r->acc);
     double train_time = 0, t_start = now(), last_draw = 0, val_loss = NAN, last_loss = NAN;
@@ -454,36 +481,51 @@ static moe_status train_loop(train_run *r, int *stopped)
            (long long)t->oc.warmup_steps, t->backend, t->seed);
     if (r->o.resume)
         printf("  resumed from %s at step %lld\n", r->rp.path, (long long)r->start_step);
+    if (r->dist.d)
+        cli_dist_describe(&r->dist, stdout);
     fflush(stdout);
-    if (stop_signal) { /* before the first step: nothing to save */
+    if ((r->stop_sig = cli_dist_max(&r->dist, cli_stop_signal()))) { /* before the first step: nothing to save */
         *stopped = 1;
         return MOE_OK;
     }
     double prev_lr = 0, prev_norm = 0; /* of the last update, for a divergence message */
+    /* the step's sums run over accum micro-batches x G groups */
+    const double per_step = (double)(t->accum * t->groups);
     for (int64_t step = r->start_step; step < t->steps; step++) {
         double t0 = now();
-        moe_model_zero_grad(r->m);
-        moe_step_stats_zero(r->acc);
-        /* nothing in the step waits for the backend until the optimizer's result is read */
-        for (int64_t micro = 0; micro < t->accum; micro++) {
-            const moe_key key = {(uint64_t)step, (uint32_t)micro, 0};
-            if ((s = moe_dataset_batch(r->d, t->seed, step, micro, t->batch, t->seq, r->in, r->tg, r->task)) ||
-                (s = moe_model_forward(r->m, r->in, r->tg, r->task, t->batch, t->seq, key, 1, NULL)) ||
-                (s = moe_model_backward(r->m)))
-                return s;
-        }
         moe_optim_result res;
         moe_model_stats ms;
-        if ((s = moe_optim_step(r->opt, 1.0 / (double)t->accum, &res)) ||
-            (s = moe_model_get_stats(r->m, MOE_SPAN_STEP, &ms)) || (s = moe_step_stats_add(r->acc, r->m)))
+        moe_step_stats_zero(r->acc);
+        if (r->dist.g) {
+            if ((s = moe_gtrain_step(r->dist.g, r->d, t->seed, step, t->accum, &res)))
+                return s;
+        } else {
+            moe_model_zero_grad(r->m);
+            /* nothing in the step waits for the backend until the optimizer's result is read */
+            for (int64_t micro = 0; micro < t->accum; micro++) {
+                const moe_key key = {(uint64_t)step, (uint32_t)micro, 0};
+                if ((s = moe_dataset_batch(r->d, t->seed, step, micro, t->batch, t->seq, r->in, r->tg, r->task)) ||
+                    (s = moe_model_forward(r->m, r->in, r->tg, r->task, t->batch, t->seq, key, 1, NULL)) ||
+                    (s = moe_model_backward(r->m)))
+                    return s;
+            }
+            if ((s = moe_optim_step(r->opt, 1.0 / (double)t->accum, &res)))
+                return s;
+        }
+        if ((s = moe_model_get_stats(r->m, MOE_SPAN_STEP, &ms)) || (s = moe_step_stats_add(r->acc, r->m)))
             return s;
-        const double ce = ms.ce / (double)t->accum, aux = ms.aux_total / (double)t->accum, total = ce + aux;
+        const char *note = r->dist.g ? moe_gtrain_note(r->dist.g) : NULL;
+        if (note)
+            printf("%scmoe train: %s\n", tty ? "\r\033[K" : "", note);
+        const double ce = ms.ce / per_step, aux = ms.aux_total / per_step, total = ce + aux;
         /* a non-finite gradient norm made AdamW skip the update: the weights are those the
-         * step started from, and the message names what went wrong */
+         * step started from, and the message names what went wrong (alike on every rank) */
+        r->global_error = 1;
         if (!isfinite(total))
             return diverged(r, step, total, ce, aux, prev_lr, prev_norm);
         if (!isfinite(res.grad_norm))
             return diverged(r, step, total, ce, aux, res.lr, res.grad_norm);
+        r->global_error = 0;
         prev_lr = res.lr;
         prev_norm = res.grad_norm;
         last_loss = total;
@@ -491,28 +533,32 @@ static moe_status train_loop(train_run *r, int *stopped)
         train_time += dt;
         const int64_t done = step + 1;
         /* read the flag once: a signal landing later in this step must not stop the run
-         * after a step whose checkpoint was not written */
-        const int stop = stop_signal != 0;
+         * after a step whose checkpoint was not written; every rank stops after the same
+         * step (a signal reaches each at its own time) */
+        r->stop_sig = cli_dist_max(&r->dist, cli_stop_signal());
+        const int stop = r->stop_sig != 0;
         const int last = done == t->steps || stop;
         const int eval = last || (t->eval_every > 0 && done % t->eval_every == 0);
         int64_t val_n = 0;
-        if (eval && (s = moe_val_loss(r->m, r->d, t->batch, t->seq, t->eval_batches, r->in, r->tg, r->task,
-                                      &val_loss, &val_n)))
+        if (eval && (s = r->dist.g ? moe_gtrain_val_loss(r->dist.g, r->d, t->eval_batches, &val_loss, &val_n)
+                                   : moe_val_loss(r->m, r->d, t->batch, t->seq, t->eval_batches, r->in, r->tg,
+                                                  r->task, &val_loss, &val_n)))
             return s;
         /* the step's line first: a checkpoint is never ahead of the log */
         moe_step_record rec = {done, tokens_per_step, eval ? val_n : 0, total, ce, aux, res.lr, res.grad_norm, dt,
                                r->elapsed0 + now() - t_start, val_loss};
         char *line;
-        if ((s = moe_step_record_json(&rec, r->acc, t->accum, &line)))
+        if ((s = moe_step_record_json(&rec, r->acc, t->accum * t->groups, &line)))
             return s;
-        s = moe_rundir_append_metrics(&r->rd, line);
+        s = r->dist.rank == 0 ? moe_rundir_append_metrics(&r->rd, line) : MOE_OK;
         free(line);
         if (s)
             return s;
         if (eval) {
-            if ((s = cli_run_save(r->rd.dir, r->m, r->train_json, done)))
+            if ((s = r->dist.d ? cli_dist_save_weights(&r->dist, r->rd.dir, r->m, r->train_json, done)
+                               : cli_run_save(r->rd.dir, r->m, r->train_json, done)))
                 return s;
-            r->rd.saved = 1;
+            r->rd.saved = r->dist.rank == 0;
         }
         /* a checkpoint every save_every steps, at the end when saving at all, and when
          * stopped by a signal (so that the run can be resumed) */
@@ -553,6 +599,7 @@ static moe_status train_loop(train_run *r, int *stopped)
            *stopped ? "stopped by a signal" : "done", now() - t_start,
            train_time > 0 ? (double)((moe_optim_steps(r->opt) - r->start_step) * tokens_per_step) / train_time : 0.0,
            last_loss, val_loss, r->rd.dir, CLI_RUN_WEIGHTS);
+    cli_dist_report(&r->dist, r->m, moe_optim_steps(r->opt) - r->start_step, train_time, stdout);
     return MOE_OK;
 }
 
@@ -563,35 +610,53 @@ static int run_train(const train_opts *o)
     r.rd.lock_fd = r.rd.metrics_fd = -1;
     r.o = *o;
     struct sigaction old[3];
-    catch_stop_signals(old); /* from the start: a signal during setup stops before step one */
-    int stopped = 0, removed = 0;
-    moe_status s = o->resume ? resume_open(&r) : fresh_open(&r);
+    cli_stop_catch(old); /* from the start: a signal during setup stops before step one */
+    int stopped = 0, removed = 0, in_loop = 0;
+    /* under mpirun or srun: every rank runs this; rank 0 owns the run directory and speaks,
+     * and at each stage the ranks learn whether any failed */
+    moe_status mine = cli_dist_init(&r.dist), s;
+    r.dist.o = o->dist;
+    if (!mine)
+        mine = o->resume ? resume_open(&r) : fresh_open(&r);
+    s = cli_dist_all_ok(&r.dist, mine, "opening the run");
     if (!s && o->resume && r.start_step >= r.t.steps) {
         printf("cmoe train: %s is complete at step %lld; pass --steps N (> %lld) to train further\n", r.rd.dir,
                (long long)r.start_step, (long long)r.start_step);
-    } else if (!s && !(s = setup(&r))) {
-        s = train_loop(&r, &stopped);
+    } else if (!s && !(s = cli_dist_all_ok(&r.dist, mine = setup_data(&r), "opening the data")) &&
+               !(s = cli_dist_all_ok(&r.dist, mine = setup_model(&r), "building the model"))) {
+        in_loop = 1;
+        mine = s = train_loop(&r, &stopped);
     }
     char why[1024] = "";
     if (s)
         snprintf(why, sizeof why, "%s", moe_last_error());
+    if (s && in_loop && !r.global_error && r.dist.size > 1)
+        cli_dist_abort(&r.dist, why); /* one rank failed inside a step, the others wait in it */
     /* a new run that failed, or was stopped before it saved anything, leaves nothing behind */
     moe_rundir_close(&r.rd, s != MOE_OK || (stopped && !r.rd.saved), &removed);
+    const int quiet = r.dist.rank != 0 && (!mine || r.global_error); /* rank 0 speaks for all */
     run_free(&r);
-    restore_signals(old);
-    if (s && r.usage_error)
-        return usage("%s", why);
-    if (s) {
-        fprintf(stderr, "cmoe train: %s\n", why);
+    cli_stop_restore(old);
+    int rc = stopped ? 128 + r.stop_sig : EXIT_OK;
+    char line[1100];
+    cli_dist_who(&r.dist, why, line, sizeof line);
+    if (s && r.usage_error) {
+        rc = quiet ? EXIT_USAGE : usage("%s", line);
+    } else if (s) {
+        if (!quiet)
+            fprintf(stderr, "cmoe train: %s\n", line);
         if (removed)
             fprintf(stderr, "cmoe train: removed what this run had written to %s (nothing was saved)\n", r.rd.dir);
-        return EXIT_FAIL;
-    }
-    if (stopped)
-        printf("cmoe train: stopped by signal %d (%s)%s\n", (int)stop_signal,
-               stop_signal == SIGINT ? "INT" : stop_signal == SIGTERM ? "TERM" : "HUP",
+        rc = EXIT_FAIL;
+    } else if (stopped) {
+        printf("cmoe train: stopped by signal %d (%s)%s\n", r.stop_sig,
+               r.stop_sig == SIGINT ? "INT" : r.stop_sig == SIGTERM ? "TERM" : "HUP",
                r.rd.saved || o->resume ? "; --resume DIR continues" : " before the first step: nothing was saved");
-    return stopped ? 128 + (int)stop_signal : EXIT_OK;
+    }
+    /* every rank has said what it had to before any exits (mpirun ends the job at the
+     * first non-zero exit) */
+    cli_dist_finish(&r.dist);
+    return rc;
 }
 
 /* ---- command line ----------------------------------------------------------------- */
@@ -599,7 +664,8 @@ static int run_train(const train_opts *o)
 enum {
     OPT_CONFIG = 256, OPT_PRESET, OPT_DATA, OPT_STEPS, OPT_BATCH, OPT_SEQ, OPT_ACCUM, OPT_LR, OPT_WARMUP,
     OPT_BACKEND, OPT_THREADS, OPT_SEED, OPT_OUT, OPT_FORCE, OPT_EVAL_EVERY, OPT_EVAL_BATCHES, OPT_LOG_EVERY,
-    OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_INIT_FROM, OPT_DTYPE, OPT_HELP
+    OPT_SAVE_EVERY, OPT_KEEP, OPT_RESUME, OPT_INIT_FROM, OPT_DTYPE, OPT_HELP, OPT_EP, OPT_GROUPS, OPT_A2A, OPT_RPN,
+    OPT_A2A_CHUNKS, OPT_A2A_MAX_ROWS, OPT_ZERO
 };
 
 static int int_opt(const char *name, const char *arg, int64_t lo, int64_t hi, int64_t *out)
@@ -636,6 +702,13 @@ int cmd_train(int argc, char **argv)
         {"resume", required_argument, NULL, OPT_RESUME},
         {"init-from", required_argument, NULL, OPT_INIT_FROM},
         {"help", no_argument, NULL, OPT_HELP},
+        {"ep", required_argument, NULL, OPT_EP},
+        {"groups", required_argument, NULL, OPT_GROUPS},
+        {"a2a", required_argument, NULL, OPT_A2A},
+        {"ranks-per-node", required_argument, NULL, OPT_RPN},
+        {"a2a-chunks", required_argument, NULL, OPT_A2A_CHUNKS},
+        {"a2a-max-rows", required_argument, NULL, OPT_A2A_MAX_ROWS},
+        {"zero", no_argument, NULL, OPT_ZERO},
         {NULL, 0, NULL, 0},
     };
     train_opts o;
@@ -652,7 +725,7 @@ int cmd_train(int argc, char **argv)
                 if (longopts[i].val == opt &&
                     (opt == OPT_CONFIG || opt == OPT_PRESET || opt == OPT_BATCH ||
                      opt == OPT_SEQ || opt == OPT_ACCUM || opt == OPT_LR || opt == OPT_WARMUP || opt == OPT_SEED ||
-                     opt == OPT_OUT || opt == OPT_FORCE || opt == OPT_INIT_FROM))
+                     opt == OPT_OUT || opt == OPT_FORCE || opt == OPT_INIT_FROM || opt == OPT_GROUPS))
                     o.fixed = longopts[i].name;
         switch (opt) {
         case OPT_CONFIG: o.config = optarg; break;
@@ -736,6 +809,17 @@ int cmd_train(int argc, char **argv)
             if (!cli_parse_double(optarg, &o.t.oc.lr) || !(o.t.oc.lr > 0))
                 return usage("--lr: '%s' is not a number > 0", optarg);
             break;
+        case OPT_EP: case OPT_GROUPS: case OPT_A2A: case OPT_RPN: case OPT_A2A_CHUNKS: case OPT_A2A_MAX_ROWS:
+        case OPT_ZERO: {
+            char err[256];
+            const char *name = NULL;
+            for (int i = 0; longopts[i].name && !name; i++)
+                name = longopts[i].val == opt ? longopts[i].name : NULL;
+            if (cli_dist_option(name, optarg, &o.dist, &o.t.groups, err, sizeof err))
+                return usage("%s", err);
+            o.have_groups |= opt == OPT_GROUPS;
+            break;
+        }
         case OPT_HELP: help_train(); return EXIT_OK;
         case ':': return usage("option '%s' needs an argument", argv[optind - 1]);
         default: return usage("unknown option '%s'", argv[optind - 1]);
@@ -749,6 +833,8 @@ int cmd_train(int argc, char **argv)
         return usage("--%s cannot be given with --resume: a resumed run keeps its checkpoint's settings (only "
                      "--steps, --threads, --backend, --dtype, --eval-every, --eval-batches, --log-every, --save-every, "
                      "--keep and --data may change)", o.fixed);
+    if (o.dist.ranks_per_node && !o.dist.hier)
+        return usage("--ranks-per-node describes the nodes of --a2a hier; give --a2a hier too");
     if (o.init_from && (o.config || o.preset))
         return usage("--init-from DIR takes the model config from DIR; drop --%s", o.config ? "config" : "preset");
     if (o.t.batch * o.t.seq > ((int64_t)1 << 31))

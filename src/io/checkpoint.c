@@ -19,6 +19,53 @@
 
 /* ---- writing --------------------------------------------------------------------- */
 
+
+/* The whole tensor a (possibly sharded) parameter belongs to. */
+void moe_ckpt_full_info(const moe_param_info *p, moe_param_info *full)
+{
+    *full = *p;
+    if (p->shards > 1) {
+        full->shape[0] = p->shape[0] * p->shards;
+        full->numel = p->numel * p->shards;
+        full->shard = 0;
+        full->shards = 1;
+    }
+}
+
+/* The metadata of a checkpoint, and the file written. */
+static moe_status finish(moe_st_writer *w, const char *path, const moe_model *m, moe_st_dtype dt,
+                         const moe_ckpt_state *st)
+{
+    char *cfg = NULL, num[32];
+    moe_status s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg);
+#define META(k, v) (s = moe_st_writer_add_meta(w, k, v))
+    if (s || META("format", MOE_CKPT_FORMAT) || META("dtype", moe_st_dtype_name(dt)) || META("config", cfg) ||
+        META("cmoe_version", moe_version()))
+        goto done;
+    snprintf(num, sizeof num, "%" PRId64, st->step);
+    if (META("step", num) || META("data_step", num))
+        goto done;
+    snprintf(num, sizeof num, "%" PRId64, st->optim_steps);
+    if (META("optim_steps", num))
+        goto done;
+    snprintf(num, sizeof num, "%" PRIu64, st->seed);
+    if (META("seed", num) || (st->train_json && META("train", st->train_json)) ||
+        (st->state_json && META("state", st->state_json)))
+        goto done;
+#undef META
+    s = moe_st_writer_write(w, path);
+done:
+    free(cfg);
+    return s;
+}
+
+/* fp32 whatever the backend computes in (the oracle's f64 excepted): a run saved on a GPU
+ * in bf16 resumes on the CPU */
+static moe_st_dtype file_type(const moe_model *m)
+{
+    return moe_model_backend(m)->float_type == MOE_F64 ? MOE_ST_F64 : MOE_ST_F32;
+}
+
 /* One tensor of the training state, read from the backend when the file is written. */
 typedef struct {
     moe_backend *b;
@@ -37,20 +84,23 @@ moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe
 {
     if (!path || !m || !o || !st)
         return moe_error(MOE_ERR_ARG, "checkpoint save: path, model, optimizer and state must not be NULL");
+    for (int i = 0; i < moe_model_n_params(m); i++)
+        if (moe_model_param(m, i)->shards > 1)
+            return moe_error(MOE_ERR_ARG, "checkpoint save: '%s' is a shard: gather it (src/dist/dist_io.h)",
+                             moe_model_param(m, i)->name);
     moe_backend *b = moe_model_backend(m);
-    /* fp32 whatever the backend computes in (the oracle's f64 excepted): a run saved on a
-     * GPU in bf16 resumes on the CPU, and the weights saved are the fp32 master weights */
-    const moe_st_dtype dt = b->float_type == MOE_F64 ? MOE_ST_F64 : MOE_ST_F32;
-    const moe_dtype ht = b->float_type == MOE_F64 ? MOE_F64 : MOE_F32;
+    const moe_st_dtype dt = file_type(m);
     const int n = moe_model_n_params(m);
     ckpt_tensor *xs = calloc((size_t)(3 * n + 1), sizeof *xs);
     moe_st_writer *w = NULL;
-    char *cfg = NULL, name[160], num[32];
+    char name[160];
     moe_status s = xs ? moe_st_writer_create(&w) : moe_error(MOE_ERR_NOMEM, "checkpoint save: out of memory");
-    for (int i = 0; i < n && !s; i++) { /* lazy: one tensor in host memory at a time */
+    /* lazy: one tensor in host memory at a time; the weights are those the optimizer
+     * steps (the fp32 master copy of bf16 parameters), so that a resume continues the run */
+    for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
         ckpt_tensor *x = &xs[3 * i];
-        x[0] = x[1] = x[2] = (ckpt_tensor){b, {NULL, 0}, ht, p->numel};
+        x[0] = x[1] = x[2] = (ckpt_tensor){b, {NULL, 0}, dt == MOE_ST_F64 ? MOE_F64 : MOE_F32, p->numel};
         if ((s = moe_optim_tensors(o, i, &x[0].t, &x[1].t, &x[2].t)) ||
             (s = moe_st_writer_add_lazy(w, p->name, dt, p->ndim, p->shape, fill_tensor, &x[0])))
             break;
@@ -60,28 +110,50 @@ moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe
         snprintf(name, sizeof name, "optim.v.%s", p->name);
         s = moe_st_writer_add_lazy(w, name, dt, p->ndim, p->shape, fill_tensor, &x[2]);
     }
-    if (s || (s = moe_model_config_to_json(moe_model_config_of(m), 0, &cfg)))
-        goto done;
-#define META(k, v) (s = moe_st_writer_add_meta(w, k, v))
-    if (META("format", MOE_CKPT_FORMAT) || META("dtype", moe_st_dtype_name(dt)) || META("config", cfg) ||
-        META("cmoe_version", moe_version()))
-        goto done;
-    snprintf(num, sizeof num, "%" PRId64, st->step);
-    if (META("step", num) || META("data_step", num))
-        goto done;
-    snprintf(num, sizeof num, "%" PRId64, st->optim_steps);
-    if (META("optim_steps", num))
-        goto done;
-    snprintf(num, sizeof num, "%" PRIu64, st->seed);
-    if (META("seed", num) || (st->train_json && META("train", st->train_json)) ||
-        (st->state_json && META("state", st->state_json)))
-        goto done;
-#undef META
-    s = moe_st_writer_write(w, path);
-done:
+    if (!s)
+        s = finish(w, path, m, dt, st);
     moe_st_writer_free(w);
-    free(cfg);
     free(xs);
+    return s;
+}
+
+moe_status moe_ckpt_save_with(const char *path, const moe_model *m, moe_ckpt_get_fn get, void *ctx,
+                              const moe_ckpt_state *st)
+{
+    /* get may be collective (a gather over ranks): it is called once per parameter in
+     * table order, and the file is assembled in host memory before it is written */
+    const moe_st_dtype dt = file_type(m);
+    const int n = moe_model_n_params(m);
+    int64_t big = 1;
+    moe_param_info fi;
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        big = fi.numel > big ? fi.numel : big;
+    }
+    double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
+           *vv = malloc((size_t)big * sizeof *vv);
+    void *scratch = malloc((size_t)big * 8);
+    moe_st_writer *w = NULL;
+    char name[160];
+    moe_status s = pv && mv && vv && scratch ? moe_st_writer_create(&w)
+                                             : moe_error(MOE_ERR_NOMEM, "checkpoint save: out of memory");
+    for (int i = 0; i < n && !s; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        if ((s = get(ctx, i, pv, mv, vv)))
+            break;
+        for (int k = 0; k < 3 && !s; k++) {
+            snprintf(name, sizeof name, "%s%s", k == 0 ? "" : k == 1 ? "optim.m." : "optim.v.", fi.name);
+            if (!(s = moe_st_from_f64(dt, k == 0 ? pv : k == 1 ? mv : vv, fi.numel, scratch)))
+                s = moe_st_writer_add_copy(w, name, dt, fi.ndim, fi.shape, scratch);
+        }
+    }
+    if (!s)
+        s = finish(w, path, m, dt, st);
+    moe_st_writer_free(w);
+    free(pv);
+    free(mv);
+    free(vv);
+    free(scratch);
     return s;
 }
 
@@ -262,8 +334,10 @@ static moe_status check_values(const moe_ckpt *c, const moe_st_tensor *t)
     return MOE_OK;
 }
 
-static moe_status check_tensor(const moe_ckpt *c, const char *name, const moe_param_info *p)
+static moe_status check_tensor(const moe_ckpt *c, const char *name, const moe_param_info *shard)
 {
+    moe_param_info full, *p = &full; /* a checkpoint holds whole tensors, whatever the layout */
+    moe_ckpt_full_info(shard, &full);
     const moe_st_tensor *t = moe_st_find(c->f, name);
     if (!t)
         return FMT("%s: tensor '%s' is missing (the model has parameter '%s')", c->f->path, name, p->name);
@@ -327,11 +401,18 @@ moe_status moe_ckpt_check(const moe_ckpt *c, const moe_model *m)
     return MOE_OK;
 }
 
-/* A checkpoint tensor straight from the mapped file to the backend, in its own dtype. */
-static moe_status put(moe_backend *b, const moe_ckpt *c, const char *name, moe_tensor dst, int64_t n)
+
+/* The elements [lo, hi) of a parameter's whole tensor v (host) into the optimizer's fp32
+ * master copy of them, when it keeps one apart from the parameter. */
+static moe_status put_master(moe_model *m, moe_optim *o, int i, const double *v)
 {
-    const moe_st_tensor *t = moe_st_find(c->f, name);
-    return b->upload(b, dst, c->f->data + t->begin, c->dtype == MOE_ST_F32 ? MOE_F32 : MOE_F64, n);
+    moe_tensor w, p;
+    int64_t lo, hi;
+    moe_status s = moe_optim_tensors(o, i, &w, NULL, NULL);
+    if (s || (s = moe_model_param_tensors(m, i, &p, NULL)) || (w.buf == p.buf && w.off == p.off))
+        return s;
+    moe_optim_part(o, i, &lo, &hi);
+    return hi > lo ? moe_upload_f64(moe_model_backend(m), w, v + lo, hi - lo) : MOE_OK;
 }
 
 moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
@@ -339,30 +420,37 @@ moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o)
     moe_status s = moe_ckpt_check(c, m); /* all of the file, before anything is touched */
     if (s)
         return s;
-    moe_backend *b = moe_model_backend(m);
     const int n = moe_model_n_params(m);
+    int64_t big = 1;
+    moe_param_info fi;
+    for (int i = 0; i < n; i++) {
+        moe_ckpt_full_info(moe_model_param(m, i), &fi);
+        big = fi.numel > big ? fi.numel : big;
+    }
+    /* one whole tensor at a time (a shard takes its slice), never the model */
+    double *pv = malloc((size_t)big * sizeof *pv), *mv = malloc((size_t)big * sizeof *mv),
+           *vv = malloc((size_t)big * sizeof *vv);
     char name[160];
-    if (o) /* first: the steps decide where the weights go (moe_optim_tensors) */
+    if (!pv || !mv || !vv)
+        s = moe_error(MOE_ERR_NOMEM, "checkpoint restore: out of memory for a tensor of %lld elements", (long long)big);
+    if (!s && o) /* first: the steps decide whether the weights have an fp32 master copy yet */
         moe_optim_set_steps(o, c->optim_steps);
     for (int i = 0; i < n && !s; i++) {
         const moe_param_info *p = moe_model_param(m, i);
-        moe_tensor pt, wt, mt, vt;
-        if ((s = moe_model_param_tensors(m, i, &pt, NULL)))
-            break;
-        if (!o) {
-            s = put(b, c, p->name, pt, p->numel);
+        const int64_t at = p->shard * p->numel;
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, p->name), pv)) ||
+            (s = moe_model_set_param(m, i, pv + at)) || !o || (s = put_master(m, o, i, pv + at)))
             continue;
-        }
-        /* the weights go to what the optimizer steps (an fp32 master copy, or the parameter) */
-        if ((s = moe_optim_tensors(o, i, &wt, &mt, &vt)) || (s = put(b, c, p->name, wt, p->numel)))
-            break;
-        if (wt.buf != pt.buf || wt.off != pt.off)
-            b->copy(b, pt, wt, p->numel);
         snprintf(name, sizeof name, "optim.m.%s", p->name);
-        if ((s = put(b, c, name, mt, p->numel)))
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), mv)))
             break;
         snprintf(name, sizeof name, "optim.v.%s", p->name);
-        s = put(b, c, name, vt, p->numel);
+        if ((s = moe_st_tensor_f64(c->f, moe_st_find(c->f, name), vv)) ||
+            (s = moe_optim_set_moments(o, i, mv + at, vv + at)))
+            break;
     }
-    return s ? s : b->sync(b);
+    free(pv);
+    free(mv);
+    free(vv);
+    return s;
 }

@@ -52,8 +52,21 @@ typedef struct {
 } moe_ckpt_state;
 
 /* Writes PATH atomically (safetensors writer: PATH.tmp, fsync, rename, fsync of the
- * directory): every parameter, both moments, the metadata above. */
+ * directory): every parameter, both moments, the metadata above. The model must hold
+ * every tensor whole (one process; a sharded model saves through moe_ckpt_save_with). */
 moe_status moe_ckpt_save(const char *path, moe_model *m, moe_optim *o, const moe_ckpt_state *st);
+
+/* Parameter i's whole tensor and its moments, into p, m, v [whole numel] (expert
+ * parallelism gathers the shards: src/dist/dist_io.h). */
+typedef moe_status (*moe_ckpt_get_fn)(void *ctx, int i, double *p, double *m, double *v);
+/* The same file from tensors that get provides, with the whole shapes
+ * (moe_ckpt_full_info): any layout's checkpoint loads under any other. get is called once
+ * per parameter in table order (it may be collective), and the file is assembled in host
+ * memory before it is written. */
+moe_status moe_ckpt_save_with(const char *path, const moe_model *m, moe_ckpt_get_fn get, void *ctx,
+                              const moe_ckpt_state *st);
+/* The whole tensor's info of a parameter that may be a shard (shape[0] × shards). */
+void moe_ckpt_full_info(const moe_param_info *p, moe_param_info *full);
 
 typedef struct {
     moe_st_file *f;
@@ -77,12 +90,13 @@ moe_status moe_ckpt_open(const char *path, moe_ckpt **out);
 void moe_ckpt_free(moe_ckpt *c);
 
 /* Checks the tensors against the model: the config matches the model's, every
- * parameter and both of its moments are there with the model's shape, no other tensor,
- * every value finite. Changes nothing. */
+ * parameter and both of its moments are there with the model's shape (the whole tensor's,
+ * for an expert shard), no other tensor, every value finite. Changes nothing. */
 moe_status moe_ckpt_check(const moe_ckpt *c, const moe_model *m);
 
 /* moe_ckpt_check, then sets the parameters, the moments (o may be NULL: weights only)
- * and AdamW's t. Nothing is set when the check fails. */
+ * and AdamW's t; an expert shard takes its slice of each whole tensor, a ZeRO-1 optimizer
+ * its part of the moments: resharding. Nothing is set when the check fails. */
 moe_status moe_ckpt_restore(const moe_ckpt *c, moe_model *m, moe_optim *o);
 
 #endif

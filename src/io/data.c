@@ -318,16 +318,25 @@ static void synth_row(const moe_synth_config *c, uint64_t index, int64_t S, int3
 moe_status moe_dataset_batch(const moe_dataset *d, uint64_t seed, int64_t step, int64_t micro, int64_t B,
                              int64_t S, int32_t *inputs, int32_t *targets, int32_t *task_ids)
 {
+    return moe_dataset_batch_rows(d, seed, step, micro, 0, B, S, inputs, targets, task_ids);
+}
+
+moe_status moe_dataset_batch_rows(const moe_dataset *d, uint64_t seed, int64_t step, int64_t micro, int64_t row0,
+                                  int64_t B, int64_t S, int32_t *inputs, int32_t *targets, int32_t *task_ids)
+{
     moe_status st = check_batch_args(d, B, S, inputs, targets);
     if (st != MOE_OK)
         return st;
     if (step < 0 || step > UINT32_MAX || micro < 0 || micro > UINT32_MAX)
         return moe_error(MOE_ERR_ARG, "data: step %lld or micro-batch %lld is not in [0, 2^32)", (long long)step,
                          (long long)micro);
+    if (row0 < 0 || row0 + B > UINT32_MAX)
+        return moe_error(MOE_ERR_ARG, "data: rows %lld..%lld are not in [0, 2^32)", (long long)row0,
+                         (long long)(row0 + B));
     const uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
     if (d->kind == MOE_DATA_SYNTH) {
         for (int64_t b = 0; b < B; b++) {
-            uint32_t ctr[4] = {(uint32_t)b, (uint32_t)micro, (uint32_t)step, MOE_RNG_DATA}, o[4];
+            uint32_t ctr[4] = {(uint32_t)(row0 + b), (uint32_t)micro, (uint32_t)step, MOE_RNG_DATA}, o[4];
             moe_philox4x32_10(ctr, key, o);
             uint64_t index = ((uint64_t)o[0] | (uint64_t)o[1] << 32) >> 1; /* < 2^63: training */
             synth_row(&d->synth, index, S, inputs + b * S, targets + b * S, task_ids ? task_ids + b * S : NULL);
@@ -342,7 +351,7 @@ moe_status moe_dataset_batch(const moe_dataset *d, uint64_t seed, int64_t step, 
         return moe_error(MOE_ERR_ARG, "data: the training split (%lld tokens) has no run of seq+1 = %lld tokens in one file",
                          (long long)d->n_train, (long long)S + 1);
     for (int64_t b = 0; b < B; b++) {
-        double u = moe_rand_uniform(seed, MOE_RNG_DATA, (uint32_t)step, (uint32_t)b, (uint32_t)micro);
+        double u = moe_rand_uniform(seed, MOE_RNG_DATA, (uint32_t)step, (uint32_t)(row0 + b), (uint32_t)micro);
         int64_t p = (int64_t)(u * (double)starts);
         if (p >= starts)
             p = starts - 1;

@@ -117,6 +117,12 @@ moe_status moe_dataset_batch(const moe_dataset *d, uint64_t seed, int64_t step, 
                              int64_t S, int32_t *inputs /* [B, S] */, int32_t *targets /* [B, S] */,
                              int32_t *task_ids /* [B, S] or NULL */);
 
+/* Rows row0 .. row0 + B - 1 of that micro-batch (each keyed by its global row): a rank
+ * reads its own rows of a global batch, which is the same batch in any layout. */
+moe_status moe_dataset_batch_rows(const moe_dataset *d, uint64_t seed, int64_t step, int64_t micro, int64_t row0,
+                                  int64_t B, int64_t S, int32_t *inputs /* [B, S] */, int32_t *targets /* [B, S] */,
+                                  int32_t *task_ids /* [B, S] or NULL */);
+
 /* Walks the validation split in order; a plain value, copy it to restart from a point. */
 typedef struct {
     int64_t seg; /* file segment (synth: unused) */

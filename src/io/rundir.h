@@ -38,6 +38,7 @@
 
 typedef struct {
     int64_t steps, batch, seq, accum, threads;
+    int64_t groups;      /* G, the groups of each micro-batch (src/dist/dist.h); 1: the plain path */
     int64_t eval_every, eval_batches, save_every, keep;
     uint64_t seed;
     char backend[16];

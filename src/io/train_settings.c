@@ -21,6 +21,7 @@ void moe_train_settings_default(moe_train_settings *t)
     t->batch = 8;
     t->seq = 128;
     t->accum = 1;
+    t->groups = 1;
     t->seed = 1337;
     t->eval_every = 250;
     t->eval_batches = 10;
@@ -42,12 +43,19 @@ moe_status moe_train_settings_validate(const moe_train_settings *t, const moe_mo
     RANGE(t->batch, 1, 1 << 20, "batch")
     RANGE(t->seq, 1, 1 << 20, "seq")
     RANGE(t->accum, 1, 1 << 20, "accum")
+    RANGE(t->groups, 1, 1 << 20, "groups")
     RANGE(t->threads, 0, 4096, "threads")
     RANGE(t->eval_every, 0, big, "eval_every")
     RANGE(t->eval_batches, 0, big, "eval_batches")
     RANGE(t->save_every, 0, big, "save_every")
     RANGE(t->keep, 0, big, "keep")
 #undef RANGE
+    if (t->groups & (t->groups - 1))
+        return moe_error(MOE_ERR_ARG, "groups %lld is not a power of two", (long long)t->groups);
+    if (t->batch % t->groups)
+        return moe_error(MOE_ERR_ARG, "batch %lld does not split into %lld groups of whole sequences (use a batch "
+                         "that is a multiple of %lld)", (long long)t->batch, (long long)t->groups,
+                         (long long)t->groups);
     if (t->batch * t->seq > ((int64_t)1 << 31))
         return moe_error(MOE_ERR_ARG, "batch x seq = %lld tokens is too many (at most 2^31)",
                          (long long)(t->batch * t->seq));
@@ -87,6 +95,7 @@ moe_status moe_train_settings_to_json(const moe_train_settings *t, const moe_dat
     json_object_set_new(j, "batch", json_integer(t->batch));
     json_object_set_new(j, "seq", json_integer(t->seq));
     json_object_set_new(j, "accum", json_integer(t->accum));
+    json_object_set_new(j, "groups", json_integer(t->groups));
     json_object_set_new(j, "lr", json_real(t->oc.lr));
     json_object_set_new(j, "min_lr_ratio", json_real(t->oc.min_lr_ratio));
     json_object_set_new(j, "warmup_steps", json_integer(t->oc.warmup_steps));
@@ -183,6 +192,8 @@ moe_status moe_run_record_parse(const char *train_json, const char *where, moe_r
         t->keep = json_integer_value(v);
     if (!s && (v = json_object_get(j, "dtype")) && json_is_string(v))
         snprintf(t->dtype, sizeof t->dtype, "%s", json_string_value(v));
+    if (!s && (v = json_object_get(j, "groups")) && json_is_integer(v))
+        t->groups = json_integer_value(v);
     if (!s && (v = json_object_get(j, "init_from")) && json_is_string(v))
         snprintf(t->init_from, sizeof t->init_from, "%s", json_string_value(v));
     if (!s && (v = json_object_get(j, "data_identity"))) {
@@ -192,7 +203,8 @@ moe_status moe_run_record_parse(const char *train_json, const char *where, moe_r
     json_decref(j);
     if (s)
         return s;
-    if (t->batch < 1 || t->seq < 1 || t->accum < 1 || t->steps < 1 || seed < 0)
+    if (t->batch < 1 || t->seq < 1 || t->accum < 1 || t->steps < 1 || seed < 0 || t->groups < 1 ||
+        (t->groups & (t->groups - 1)) || t->batch % t->groups)
         return moe_error(MOE_ERR_FORMAT, "%s: the checkpoint's train settings are out of range", where);
     t->seed = (uint64_t)seed;
     t->oc.total_steps = t->steps;

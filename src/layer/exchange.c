@@ -66,7 +66,7 @@ static moe_status local_plan(moe_xstate *s, const moe_bplan *plan, int64_t T)
     return MOE_OK;
 }
 
-static const moe_bplan *local_chunk(const moe_xstate *s, int64_t c)
+static const moe_bplan *local_chunk(const moe_xstate *s, int64_t c, int64_t src)
 {
     return s->src;
 }
@@ -90,6 +90,7 @@ moe_status moe_exchange_local_create(moe_exchange **out)
     ex->name = "local";
     ex->shards = 1;
     ex->chunks = 1;
+    ex->sources = 1;
     ex->in_place = 1;
     ex->state_create = local_state_create;
     ex->state_free = local_state_free;
@@ -203,7 +204,7 @@ static moe_status loop_plan(moe_xstate *s, const moe_bplan *plan, int64_t T)
     return st ? st : b->plan_set_segments(b, s->recv[D], s->begin, s->rows);
 }
 
-static const moe_bplan *loop_chunk(const moe_xstate *s, int64_t c)
+static const moe_bplan *loop_chunk(const moe_xstate *s, int64_t c, int64_t src)
 {
     return s->recv[c < 0 ? s->ex->chunks : c];
 }
@@ -261,6 +262,7 @@ moe_status moe_exchange_loopback_create(int64_t owners, int64_t chunks, moe_exch
     ex->name = "loopback";
     ex->shards = 1; /* one process holds every expert's weights */
     ex->chunks = chunks;
+    ex->sources = 1;
     ex->state_create = loop_state_create;
     ex->state_free = loop_state_free;
     ex->expert_rows = loop_expert_rows;

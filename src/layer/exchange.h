@@ -15,10 +15,17 @@
  * chunks: chunking moves no row to another GEMM block, the weight gradients run once over
  * every row after the last chunk, and no bit changes.
  *
+ * Sources. Under expert parallelism a rank's experts hold rows from every rank of its
+ * expert-parallel group (`sources` of them, in rank order), each source's rows of an
+ * expert one segment of their own, in the source's plan order: the experts run once per
+ * source, on that source's plan, so that a row sits at the same place in its GEMM blocks
+ * as in the source's own single-process pass (the unit of determinism, src/dist/groups.h)
+ * and each source's expert weight gradient can be kept apart (moe_layer_set_source_hook).
+ *
  * Implementations: local (one process, the rows never move: the expert side is the
  * source side), loopback (one process that splits the experts over N fake owners and
  * copies every chunk through its own receive buffers and plans: a test of everything
- * but the wire), and MPI (src/dist/). All give the same bits.
+ * but the wire), and MPI (src/dist/exchange_ep.c). All give the same bits.
  */
 #ifndef CMOE_EXCHANGE_H
 #define CMOE_EXCHANGE_H
@@ -32,7 +39,9 @@ struct moe_exchange {
     const char *name;
     int64_t shards; /* the experts' weights are split over this many ranks (EP) */
     int64_t shard;  /* this rank's: global experts [shard·E/shards, (shard+1)·E/shards) */
-    int64_t chunks; /* D, the pipeline depth */
+    int64_t chunks; /* D, the pipeline depth (may change between forwards, up to the
+                     * states' max_chunks) */
+    int64_t sources; /* ranks whose rows reach this rank's experts (1 in one process) */
     int in_place;   /* the expert side is the source side: no expert-side buffers needed */
 
     /* A layer's state, sized for max_tokens when the layer is built (never in a step). */
@@ -44,8 +53,8 @@ struct moe_exchange {
     /* Once per forward, after routing: who sends what where (may wait for counts). */
     moe_status (*plan)(moe_xstate *s, const moe_bplan *plan, int64_t T);
     /* The expert-side plan (segments of the local experts' rows) of chunk c, and of all of
-     * them together (c = -1). */
-    const moe_bplan *(*chunk)(const moe_xstate *s, int64_t c);
+     * them together (c = -1), of source src in [0, sources). */
+    const moe_bplan *(*chunk)(const moe_xstate *s, int64_t c, int64_t src);
     /* chunk c's rows of width elements: source side [n, width] → expert side, and back */
     void (*to_experts_start)(moe_xstate *s, int64_t c, moe_tensor expert_side, moe_tensor source_side, int64_t width);
     moe_status (*to_experts_wait)(moe_xstate *s, int64_t c);

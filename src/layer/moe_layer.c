@@ -55,6 +55,8 @@ struct moe_layer {
     moe_buf *pwbuf, *pcbuf, *gwbuf, *gcbuf, *awbuf, *acbuf;
     moe_tensor task;         /* the last forward's task ids (.buf NULL: none) */
     double phase[MOE_PH_COUNT];
+    moe_layer_source_fn source_hook; /* takes each source's expert weight gradients (NULL: they add up) */
+    void *source_ctx;
 
     /* parameters and gradients; .buf NULL when the option is off */
     moe_tensor wr, wn, bias, w1, w3, w2, sw1, sw3, sw2, sgate, rw1, rw3, rw2, rcoef;
@@ -527,8 +529,9 @@ static moe_status experts_forward(moe_layer *l)
     for (int64_t c = 0; c < D && !st; c++) {
         if ((st = ex->to_experts_wait(l->xs, c)))
             break;
-        b->experts_forward(b, l->ye, l->eh1, l->eh3, l->ea, l->xe, l->w1, opt(&l->w3), l->w2, ex->chunk(l->xs, c),
-                           l->c.act, d, f);
+        for (int64_t src = 0; src < ex->sources; src++)
+            b->experts_forward(b, l->ye, l->eh1, l->eh3, l->ea, l->xe, l->w1, opt(&l->w3), l->w2,
+                               ex->chunk(l->xs, c, src), l->c.act, d, f);
         ex->to_sources_start(l->xs, c, l->ysrc, l->ye, d);
     }
     for (int64_t c = 0; c < D && !st; c++)
@@ -675,18 +678,37 @@ static moe_status experts_backward(moe_layer *l)
     for (int64_t c = 0; c < D && !st; c++) {
         if ((st = ex->to_experts_wait(l->xs, c)))
             break;
-        const moe_bplan *p = ex->chunk(l->xs, c);
-        b->plan_fill(b, l->dxe, 0.0, p, d);
-        b->experts_backward_data(b, l->dxe, l->dg1, opt(&l->dg3), l->dye, l->eh1, l->eh3, l->w1, opt(&l->w3), l->w2, p,
-                                 l->c.act, d, f);
+        for (int64_t src = 0; src < ex->sources; src++) {
+            const moe_bplan *p = ex->chunk(l->xs, c, src);
+            b->plan_fill(b, l->dxe, 0.0, p, d);
+            b->experts_backward_data(b, l->dxe, l->dg1, opt(&l->dg3), l->dye, l->eh1, l->eh3, l->w1, opt(&l->w3),
+                                     l->w2, p, l->c.act, d, f);
+        }
         ex->to_sources_start(l->xs, c, l->dxsrc, l->dxe, d);
     }
-    if (!st)
+    /* with a hook, each source's weight gradients alone in the (zeroed) gradient tensors */
+    const int64_t n1 = l->El * d * f;
+    for (int64_t src = 0; src < ex->sources && !st; src++) {
+        if (l->source_hook) {
+            b->fill(b, l->gw1, 0.0, n1);
+            if (l->gw3.buf)
+                b->fill(b, l->gw3, 0.0, n1);
+            b->fill(b, l->gw2, 0.0, n1);
+        }
         b->experts_backward_weights(b, l->gw1, opt(&l->gw3), l->gw2, l->dg1, opt(&l->dg3), l->dye, l->ea, l->xe,
-                                    ex->chunk(l->xs, -1), l->c.act, d, f);
+                                    ex->chunk(l->xs, -1, src), l->c.act, d, f);
+        if (l->source_hook)
+            st = l->source_hook(l->source_ctx, l, src);
+    }
     for (int64_t c = 0; c < D && !st; c++)
         st = ex->to_sources_wait(l->xs, c);
     return st;
+}
+
+void moe_layer_set_source_hook(moe_layer *l, moe_layer_source_fn fn, void *ctx)
+{
+    l->source_hook = fn;
+    l->source_ctx = ctx;
 }
 
 static void router_backward(moe_layer *l, moe_tensor dx, int64_t T)

@@ -97,4 +97,14 @@ void moe_layer_update_bias(moe_layer *l);
  * optimizer can step them in place (the model's AdamW). */
 moe_status moe_layer_param_tensors(const moe_layer *l, const char *name, moe_tensor *param, moe_tensor *grad);
 
+/*
+ * Expert weight gradients per source (src/dist/groups.h): with a hook set, backward
+ * computes the weight gradients of each source of the exchange (exchange.h) alone, in
+ * the layer's zeroed experts.* gradients, and calls fn(ctx, l, src) after each, which
+ * takes them away (a source is a group of tokens, and the groups' gradients are summed in
+ * a fixed tree). Without a hook (NULL) the sources' gradients accumulate there.
+ */
+typedef moe_status (*moe_layer_source_fn)(void *ctx, moe_layer *l, int64_t src);
+void moe_layer_set_source_hook(moe_layer *l, moe_layer_source_fn fn, void *ctx);
+
 #endif

@@ -39,6 +39,7 @@ static moe_status push_param(moe_model *m, const char *name, int ndim, const int
     memset(p, 0, sizeof *p);
     p->info.expert = !strncmp(name, "model.layers.", 13) && strstr(name, ".block_sparse_moe.experts.") != NULL;
     p->info.shard = p->info.expert && m->ex ? m->ex->shard : 0;
+    p->info.shards = p->info.expert && m->ex ? m->ex->shards : 1;
     if (strlen(name) >= sizeof p->info.name)
         return moe_error(MOE_ERR_ARG, "model: parameter name '%s' too long", name);
     snprintf(p->info.name, sizeof p->info.name, "%s", name);

@@ -201,6 +201,13 @@ moe_tensor moe_model_scalar(const moe_model *m, int which);
 /* Reads the scalars to the host if anything wrote them since the last read, and reports
  * any failure of the backend's ops since then (the sticky error). */
 moe_status moe_model_read_scalars(moe_model *m);
+/* The scalars themselves [*n]: the last forward's (MOE_SPAN_LAST) or their step sums
+ * (MOE_SPAN_STEP), for a distributed step that replaces them with sums over every group
+ * (src/dist/groups.h); the host copy counts as stale. */
+moe_tensor moe_model_scalars(moe_model *m, int span, int64_t *n);
+/* Every MoE layer's statistics (what its bias update reads) = the last forward's scalars
+ * as they now are. */
+void moe_model_scalars_to_layers(moe_model *m);
 /* As last read: the optimizer's scalar `which`. */
 double moe_model_host_scalar(const moe_model *m, int which);
 void moe_model_zero_grad(moe_model *m);
@@ -263,6 +270,9 @@ typedef struct {
                                   * `shard` of them, and data-parallel replicas of that shard
                                   * reduce its gradient; 0: every rank holds it all */
     int64_t shard;               /* the expert shard (0 when expert is 0) */
+    int64_t shards;              /* shards of the whole tensor (1: this is all of it); the
+                                  * whole tensor's dim 0 is shards × shape[0], and this
+                                  * rank's part starts at element shard × numel */
 } moe_param_info;
 
 int moe_model_n_params(const moe_model *m);
@@ -324,6 +334,25 @@ typedef struct moe_optim moe_optim;
 
 /* m, v (zero) in backend buffers laid out like the model's parameters. */
 moe_status moe_optim_create(moe_model *m, const moe_optim_config *o, moe_optim **out);
+
+/*
+ * A step over several ranks (src/dist/groups.h): how the global gradient norm is summed
+ * (acc [1] = Σ g² over the whole model, the same bits on every rank), which elements of
+ * each parameter this rank updates — ZeRO-1: the moments of the rest are not kept here —
+ * and how the parameters become whole again after the update.
+ */
+typedef struct {
+    moe_status (*sumsq)(void *ctx, moe_tensor acc);
+    const int64_t *lo, *hi; /* [n params] elements [lo[i], hi[i]) of parameter i; NULL: all */
+    moe_status (*gather)(void *ctx);
+    void *ctx;
+} moe_optim_dist;
+
+moe_status moe_optim_create_dist(moe_model *m, const moe_optim_config *o, const moe_optim_dist *d, moe_optim **out);
+/* Elements of optimizer state this rank keeps (both moments; master weights alike). */
+int64_t moe_optim_numel(const moe_optim *o);
+/* The elements [*lo, *hi) of parameter i this rank updates. */
+void moe_optim_part(const moe_optim *o, int i, int64_t *lo, int64_t *hi);
 void moe_optim_free(moe_optim *o);
 
 typedef struct {
@@ -347,13 +376,18 @@ void moe_optim_set_steps(moe_optim *o, int64_t t);
 const moe_optim_config *moe_optim_config_of(const moe_optim *o);
 /* Change lr and schedule in place (e.g. from the command line on resume). */
 moe_status moe_optim_set_config(moe_optim *o, const moe_optim_config *c);
-/* Parameter i's weights as the optimizer steps them and its moments, on the backend: the
- * weights are the fp32 master copy when the model stores them narrower (bf16) — except
- * before the first step, when the parameters are authoritative (the first step takes the
- * master copies from them, however they were set after the optimizer was created). A
- * checkpoint saves these and restores into them (after moe_optim_set_steps). */
+/* Parameter i's weights as the optimizer steps them and its moments, on the backend,
+ * elements [lo, hi) of it (moe_optim_part; all of it in one process): the weights are the
+ * fp32 master copy when the model stores them narrower (bf16) — except before the first
+ * step, when the parameters are authoritative (the first step takes the master copies
+ * from them, however they were set after the optimizer was created). A checkpoint saves
+ * these and restores into them (after moe_optim_set_steps). */
 moe_status moe_optim_tensors(moe_optim *o, int i, moe_tensor *weights, moe_tensor *m, moe_tensor *v);
-/* Host copies of the moments of parameter i (numel each; checkpoints: "optim.m.NAME"). */
+/* Host copies of elements [lo, hi) of those weights, into w + lo (the rest untouched). */
+moe_status moe_optim_get_weights(moe_optim *o, int i, double *w);
+/* Host copies of the moments of parameter i (numel each; checkpoints: "optim.m.NAME").
+ * With a partition (moe_optim_dist) only elements [lo, hi) are kept: get writes those of
+ * m and v and leaves the rest, set reads those. */
 moe_status moe_optim_get_moments(moe_optim *o, int i, double *m, double *v);
 moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const double *v);
 

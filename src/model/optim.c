@@ -17,7 +17,9 @@ struct moe_optim {
     moe_optim_config c;
     int64_t t;           /* steps taken */
     moe_buf *mbuf, *vbuf, *wbuf; /* moments; master weights (NULL: the parameters are their own) */
-    int64_t *off;        /* [n params] offset of each parameter in mbuf / vbuf */
+    int64_t *off;        /* [n params + 1] offset of each parameter's part in mbuf / vbuf */
+    int64_t *lo, *hi;    /* [n params] the elements of each parameter this rank updates */
+    moe_optim_dist dist; /* .sumsq NULL: one process's step */
     int n;
 };
 
@@ -76,6 +78,11 @@ double moe_lr_at(const moe_optim_config *o, int64_t step)
 
 moe_status moe_optim_create(moe_model *m, const moe_optim_config *c, moe_optim **out)
 {
+    return moe_optim_create_dist(m, c, NULL, out);
+}
+
+moe_status moe_optim_create_dist(moe_model *m, const moe_optim_config *c, const moe_optim_dist *d, moe_optim **out)
+{
     if (!out)
         return moe_error(MOE_ERR_ARG, "optimizer: out must not be NULL");
     *out = NULL;
@@ -90,28 +97,42 @@ moe_status moe_optim_create(moe_model *m, const moe_optim_config *c, moe_optim *
     o->m = m;
     o->c = *c;
     o->n = moe_model_n_params(m);
+    if (d)
+        o->dist = *d;
     o->off = calloc((size_t)o->n + 1, sizeof *o->off);
-    if (!o->off) {
+    o->lo = calloc((size_t)o->n + 1, sizeof *o->lo);
+    o->hi = calloc((size_t)o->n + 1, sizeof *o->hi);
+    if (!o->off || !o->lo || !o->hi) {
         moe_optim_free(o);
         return moe_error(MOE_ERR_NOMEM, "optimizer: out of memory");
     }
-    for (int i = 0; i < o->n; i++)
-        o->off[i + 1] = o->off[i] + moe_model_param(m, i)->numel;
+    for (int i = 0; i < o->n; i++) {
+        const int64_t numel = moe_model_param(m, i)->numel;
+        o->lo[i] = d && d->lo ? d->lo[i] : 0;
+        o->hi[i] = d && d->hi ? d->hi[i] : numel;
+        if (o->lo[i] < 0 || o->hi[i] < o->lo[i] || o->hi[i] > numel) {
+            moe_optim_free(o);
+            return moe_error(MOE_ERR_ARG, "optimizer: part [%lld, %lld) of parameter %d outside [0, %lld]",
+                             (long long)o->lo[i], (long long)o->hi[i], i, (long long)numel);
+        }
+        o->off[i + 1] = o->off[i] + o->hi[i] - o->lo[i];
+    }
     moe_backend *b = moe_model_backend(m);
     /* optimizer state in f32 at least (the oracle keeps its f64) */
     const moe_dtype st = b->float_type == MOE_F64 ? MOE_F64 : MOE_F32;
     moe_tensor p0;
     moe_model_param_tensors(m, 0, &p0, NULL);
     const int narrow = o->n > 0 && b->dtype(b, p0.buf) != st;
-    if ((s = b->alloc(b, st, o->off[o->n], &o->mbuf)) || (s = b->alloc(b, st, o->off[o->n], &o->vbuf)) ||
-        (narrow && (s = b->alloc(b, st, o->off[o->n], &o->wbuf)))) {
+    const int64_t total = o->off[o->n] > 0 ? o->off[o->n] : 1; /* a rank's part may be empty */
+    if ((s = b->alloc(b, st, total, &o->mbuf)) || (s = b->alloc(b, st, total, &o->vbuf)) ||
+        (narrow && (s = b->alloc(b, st, total, &o->wbuf)))) {
         moe_optim_free(o);
         return s;
     }
     for (int i = 0; narrow && i < o->n; i++) { /* the master weights start as the parameters */
         moe_tensor p;
         moe_model_param_tensors(m, i, &p, NULL);
-        b->copy(b, (moe_tensor){o->wbuf, o->off[i]}, p, o->off[i + 1] - o->off[i]);
+        b->copy(b, (moe_tensor){o->wbuf, o->off[i]}, moe_tensor_at(p, o->lo[i]), o->off[i + 1] - o->off[i]);
     }
     *out = o;
     return MOE_OK;
@@ -129,7 +150,20 @@ void moe_optim_free(moe_optim *o)
     if (o->wbuf)
         b->free(b, o->wbuf);
     free(o->off);
+    free(o->lo);
+    free(o->hi);
     free(o);
+}
+
+int64_t moe_optim_numel(const moe_optim *o)
+{
+    return o->off[o->n];
+}
+
+void moe_optim_part(const moe_optim *o, int i, int64_t *lo, int64_t *hi)
+{
+    *lo = i >= 0 && i < o->n ? o->lo[i] : 0;
+    *hi = i >= 0 && i < o->n ? o->hi[i] : 0;
 }
 
 moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
@@ -141,11 +175,14 @@ moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
         for (int i = 0; i < o->n; i++) { /* however they were set after the optimizer was made (init, a load) */
             moe_tensor p;
             moe_model_param_tensors(o->m, i, &p, NULL);
-            b->copy(b, (moe_tensor){o->wbuf, o->off[i]}, p, o->off[i + 1] - o->off[i]);
+            b->copy(b, (moe_tensor){o->wbuf, o->off[i]}, moe_tensor_at(p, o->lo[i]), o->off[i + 1] - o->off[i]);
         }
     moe_tensor sumsq = moe_model_scalar(o->m, MOE_SCALAR_GRAD_SUMSQ), scale = moe_model_scalar(o->m, MOE_SCALAR_CLIP);
     b->fill(b, sumsq, 0.0, 1);
-    for (int i = 0; i < o->n; i++) { /* in table order: the same sum on every run */
+    moe_status s;
+    if (o->dist.sumsq && (s = o->dist.sumsq(o->dist.ctx, sumsq)))
+        return s;
+    for (int i = 0; !o->dist.sumsq && i < o->n; i++) { /* in table order: the same sum on every run */
         moe_tensor g;
         moe_model_param_tensors(o->m, i, NULL, &g);
         b->grad_sumsq(b, sumsq, g, moe_model_param(o->m, i)->numel);
@@ -156,17 +193,21 @@ moe_status moe_optim_step(moe_optim *o, double grad_scale, moe_optim_result *r)
     const int64_t t = o->t + 1;
     for (int i = 0; i < o->n; i++) {
         const moe_param_info *p = moe_model_param(o->m, i);
+        const int64_t lo = o->lo[i], n = o->hi[i] - o->lo[i];
         moe_tensor pt, g, w = {o->wbuf, o->off[i]};
         moe_model_param_tensors(o->m, i, &pt, &g);
-        b->adamw_step(b, pt, o->wbuf ? &w : NULL, (moe_tensor){o->mbuf, o->off[i]}, (moe_tensor){o->vbuf, o->off[i]},
-                      g, scale, lr, o->c.beta1, o->c.beta2, o->c.eps, p->decay ? o->c.weight_decay : 0.0, t,
-                      p->numel);
+        if (n > 0) /* AdamW is elementwise: a part updates as it would in the whole */
+            b->adamw_step(b, moe_tensor_at(pt, lo), o->wbuf ? &w : NULL, (moe_tensor){o->mbuf, o->off[i]},
+                          (moe_tensor){o->vbuf, o->off[i]}, moe_tensor_at(g, lo), scale, lr, o->c.beta1, o->c.beta2,
+                          o->c.eps, p->decay ? o->c.weight_decay : 0.0, t, n);
     }
+    if (o->dist.gather && (s = o->dist.gather(o->dist.ctx)))
+        return s;
     o->t = t;
     moe_model_update_bias(o->m);
     if (!r)
         return MOE_OK;
-    moe_status s = moe_model_read_scalars(o->m);
+    s = moe_model_read_scalars(o->m);
     if (s)
         return s;
     const double norm = grad_scale * sqrt(moe_model_host_scalar(o->m, MOE_SCALAR_GRAD_SUMSQ));
@@ -206,10 +247,12 @@ moe_status moe_optim_tensors(moe_optim *o, int i, moe_tensor *weights, moe_tenso
     if (!o || i < 0 || i >= o->n)
         return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
     if (weights) { /* until the first step the parameters are authoritative (moe_optim_step) */
-        if (o->wbuf && o->t > 0)
+        if (o->wbuf && o->t > 0) {
             *weights = (moe_tensor){o->wbuf, o->off[i]};
-        else
+        } else {
             moe_model_param_tensors(o->m, i, weights, NULL);
+            *weights = moe_tensor_at(*weights, o->lo[i]);
+        }
     }
     if (m)
         *m = (moe_tensor){o->mbuf, o->off[i]};
@@ -218,14 +261,22 @@ moe_status moe_optim_tensors(moe_optim *o, int i, moe_tensor *weights, moe_tenso
     return MOE_OK;
 }
 
+moe_status moe_optim_get_weights(moe_optim *o, int i, double *w)
+{
+    moe_tensor t;
+    moe_status s = moe_optim_tensors(o, i, &t, NULL, NULL);
+    const int64_t n = s ? 0 : o->hi[i] - o->lo[i];
+    return s || !n ? s : moe_download_f64(moe_model_backend(o->m), w + o->lo[i], t, n);
+}
+
 moe_status moe_optim_get_moments(moe_optim *o, int i, double *m, double *v)
 {
     if (!o || i < 0 || i >= o->n)
         return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
     moe_backend *b = moe_model_backend(o->m);
-    const int64_t n = o->off[i + 1] - o->off[i];
-    moe_status s = m ? moe_download_f64(b, m, (moe_tensor){o->mbuf, o->off[i]}, n) : MOE_OK;
-    return s || !v ? s : moe_download_f64(b, v, (moe_tensor){o->vbuf, o->off[i]}, n);
+    const int64_t n = o->off[i + 1] - o->off[i], lo = o->lo[i];
+    moe_status s = m && n ? moe_download_f64(b, m + lo, (moe_tensor){o->mbuf, o->off[i]}, n) : MOE_OK;
+    return s || !v || !n ? s : moe_download_f64(b, v + lo, (moe_tensor){o->vbuf, o->off[i]}, n);
 }
 
 moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const double *v)
@@ -233,8 +284,8 @@ moe_status moe_optim_set_moments(moe_optim *o, int i, const double *m, const dou
     if (!o || i < 0 || i >= o->n)
         return moe_error(MOE_ERR_ARG, "optimizer: parameter index %d outside [0, %d)", i, o ? o->n : 0);
     moe_backend *b = moe_model_backend(o->m);
-    const int64_t n = o->off[i + 1] - o->off[i];
-    moe_status s = m ? moe_upload_f64(b, (moe_tensor){o->mbuf, o->off[i]}, m, n) : MOE_OK;
-    return s || !v ? s : moe_upload_f64(b, (moe_tensor){o->vbuf, o->off[i]}, v, n);
+    const int64_t n = o->off[i + 1] - o->off[i], lo = o->lo[i];
+    moe_status s = m && n ? moe_upload_f64(b, (moe_tensor){o->mbuf, o->off[i]}, m + lo, n) : MOE_OK;
+    return s || !v || !n ? s : moe_upload_f64(b, (moe_tensor){o->vbuf, o->off[i]}, v + lo, n);
 }
 

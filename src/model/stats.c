@@ -17,6 +17,22 @@ double moe_model_host_scalar(const moe_model *m, int which)
     return m->shost[2 * m->ns + which];
 }
 
+moe_tensor moe_model_scalars(moe_model *m, int span, int64_t *n)
+{
+    m->shost_fresh = 0;
+    if (n)
+        *n = m->ns;
+    return (moe_tensor){m->sbuf, span == MOE_SPAN_STEP ? m->ns : 0};
+}
+
+void moe_model_scalars_to_layers(moe_model *m)
+{
+    for (int64_t l = 0; l < m->L; l++)
+        if (m->blk[l].moe)
+            m->b->copy(m->b, moe_layer_stats(m->blk[l].moe), (moe_tensor){m->sbuf, m->blk[l].stat0},
+                       MOE_LAYER_NSTATS(m->blk[l].E));
+}
+
 moe_status moe_model_read_scalars(moe_model *m)
 {
     if (m->shost_fresh)
