@@ -641,6 +641,7 @@ extern "C" moe_status moe_backend_cuda_create(const moe_backend_options *o, moe_
     b->add = cu_add;
     b->destroy = cu_destroy;
     moe_cu_router_ops(b);
+    moe_cu_plan_ops(b);
     moe_cu_select_ops(b);
     moe_cu_aux_ops(b);
     moe_cu_experts_ops(b);

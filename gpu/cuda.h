@@ -44,6 +44,9 @@ struct moe_event {
  * creation. The count of kept rows n and of dropped ones live on the device (nd); the
  * host knows T, k, the capacity and bounds (rows_bound) that size the launches.
  */
+/* The most experts a token-choice selection takes per token (one thread picks them). */
+#define MOE_CU_MAX_K 32
+
 struct moe_bplan {
     int64_t E, max_T, max_k, cap_n, sortn; /* as allocated */
     int64_t T, k, capacity;                /* of the last route / upload */
@@ -236,6 +239,7 @@ static inline int moe_cu_bits(int64_t v)
 
 /* ---- one table filler per file --------------------------------------------------------- */
 void moe_cu_router_ops(moe_backend *b);
+void moe_cu_plan_ops(moe_backend *b);
 void moe_cu_select_ops(moe_backend *b);
 void moe_cu_aux_ops(moe_backend *b);
 void moe_cu_experts_ops(moe_backend *b);
