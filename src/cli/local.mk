@@ -7,7 +7,7 @@ cmoe_LDADD = libcmoe.la
 cmoe_SOURCES += src/cli/bench.c src/cli/bench_a2a.c src/cli/check.c
 cmoe_LDADD += $(BLAS_LIBS)
 # cmoe train, sample, eval and the run directory they share
-cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.c src/cli/train_dist.h src/cli/train_dist.c src/cli/signals.h src/cli/signals.c src/cli/sample.c \
+cmoe_SOURCES += src/cli/run.h src/cli/run.c src/cli/train.h src/cli/train.c src/cli/train_options.c src/cli/train_dist.h src/cli/train_dist.c src/cli/signals.h src/cli/signals.c src/cli/sample.c \
 	src/cli/eval.c
 cmoe_LDADD += $(JANSSON_LIBS)
 # cmoe info and cmoe report; presets by name (./configs, $CMOE_CONFIGS, installed)
