@@ -22,5 +22,7 @@ int cmd_export(int argc, char **argv);
 void help_export(void);
 int cmd_import(int argc, char **argv);
 void help_import(void);
+int cmd_sweep(int argc, char **argv);
+void help_sweep(void);
 
 #endif
