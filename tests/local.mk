@@ -158,3 +158,7 @@ tests_test_rundir_SOURCES = tests/test_rundir.c tests/testutil.h
 tests_test_rundir_CFLAGS = $(TEST_CFLAGS)
 tests_test_rundir_LDADD = $(TEST_LDADD)
 endif
+# cmoe sweep: a two-run sweep end to end, resume of an interrupted sweep (TERM, kill -9), the
+# equal-FLOPs steps of a budget, bad specs named by their key
+TESTS += tests/sweep.sh
+EXTRA_DIST += tests/sweep.sh

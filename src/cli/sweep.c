@@ -436,6 +436,9 @@ static int run_child(char *const *argv, FILE *log, progress *p)
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
+        /* when the sweep is gone its pipe is too: writes fail instead of killing the trainer
+         * before it has saved (it gets TERM, above) */
+        signal(SIGPIPE, SIG_IGN);
         char *args[64];
         int n = 0;
         args[n++] = "cmoe";

@@ -162,7 +162,7 @@ static moe_status overlay(json_t *m, json_t *o, const char *where)
 
 typedef struct {
     moe_train_settings t;
-    int have_steps, have_warmup, have_evals, have_eval_every, have_save_every, have_data, have_threads;
+    int have_steps, have_seq, have_warmup, have_evals, have_eval_every, have_save_every, have_data, have_threads;
     int64_t warmup, evals;
 } settings;
 
@@ -206,6 +206,7 @@ static moe_status set_train(settings *st, const char *k, json_t *v, const char *
         s = int_value(v, where, k, 1, &t->batch);
     } else if (!strcmp(k, "seq")) {
         s = int_value(v, where, k, 1, &t->seq);
+        st->have_seq = 1;
     } else if (!strcmp(k, "accum")) {
         s = int_value(v, where, k, 1, &t->accum);
     } else if (!strcmp(k, "warmup")) {
@@ -413,7 +414,10 @@ static moe_status resolve(sweep_spec *sp, json_t *top, json_t *run, const char *
     snprintf(where, sizeof where, "%s", rwhere);
     if ((s = run_name(base_name, point, where, r->name, sizeof r->name)))
         return s;
-    snprintf(r->where, sizeof r->where, "%s%s(\"%s\")", rwhere, *rwhere ? " " : "", r->name);
+    if (*rwhere)
+        snprintf(r->where, sizeof r->where, "%s (\"%s\")", rwhere, r->name);
+    else
+        snprintf(r->where, sizeof r->where, "run \"%s\"", r->name);
     r->grid = json_deep_copy(point);
     json_t *m = NULL;
     if ((s = base_model(top, run, where, &m)))
@@ -469,6 +473,8 @@ static moe_status resolve(sweep_spec *sp, json_t *top, json_t *run, const char *
         snprintf(msg, sizeof msg, "%s", moe_last_error());
         BAD("%s: train.%s", r->where, msg);
     }
+    if (!st.have_seq && t->seq > r->cfg.max_position_embeddings) /* the default fits the model (as cmoe train's) */
+        t->seq = r->cfg.max_position_embeddings;
     r->tokens_per_step = t->batch * t->seq * t->accum;
     if (t->seq > r->cfg.max_position_embeddings)
         BAD("%s: train.seq %lld is longer than the model's max_position_embeddings %lld", r->where,
