@@ -162,3 +162,12 @@ endif
 # equal-FLOPs steps of a budget, bad specs named by their key
 TESTS += tests/sweep.sh
 EXTRA_DIST += tests/sweep.sh
+# mixture of attention heads: the oracle by finite differences, its ops, cpu against ref, the
+# composed layer against the oracle on ref and cpu, decode
+if HAVE_CHECK
+check_PROGRAMS += tests/test_moa
+TESTS += tests/test_moa
+tests_test_moa_SOURCES = tests/test_moa.c tests/testutil.h
+tests_test_moa_CFLAGS = $(TEST_CFLAGS)
+tests_test_moa_LDADD = $(TEST_LDADD)
+endif
