@@ -171,3 +171,10 @@ tests_test_moa_SOURCES = tests/test_moa.c tests/testutil.h
 tests_test_moa_CFLAGS = $(TEST_CFLAGS)
 tests_test_moa_LDADD = $(TEST_LDADD)
 endif
+if HAVE_CHECK
+check_PROGRAMS += tests/test_moa_model
+TESTS += tests/test_moa_model
+tests_test_moa_model_SOURCES = tests/test_moa_model.c tests/testutil.h
+tests_test_moa_model_CFLAGS = $(TEST_CFLAGS)
+tests_test_moa_model_LDADD = $(TEST_LDADD)
+endif
