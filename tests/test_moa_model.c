@@ -8,7 +8,7 @@
  *  - cmoe info's counts: total = the parameters the model allocates, active and FLOPs by the
  *    rules of info.h;
  *  - the config keys: written only when used, read back, bad values named;
- *  - a short training run on the synthetic tasks brings the loss down.
+ *  - a short training run brings the loss down, and gives the same bits at 1 and 3 threads.
  */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include "model/info.h"
@@ -374,6 +374,46 @@ START_TEST(test_train)
 }
 END_TEST
 
+/* the same losses, bit for bit, at 1 and 3 threads (fixed GEMM blocks, fixed sums) */
+static void losses_at(int threads, double *out, int steps)
+{
+    const int64_t B = 4, S = 16;
+    moe_model_config c;
+    tiny_moa(&c);
+    moe_backend *b;
+    ck_assert_int_eq(moe_backend_create("cpu", &(moe_backend_options){.threads = threads}, &b), MOE_OK);
+    moe_model *m;
+    ck_assert_int_eq(moe_model_create(&c, b, NULL, B, S, &m), MOE_OK);
+    ck_assert_int_eq(moe_model_init(m, 4), MOE_OK);
+    moe_optim_config oc;
+    moe_optim_config_default(&oc);
+    moe_optim *opt;
+    ck_assert_int_eq(moe_optim_create(m, &oc, &opt), MOE_OK);
+    int32_t in[64], tg[64];
+    for (int step = 0; step < steps; step++) {
+        tokens(in, B * S, c.vocab_size, 100 + (uint64_t)step);
+        tokens(tg, B * S, c.vocab_size, 200 + (uint64_t)step);
+        moe_model_zero_grad(m);
+        moe_model_losses L;
+        ck_assert_int_eq(moe_model_forward(m, in, tg, NULL, B, S, MOE_KEY_STEP(step), 1, &L), MOE_OK);
+        ck_assert_int_eq(moe_model_backward(m), MOE_OK);
+        ck_assert_int_eq(moe_optim_step(opt, 1.0, NULL), MOE_OK);
+        out[step] = L.total;
+    }
+    moe_optim_free(opt);
+    free_model(m, b);
+}
+
+START_TEST(test_threads)
+{
+    double a[4], b[4];
+    losses_at(1, a, 4);
+    losses_at(3, b, 4);
+    for (int i = 0; i < 4; i++)
+        ck_assert_msg(a[i] == b[i], "step %d: loss %.17g at 1 thread, %.17g at 3", i, a[i], b[i]);
+}
+END_TEST
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -390,6 +430,7 @@ int main(int argc, char **argv)
     tcase_add_test(t, test_info);
     tcase_add_test(t, test_config);
     tcase_add_test(t, test_train);
+    tcase_add_test(t, test_threads);
     suite_add_tcase(s, t);
     return tu_run(s);
 }
