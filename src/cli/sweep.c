@@ -154,14 +154,6 @@ static void restore_signals(const struct sigaction *old)
 
 /* ---- the directory ------------------------------------------------------------------- */
 
-/* dir/sub/name+ext into buf (sub may be ""); DIR is checked to fit at the start */
-static void path_of(char *buf, size_t n, const char *dir, const char *sub, const char *name, const char *ext)
-{
-    int k = snprintf(buf, n, "%s/%s%s%s%s", dir, sub, *sub ? "/" : "", name, ext);
-    if (k < 0 || (size_t)k >= n)
-        buf[0] = 0;
-}
-
 static int exists(const char *p)
 {
     struct stat sb;
@@ -178,7 +170,7 @@ static moe_status check_dir(const char *dir, int *is_sweep)
     if (!S_ISDIR(sb.st_mode))
         return moe_error(MOE_ERR_IO, "--out %s: not a directory", dir);
     char p[4200];
-    path_of(p, sizeof p, dir, "", "spec.json", "");
+    sweep_path(p, sizeof p, dir, "", "spec.json", "");
     if (exists(p)) {
         *is_sweep = 1;
         return MOE_OK;
@@ -195,80 +187,6 @@ static moe_status check_dir(const char *dir, int *is_sweep)
         return moe_error(MOE_ERR_IO, "--out %s: not empty and not a sweep (it has no spec.json); choose a new "
                          "directory", dir);
     return MOE_OK;
-}
-
-/* DIR/sweep.jsonl: the last record of each run. A line that does not parse (torn by a
- * crash) is dropped with a warning, and (fix) the file rewritten without it. */
-static moe_status read_records(sweep_spec *s, const char *dir, int fix)
-{
-    char p[4200], *text;
-    size_t len;
-    path_of(p, sizeof p, dir, "", "sweep.jsonl", "");
-    if (!exists(p))
-        return MOE_OK;
-    moe_status st = moe_read_all(p, "sweep.jsonl", (size_t)1 << 30, MOE_IN_REGULAR, &text, &len);
-    if (st)
-        return st;
-    int torn = 0;
-    char *keep = malloc(len + 1);
-    size_t kn = 0;
-    for (char *line = text, *nl; keep && line < text + len; line = nl + 1) {
-        nl = memchr(line, '\n', (size_t)(text + len - line));
-        if (!nl)
-            nl = text + len;
-        json_t *r = json_loadb(line, (size_t)(nl - line), 0, NULL);
-        const char *name = json_string_value(json_object_get(r, "name"));
-        if (!r || !name) {
-            torn += nl > line;
-            json_decref(r);
-            continue;
-        }
-        memcpy(keep + kn, line, (size_t)(nl - line));
-        kn += (size_t)(nl - line);
-        keep[kn++] = '\n';
-        sweep_run *run = sweep_find(s, name);
-        const char *key = json_string_value(json_object_get(r, "key"));
-        const char *status = json_string_value(json_object_get(r, "status"));
-        if (run && key && !strcmp(key, run->key)) {
-            json_decref(run->record);
-            run->record = r;
-            run->done = status && !strcmp(status, "done");
-        } else {
-            json_decref(r);
-        }
-    }
-    if (torn && keep && fix) {
-        fprintf(stderr, "cmoe sweep: warning: %s: dropped %d line(s) that do not parse (a write cut short)\n", p,
-                torn);
-        keep[kn] = 0;
-        st = moe_durable_write(p, keep, kn);
-    }
-    free(keep);
-    free(text);
-    return st;
-}
-
-static moe_status append_record(const char *dir, json_t *rec)
-{
-    char p[4200];
-    path_of(p, sizeof p, dir, "", "sweep.jsonl", "");
-    char *line = json_dumps(rec, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
-    if (!line)
-        return moe_error(MOE_ERR_NOMEM, "out of memory");
-    int fd = open(p, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-    moe_status st = MOE_OK;
-    if (fd < 0) {
-        st = moe_error(MOE_ERR_IO, "%s: %s", p, strerror(errno));
-    } else {
-        size_t n = strlen(line);
-        line[n] = '\n'; /* one write: a reader sees the whole line or none of it */
-        if (write(fd, line, n + 1) != (ssize_t)(n + 1) || fsync(fd) != 0)
-            st = moe_error(MOE_ERR_IO, "%s: %s", p, strerror(errno));
-        line[n] = 0;
-        close(fd);
-    }
-    free(line);
-    return st;
 }
 
 /* ---- the plan -------------------------------------------------------------------------- */
@@ -288,8 +206,8 @@ static run_state state_of(const sweep_run *r, const char *dir)
     if (r->done)
         return ST_DONE;
     char rd[4200], k[4200];
-    path_of(rd, sizeof rd, dir, "runs", r->name, "");
-    path_of(k, sizeof k, dir, "keys", r->name, "");
+    sweep_path(rd, sizeof rd, dir, "runs", r->name, "");
+    sweep_path(k, sizeof k, dir, "keys", r->name, "");
     char *text = NULL;
     size_t len;
     int same = exists(k) && moe_read_all(k, "run key", 64, MOE_IN_REGULAR, &text, &len) == MOE_OK &&
@@ -504,97 +422,6 @@ static void log_tail(const char *path, char *out, size_t n)
     }
 }
 
-/* ---- records ------------------------------------------------------------------------------ */
-
-static json_t *settings_json(const moe_train_settings *t)
-{
-    return json_pack("{s:I, s:I, s:I, s:I, s:f, s:I, s:I, s:s, s:I, s:I, s:s}", "steps", (json_int_t)t->steps,
-                     "batch", (json_int_t)t->batch, "seq", (json_int_t)t->seq, "accum", (json_int_t)t->accum, "lr",
-                     t->oc.lr, "warmup", (json_int_t)t->oc.warmup_steps, "seed", (json_int_t)t->seed, "data",
-                     t->data, "eval_every", (json_int_t)t->eval_every, "eval_batches", (json_int_t)t->eval_batches,
-                     "backend", t->backend);
-}
-
-static json_t *base_record(const sweep_run *r, const char *status)
-{
-    json_t *rec = json_object(), *cfg = json_loads(r->cfg_json, 0, NULL);
-    char rd[SWEEP_NAME_MAX + 8];
-    snprintf(rd, sizeof rd, "runs/%s", r->name);
-    json_object_set_new(rec, "name", json_string(r->name));
-    json_object_set_new(rec, "key", json_string(r->key));
-    json_object_set_new(rec, "status", json_string(status));
-    json_object_set_new(rec, "run_dir", json_string(rd));
-    json_object_set_new(rec, "grid", json_deep_copy(r->grid));
-    json_object_set_new(rec, "config", cfg ? cfg : json_null());
-    json_object_set_new(rec, "train", settings_json(&r->t));
-    json_object_set_new(rec, "experts", json_integer(r->experts));
-    json_object_set_new(rec, "experts_per_token", json_real(r->info.experts_per_token));
-    json_object_set_new(rec, "moe_layers", json_integer(r->info.n_moe_layers));
-    json_object_set_new(rec, "total_params", json_integer(r->info.total_params));
-    json_object_set_new(rec, "active_params", json_integer(r->info.active_params));
-    json_object_set_new(rec, "active_params_nonembed", json_integer(r->info.active_params_nonembed));
-    json_object_set_new(rec, "base_params", json_integer(r->base_params));
-    json_object_set_new(rec, "flops_per_token", json_real(r->flops_per_token));
-    json_object_set_new(rec, "tokens", json_integer(r->tokens));
-    json_object_set_new(rec, "train_flops", json_real(r->train_flops));
-    return rec;
-}
-
-static double fin(double v)
-{
-    return isfinite(v) ? v : NAN;
-}
-
-/* The record of a finished run, from its metrics.jsonl; NULL (message set) when they do not
- * show the run complete. */
-static json_t *done_record(const sweep_run *r, const char *rundir)
-{
-    char p[4200];
-    path_of(p, sizeof p, rundir, "", "metrics.jsonl", "");
-    metrics m;
-    if (report_load_metrics(p, &m)) {
-        report_metrics_free(&m);
-        moe_error(MOE_ERR_FORMAT, "%s: cannot be read", p);
-        return NULL;
-    }
-    const int64_t last = m.n ? (int64_t)m.s[S_STEP].v[m.n - 1] : 0;
-    double final_val = NAN, best = NAN, best_step = NAN, wall = NAN, ce = 0, lmm = 0;
-    int64_t nce = 0, nl = 0;
-    for (int64_t i = 0; i < m.n; i++) {
-        const double v = m.s[S_VAL].v[i];
-        if (isfinite(v)) {
-            final_val = v;
-            if (!(best <= v)) {
-                best = v;
-                best_step = m.s[S_STEP].v[i];
-            }
-        }
-        if (isfinite(m.s[S_ELAPSED].v[i]))
-            wall = m.s[S_ELAPSED].v[i];
-        if (i >= m.n - (m.n + 9) / 10) { /* the last tenth of the steps */
-            const double c = m.has[S_CE] ? m.s[S_CE].v[i] : m.s[S_LOSS].v[i];
-            if (isfinite(c))
-                ce += c, nce++;
-            if (isfinite(m.s[S_LMM].v[i]))
-                lmm += m.s[S_LMM].v[i], nl++;
-        }
-    }
-    report_metrics_free(&m);
-    if (last != r->t.steps || !isfinite(final_val)) {
-        moe_error(MOE_ERR_FORMAT, "%s: ends at step %lld of %lld%s", p, (long long)last, (long long)r->t.steps,
-                  isfinite(final_val) ? "" : " without a validation loss");
-        return NULL;
-    }
-    json_t *rec = base_record(r, "done");
-    json_object_set_new(rec, "wall_s", json_real(fin(wall)));
-    json_object_set_new(rec, "final_val_loss", json_real(final_val));
-    json_object_set_new(rec, "best_val_loss", json_real(best));
-    json_object_set_new(rec, "best_val_step", json_integer((json_int_t)best_step));
-    json_object_set_new(rec, "final_train_loss", nce ? json_real(ce / (double)nce) : json_null());
-    json_object_set_new(rec, "load_max_over_mean", nl ? json_real(lmm / (double)nl) : json_null());
-    return rec;
-}
-
 /* ---- one run ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -607,10 +434,10 @@ static int train_one(sweep_spec *s, const char *dir, progress *p, int *failed)
 {
     sweep_run *r = &s->runs[p->index];
     char rd[4200], cfg[4200], logp[4200], keyp[4200];
-    path_of(rd, sizeof rd, dir, "runs", r->name, "");
-    path_of(cfg, sizeof cfg, dir, "configs", r->name, ".json");
-    path_of(logp, sizeof logp, dir, "logs", r->name, ".log");
-    path_of(keyp, sizeof keyp, dir, "keys", r->name, "");
+    sweep_path(rd, sizeof rd, dir, "runs", r->name, "");
+    sweep_path(cfg, sizeof cfg, dir, "configs", r->name, ".json");
+    sweep_path(logp, sizeof logp, dir, "logs", r->name, ".log");
+    sweep_path(keyp, sizeof keyp, dir, "keys", r->name, "");
     const run_state st = state_of(r, dir);
     moe_status ms;
     if ((ms = moe_durable_write_text(cfg, r->cfg_json)) || (st == ST_NEW && (ms = moe_durable_write_text(keyp, r->key)))) {
@@ -683,7 +510,7 @@ static int train_one(sweep_spec *s, const char *dir, progress *p, int *failed)
         return 2;
     json_t *rec = NULL;
     char why[2048] = "";
-    if (rc == 0 && (rec = done_record(r, rd))) {
+    if (rc == 0 && (rec = sweep_record_done(r, rd))) {
         /* the run's own page, as cmoe report writes it (output into the log) */
         char *rargv[] = {"report", rd, NULL};
         FILE *l2 = fopen(logp, "a");
@@ -696,10 +523,10 @@ static int train_one(sweep_spec *s, const char *dir, progress *p, int *failed)
             snprintf(why, sizeof why, "\n    %s", moe_last_error());
         else
             log_tail(logp, why, sizeof why);
-        rec = base_record(r, "failed");
+        rec = sweep_record_new(r, "failed");
         json_object_set_new(rec, "error", json_string(why + (why[0] == '\n' ? 5 : 0)));
     }
-    if ((ms = append_record(dir, rec))) {
+    if ((ms = sweep_append_record(dir, rec))) {
         json_decref(rec);
         fail("%s", moe_last_error());
         return 1;
@@ -739,11 +566,11 @@ static int run_sweep(sweep_spec *s, const char *dir)
     char p[4200];
     static const char *const subs[] = {"configs", "logs", "runs", "keys", "plots"};
     for (int i = 0; i < 5 && !ms; i++) {
-        path_of(p, sizeof p, dir, "", subs[i], "");
+        sweep_path(p, sizeof p, dir, "", subs[i], "");
         ms = moe_mkdirs(p, NULL);
     }
-    path_of(p, sizeof p, dir, "", "spec.json", "");
-    if (ms || (ms = read_records(s, dir, 1)) || (ms = moe_durable_write(p, s->text, strlen(s->text)))) {
+    sweep_path(p, sizeof p, dir, "", "spec.json", "");
+    if (ms || (ms = sweep_read_records(s, dir, 1)) || (ms = moe_durable_write(p, s->text, strlen(s->text)))) {
         moe_rundir_close(&lock, 0, NULL);
         return fail("%s", moe_last_error());
     }
@@ -856,7 +683,7 @@ int cmd_sweep(int argc, char **argv)
     int rc;
     if (dry) {
         int is_sweep;
-        if (check_dir(out, &is_sweep) == MOE_OK && is_sweep && read_records(&s, out, 0) != MOE_OK)
+        if (check_dir(out, &is_sweep) == MOE_OK && is_sweep && sweep_read_records(&s, out, 0) != MOE_OK)
             fprintf(stderr, "cmoe sweep: warning: %s\n", moe_last_error());
         printf("cmoe sweep: %s -> %s: %d runs (dry run: nothing is written)\n", spec, out, s.n);
         print_plan(&s, out);

@@ -4,13 +4,15 @@
  *
  *   sweep_spec.c    the spec: reading, checking (messages name the key), resolving every run's
  *                   model config and settings, the equal-FLOPs steps of "budget"
- *   sweep.c         the command: DIR and its lock, the children, resume, progress, sweep.jsonl
+ *   sweep.c         the command: DIR and its lock, the children, resume, progress
+ *   sweep_record.c  sweep.jsonl: read back, appended; a run's record from its metrics
  *   sweep_report.c  DIR/report.html and DIR/plots/NAME.svg, the baseline comparison and the fit
  *
  * DIR holds spec.json (the spec of the last invocation), sweep.jsonl (one record per finished
- * or failed run, appended), configs/NAME.json (each run's model config), logs/NAME.log (its
- * `cmoe train` output), runs/NAME/ (its run directory), report.html, plots/ and, with a fit,
- * fit.json.
+ * or failed run, appended), configs/NAME.json (each run's model config), keys/NAME (the key
+ * of the model and settings its run directory was started with: a checkpoint is resumed
+ * only under the same key), logs/NAME.log (its `cmoe train` output), runs/NAME/ (its run
+ * directory), report.html, plots/ and, with a fit, fit.json.
  */
 #ifndef CMOE_CLI_SWEEP_H
 #define CMOE_CLI_SWEEP_H
@@ -67,6 +69,24 @@ void sweep_spec_free(sweep_spec *s);
 int64_t sweep_budget_steps(double flops, double flops_per_token, int64_t tokens_per_step);
 /* The run named name, or NULL. */
 sweep_run *sweep_find(sweep_spec *s, const char *name);
+
+/* ---- records (sweep_record.c) ------------------------------------------------------------ */
+
+/* dir/sub/name+ext into buf [n] (sub may be ""); "" when it does not fit (DIR is checked to
+ * leave room at the start). */
+void sweep_path(char *buf, size_t n, const char *dir, const char *sub, const char *name, const char *ext);
+/* DIR/sweep.jsonl: each run's last record with the run's key sets run->record and run->done.
+ * A line that does not parse (torn by a crash) is dropped with a warning, and with fix the
+ * file is rewritten without it. No file: nothing done. */
+moe_status sweep_read_records(sweep_spec *s, const char *dir, int fix);
+/* Appends rec as one line, in one write, fsync'd. */
+moe_status sweep_append_record(const char *dir, json_t *rec);
+/* A record of r with status ("done", "failed"): name, key, run_dir, grid, config, train,
+ * experts, parameters, FLOPs per token, tokens, training FLOPs. */
+json_t *sweep_record_new(const sweep_run *r, const char *status);
+/* The record of a finished run with its wall time and losses, from rundir's metrics.jsonl;
+ * NULL (message set) when they do not show the run complete. */
+json_t *sweep_record_done(const sweep_run *r, const char *rundir);
 
 /* ---- the report (sweep_report.c) -------------------------------------------------------- */
 
