@@ -216,6 +216,8 @@ syn='"train": {"data": "synth"}'
 bad "trian: unknown key" '{"trian": {}}'
 bad "train.stepz: unknown key" '{"train": {"stepz": 5, "data": "synth"}}'
 bad "train.batch: must be an integer" '{"train": {"batch": "8", "data": "synth"}}'
+bad "runs\[0\].train.stepz: unknown key" '{"train": {"data": "synth"}, "runs": [{"name": "a", "train": {"stepz": 5}}]}'
+bad "grid.train.stepz: unknown key" '{"train": {"data": "synth"}, "grid": {"train.stepz": [5]}}'
 bad "runs\[1\] (\"b\"): model: .*num_local_expert" \
     '{"preset": "tiny", '"$syn"', "runs": [{"name": "a"}, {"name": "b", "model": {"num_local_expert": 4}}]}'
 bad "hidden_act" '{"preset": "tiny", '"$syn"', "grid": {"model.hidden_act": ["swiglu", "nope"]}}'

@@ -452,16 +452,14 @@ static moe_status resolve(sweep_spec *sp, json_t *top, json_t *run, const char *
     moe_train_settings_default(&st.t);
     st.t.keep = 1;
     st.t.eval_batches = 20;
+    char tw[220];
+    snprintf(tw, sizeof tw, "%s%strain", where, *where ? "." : "");
     if ((s = apply_train(&st, json_object_get(top, "train"), "train")) ||
-        (run && (s = apply_train(&st, json_object_get(run, "train"), where[0] ? where : "train"))))
+        (run && (s = apply_train(&st, json_object_get(run, "train"), tw))))
         return s;
     json_object_foreach(point, k, v) {
-        if (!strncmp(k, "train.", 6)) {
-            char gw[200];
-            snprintf(gw, sizeof gw, "grid");
-            if ((s = set_train(&st, k + 6, v, gw)))
-                return s;
-        }
+        if (!strncmp(k, "train.", 6) && (s = set_train(&st, k + 6, v, "grid.train")))
+            return s;
     }
     moe_train_settings *t = &st.t;
     if (threads >= 0)
