@@ -206,6 +206,29 @@ for r in "small $tmp/small.json 32 128" "wide $tmp/wide.json 32 128" "long $tmp/
         fail "$1: $got steps spend more than half a step off the budget"
 done
 
+# ---- Clark et al.'s fit: least squares, so the residuals are orthogonal to every regressor --
+cat >"$tmp/fit.json" <<EOF
+{"config": "$tmp/small.json",
+ "model": {"num_experts_per_tok": 1},
+ "train": {"data": "synth", "batch": 2, "seq": 16, "steps": 30, "eval_batches": 2, "evals": 2},
+ "runs": [{"name": "a-E{num_local_experts}", "model": {"hidden_size": 16}},
+          {"name": "b-E{num_local_experts}", "model": {"hidden_size": 24, "head_dim": 6}}],
+ "grid": {"model.num_local_experts": [1, 2, 4]},
+ "analysis": {"fit": "clark"}}
+EOF
+expect 0 "" sweep "$tmp/fit.json" --out "$tmp/fit"
+grep -q "a = .* b = .* c = .* d = " "$tmp/stdout" || fail "the sweep does not print the fitted coefficients"
+[ "$(grep -c '"residual_ln":' "$tmp/fit/fit.json")" -eq 6 ] || fail "fit.json: want 6 residuals"
+tr -d ' \n' <"$tmp/fit/fit.json" | sed 's/},{/}\n{/g' |
+    sed -n 's/.*"N":\([0-9]*\),"E":\([0-9]*\),.*"residual_ln":\([^}]*\).*/\1 \2 \3/p' |
+    awk '{ n = log($1); e = log($2); r = $3; s0 += r; s1 += r * n; s2 += r * e; s3 += r * n * e; k++ }
+         END { if (k != 6) { print "FAIL: fit.json: " k " points read"; exit 1 }
+               m = 0; split(s0 " " s1 " " s2 " " s3, v, " ")
+               for (i = 1; i <= 4; i++) { a = v[i] < 0 ? -v[i] : v[i]; if (a > m) m = a }
+               if (m > 1e-6) { print "FAIL: fit residuals not orthogonal to the regressors: " s0 " " s1 " " s2 " " s3; exit 1 } }' ||
+    fails=$((fails + 1))
+[ -s "$tmp/fit/plots/fit.svg" ] || fail "no plots/fit.svg"
+
 # ---- bad specs: exit 1, the message names the key ----------------------------------------
 bad() { # bad PATTERN JSON
     printf '%s\n' "$2" >"$tmp/bad.json"

@@ -77,11 +77,12 @@ static int ticks(double lo, double hi, int log, int want, double *t, int max)
 {
     int nt = 0;
     if (log) {
-        static const double m125[3] = {1, 2, 5};
-        const int dense = hi - lo < 2.5;
+        /* under about a decade every digit, under 2.5 decades 1, 2, 5, else powers of ten */
+        static const double m125[3] = {1, 2, 5}, m19[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+        const int span = hi - lo < 1.2 ? 9 : hi - lo < 2.5 ? 3 : 1;
         for (double d = floor(lo); d <= ceil(hi) && nt < max; d++)
-            for (int i = 0; i < (dense ? 3 : 1) && nt < max; i++) {
-                double v = d + log10(m125[i]);
+            for (int i = 0; i < span && nt < max; i++) {
+                double v = d + log10(span == 9 ? m19[i] : m125[i]);
                 if (v >= lo - 1e-9 && v <= hi + 1e-9)
                     t[nt++] = v;
             }
