@@ -645,6 +645,7 @@ extern "C" moe_status moe_backend_cuda_create(const moe_backend_options *o, moe_
     moe_cu_select_ops(b);
     moe_cu_aux_ops(b);
     moe_cu_experts_ops(b);
+    moe_cu_moa_ops(b);
     moe_cu_dispatch_ops(b);
     moe_cu_model_ops(b);
     *out = b;

@@ -243,6 +243,7 @@ void moe_cu_plan_ops(moe_backend *b);
 void moe_cu_select_ops(moe_backend *b);
 void moe_cu_aux_ops(moe_backend *b);
 void moe_cu_experts_ops(moe_backend *b);
+void moe_cu_moa_ops(moe_backend *b);
 void moe_cu_dispatch_ops(moe_backend *b);
 void moe_cu_model_ops(moe_backend *b); /* calls the five below */
 void moe_cu_embedding_ops(moe_backend *b);

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ref/moa.h"
 #include "ref/model_ops.h"
 #include "ref/ref.h"
 #include "ref/ref_backend.h"
@@ -399,6 +400,35 @@ static void ref_experts_backward_weights(moe_backend *b, moe_tensor dw1, moe_ten
     }
 }
 
+/* mixture of attention heads: the oracle's plan ops (ref/moa.h) */
+static void ref_experts_linear_forward(moe_backend *b, moe_tensor ye, moe_tensor xe, moe_tensor w, const moe_bplan *bp,
+                                       int64_t K, int64_t N)
+{
+    moe_ref_experts_linear_forward(D(ye), D(xe), D(w), bp->p, K, N);
+}
+
+static void ref_experts_linear_backward(moe_backend *b, moe_tensor *dxe, moe_tensor dw, moe_tensor dye, moe_tensor xe,
+                                        moe_tensor w, const moe_bplan *bp, int64_t K, int64_t N)
+{
+    moe_ref_experts_linear_backward(OPT(dxe), D(dw), D(dye), D(xe), D(w), bp->p, K, N);
+}
+
+static void ref_choice_scatter(moe_backend *b, moe_tensor slots, moe_tensor rows, const moe_bplan *bp, int64_t w)
+{
+    if (bp->p->n > 0 && bp->p->choice[0] < 0)
+        moe_backend_fail(b, "choice_scatter", MOE_ERR_ARG, "an expert-choice plan has no choice slots");
+    else
+        moe_ref_choice_scatter(D(slots), D(rows), bp->p, w);
+}
+
+static void ref_choice_gather(moe_backend *b, moe_tensor rows, moe_tensor slots, const moe_bplan *bp, int64_t w)
+{
+    if (bp->p->n > 0 && bp->p->choice[0] < 0)
+        moe_backend_fail(b, "choice_gather", MOE_ERR_ARG, "an expert-choice plan has no choice slots");
+    else
+        moe_ref_choice_gather(D(rows), D(slots), bp->p, w);
+}
+
 static void ref_lb_forward(moe_backend *b, moe_tensor out, moe_tensor s, const moe_bplan *p, int64_t T, int64_t E)
 {
     D(out)[0] = moe_ref_lb_loss_forward(D(s), p->p, T, E);
@@ -605,6 +635,10 @@ moe_status moe_backend_ref_create(const moe_backend_options *o, moe_backend **ou
     b->experts_forward = ref_experts_forward;
     b->experts_backward_data = ref_experts_backward_data;
     b->experts_backward_weights = ref_experts_backward_weights;
+    b->experts_linear_forward = ref_experts_linear_forward;
+    b->experts_linear_backward = ref_experts_linear_backward;
+    b->choice_scatter = ref_choice_scatter;
+    b->choice_gather = ref_choice_gather;
     b->lb_loss_forward = ref_lb_forward;
     b->lb_loss_backward = ref_lb_backward;
     b->z_loss_forward = ref_z_forward;

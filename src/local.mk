@@ -38,9 +38,12 @@ libcmoe_la_SOURCES += \
 	src/cpu/rope.c \
 	src/cpu/attention.c \
 	src/cpu/crossentropy.c \
-	src/cpu/adamw.c
+	src/cpu/adamw.c \
+	src/cpu/moa.c
 # the MoE layer over the backend table
 libcmoe_la_SOURCES += src/layer/moe_layer.h src/layer/moe_layer.c src/layer/exchange.h src/layer/exchange.c
+# mixture of attention heads over the backend table (ref/moa.h is its oracle)
+libcmoe_la_SOURCES += src/layer/moa.h src/layer/moa.c
 # the MoE language model, its optimizer, token sampling, parameter/FLOP/memory counts
 libcmoe_la_SOURCES += src/model/model.h src/model/model_impl.h src/model/model.c src/model/layout.c src/model/stats.c src/model/model_config.c src/model/check.c src/model/optim.c \
 	src/model/sample.h src/model/sample.c src/model/info.h src/model/info.c

@@ -2,7 +2,8 @@
 # The cuda backend end to end through the command line, when this build has it and a device
 # answers (else exit 77, SKIP):
 #  - cmoe check --backend cuda (fp32 and bf16, the quick table);
-#  - cmoe train: 10 steps on cuda fp32 give cpu's and ref's losses (<= 1e-4 relative);
+#  - cmoe train: 10 steps on cuda fp32 give cpu's and ref's losses (<= 1e-4 relative), also
+#    with the mixture of attention heads;
 #    two identical cuda runs give the same bits (every loss, the weights file);
 #  - bf16 against fp32: 300 steps of the laptop model end within 2% in validation loss;
 #  - a run saved on the GPU (bf16) holds F32 checkpoints and resumes on the cpu backend;
@@ -58,6 +59,20 @@ col "$tmp/cuda2/metrics.jsonl" loss >"$tmp/cuda2.loss"
 cmp -s "$tmp/cuda.loss" "$tmp/cuda2.loss" || fail "two identical cuda runs gave different losses"
 cmp -s "$tmp/cuda/model.safetensors" "$tmp/cuda2/model.safetensors" ||
     fail "two identical cuda runs gave different weights"
+
+# ---- the mixture of attention heads (its four plan ops) on cuda fp32 = cpu ----------------------
+sed 's/"num_attention_heads": 4,/"num_attention_heads": 4, "attention_experts": 6, "attention_experts_per_tok": 2,/; s/"qkv_bias": true/"qkv_bias": false/' \
+    "$top_srcdir/configs/tiny.json" >"$tmp/moa.json"
+for b in cpu cuda; do
+    run "moa-$b" train --config "$tmp/moa.json" --data synth --steps 10 --batch 4 --seq 32 --eval-every 10 \
+        --eval-batches 2 --backend "$b" --threads 2 --out "$tmp/moa-$b"
+    col "$tmp/moa-$b/metrics.jsonl" loss >"$tmp/moa-$b.loss"
+done
+[ "$(wc -l <"$tmp/moa-cuda.loss" | tr -d ' ')" -eq 10 ] || fail "MoA cuda run: want 10 losses"
+paste "$tmp/moa-cuda.loss" "$tmp/moa-cpu.loss" | awk '
+    { r = ($1 - $2) / $2; if (r < 0) r = -r; if (!(r <= 1e-4)) bad = 1; if (r > m) m = r }
+    END { printf "MoA, 10 steps: cuda fp32 against cpu, largest relative loss difference %.1e\n", m; exit bad }' ||
+    fail "MoA: cuda fp32 and cpu losses differ by more than 1e-4"
 
 # ---- bf16 against fp32 over 300 steps of the laptop model ---------------------------------------
 data="$top_srcdir/datasets/brown/brown.txt.gz"

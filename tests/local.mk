@@ -54,6 +54,10 @@ endif
 TESTS += tests/cli.sh tests/oracle.sh
 EXTRA_DIST += tests/cli.sh tests/oracle.sh tests/fixtures
 AM_TESTS_ENVIRONMENT = top_srcdir='$(top_srcdir)' top_builddir='$(top_builddir)'; export top_srcdir top_builddir;
+# The tests share the machine (make -j, other work): OpenMP threads that spin while they
+# wait for a core another process holds make many small parallel regions 100x slower, so
+# waiting threads sleep (the results do not depend on it); a value in the environment wins.
+AM_TESTS_ENVIRONMENT += OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive}; export OMP_WAIT_POLICY;
 if HAVE_CHECK
 check_PROGRAMS += tests/test_data
 TESTS += tests/test_data
@@ -191,4 +195,24 @@ TESTS += tests/test_groups
 tests_test_groups_SOURCES = tests/test_groups.c tests/testutil.h
 tests_test_groups_CFLAGS = $(TEST_CFLAGS)
 tests_test_groups_LDADD = $(TEST_LDADD)
+endif
+# cmoe sweep: a two-run sweep end to end, resume of an interrupted sweep (TERM, kill -9), the
+# equal-FLOPs steps of a budget, bad specs named by their key
+TESTS += tests/sweep.sh
+EXTRA_DIST += tests/sweep.sh
+# mixture of attention heads: the oracle by finite differences, its ops, cpu against ref, the
+# composed layer against the oracle on ref and cpu, decode
+if HAVE_CHECK
+check_PROGRAMS += tests/test_moa
+TESTS += tests/test_moa
+tests_test_moa_SOURCES = tests/test_moa.c tests/testutil.h
+tests_test_moa_CFLAGS = $(TEST_CFLAGS)
+tests_test_moa_LDADD = $(TEST_LDADD)
+endif
+if HAVE_CHECK
+check_PROGRAMS += tests/test_moa_model
+TESTS += tests/test_moa_model
+tests_test_moa_model_SOURCES = tests/test_moa_model.c tests/testutil.h
+tests_test_moa_model_CFLAGS = $(TEST_CFLAGS)
+tests_test_moa_model_LDADD = $(TEST_LDADD)
 endif

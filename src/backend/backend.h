@@ -208,6 +208,24 @@ struct moe_backend {
                                      moe_tensor dg1, moe_tensor *dg3, moe_tensor dye, moe_tensor a, moe_tensor xe,
                                      const moe_bplan *p, moe_activation act, int64_t d, int64_t f);
 
+    /* ---- mixture of attention heads (layer/moa.h; ref/moa.h has their oracles) ------- */
+    /* ye[i] = xe[i]·w[e] over each expert e's segment: a grouped linear map (MoA's per-expert
+     * query and output projections) */
+    void (*experts_linear_forward)(moe_backend *b, moe_tensor ye /* [n, N] */, moe_tensor xe /* [n, K] */,
+                                   moe_tensor w /* [E, K, N] */, const moe_bplan *p, int64_t K, int64_t N);
+    /* dxe += dye·w[e]ᵀ (dxe may be NULL); dw[e] += xeᵀ·dye over e's segment */
+    void (*experts_linear_backward)(moe_backend *b, moe_tensor *dxe /* [n, K] */, moe_tensor dw /* [E, K, N] */,
+                                    moe_tensor dye /* [n, N] */, moe_tensor xe, moe_tensor w, const moe_bplan *p,
+                                    int64_t K, int64_t N);
+    /* Token-choice plans: slots[choice[i]] = rows[i] for every kept assignment, 0 in the slots
+     * of choices without one; slots is [T·k, w] with the plan's T and k (token t's j-th choice
+     * at row t·k + j: the plan's rows as k "heads" per token) */
+    void (*choice_scatter)(moe_backend *b, moe_tensor slots /* [T·k, w] */, moe_tensor rows /* [n, w] */,
+                           const moe_bplan *p, int64_t w);
+    /* rows[i] += slots[choice[i]] (choice_scatter's adjoint) */
+    void (*choice_gather)(moe_backend *b, moe_tensor rows /* [n, w] */, moe_tensor slots /* [T·k, w] */,
+                          const moe_bplan *p, int64_t w);
+
     /* ---- aux losses: the unscaled value to out [1]; backward adds coef·∂ ------------ */
     void (*lb_loss_forward)(moe_backend *b, moe_tensor out, moe_tensor s, const moe_bplan *p, int64_t T,
                             int64_t E);
@@ -300,7 +318,8 @@ struct moe_backend {
     X(noisy_load_backward) X(plan_create) X(plan_free) X(plan_download) X(plan_upload) X(plan_set_segments)         \
     X(plan_counts) X(plan_fill) X(route) X(route_backward) X(bias_update) X(dispatch_forward)                    \
     X(dispatch_backward) X(combine_forward) X(combine_backward) X(ffn_forward) X(ffn_backward)                   \
-    X(experts_forward) X(experts_backward_data) X(experts_backward_weights) X(lb_loss_forward) X(lb_loss_backward) X(z_loss_forward)              \
+    X(experts_forward) X(experts_backward_data) X(experts_backward_weights) X(experts_linear_forward)             \
+    X(experts_linear_backward) X(choice_scatter) X(choice_gather) X(lb_loss_forward) X(lb_loss_backward) X(z_loss_forward) \
     X(z_loss_backward) X(importance_forward) X(importance_backward) X(cv2_forward) X(cv2_backward)               \
     X(mi_loss_forward) X(mi_loss_backward) X(embedding_forward) X(embedding_backward) X(rmsnorm_forward)         \
     X(rmsnorm_backward) X(rope_forward) X(rope_backward) X(attention_saved) X(attention_forward)                  \

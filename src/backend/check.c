@@ -1,6 +1,7 @@
 /*
  * Every op of a backend against the ref backend (check.h): the dense and router ops,
- * selection, the plan-based losses, dispatch / experts / combine, over a table of shapes
+ * selection, the plan-based losses, dispatch / experts / combine (and the mixture of attention
+ * heads' grouped linear map and choice slots), over a table of shapes
  * (T prime, E = 1, k = E, experts without tokens, all tokens to one expert, capacity
  * overflow, and larger shapes that take the fast GEMM paths). The language model's ops and
  * the MoE layer as a whole are in check_model.c.
@@ -528,6 +529,35 @@ static void check_route(ck *c, const shape *s, const route_case *rc)
 
 /* ---- dispatch, experts, combine on one plan ------------------------------------------------ */
 
+/* MoA's grouped linear map (xe [n, K] · w[e] [K, N]) and the choice slots, on the plan */
+static void check_moa(ck *c, const moe_plan *hp, moe_bplan *pb, moe_bplan *pr, pair xe, pair w, int64_t K, int64_t N)
+{
+    moe_backend *B = c->B, *R = c->R;
+    const moe_dtype C = c->ct;
+    const int64_t n = hp->n > 0 ? hp->n : 1, E = hp->E;
+    pair y = ck_mk(c, C, n * N, NULL), dy = ck_rand(c, C, n * N, 1), dx = ck_rand(c, C, n * K, 1),
+         dw = ck_rand(c, C, E * K * N, 1);
+    B->experts_linear_forward(B, TB(y), TB(xe), TB(w), pb, K, N);
+    R->experts_linear_forward(R, TR(y), TR(xe), TR(w), pr, K, N);
+    ck_cmp_n(c, "experts_linear", y, hp->n * N);
+    moe_tensor bdx = TB(dx), rdx = TR(dx);
+    B->experts_linear_backward(B, &bdx, TB(dw), TB(dy), TB(xe), TB(w), pb, K, N);
+    R->experts_linear_backward(R, &rdx, TR(dw), TR(dy), TR(xe), TR(w), pr, K, N);
+    ck_cmp_n(c, "experts_linear dxe", dx, hp->n * K);
+    ck_cmp(c, "experts_linear dw", dw);
+    /* slots [T·k, K] from the rows, and the rows back (+=) */
+    pair slots = ck_mk(c, C, hp->T * hp->k * K, NULL);
+    B->choice_scatter(B, TB(slots), TB(xe), pb, K);
+    R->choice_scatter(R, TR(slots), TR(xe), pr, K);
+    ck_cmp(c, "choice scatter", slots);
+    B->choice_gather(B, TB(dx), TB(slots), pb, K);
+    R->choice_gather(R, TR(dx), TR(slots), pr, K);
+    ck_cmp_n(c, "choice gather", dx, hp->n * K);
+    pair all[] = {y, dy, dx, dw, slots};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        ck_drop(c, all[i]);
+}
+
 static void check_experts(ck *c, const shape *s, moe_activation act)
 {
     moe_backend *B = c->B, *R = c->R;
@@ -602,6 +632,8 @@ static void check_experts(ck *c, const shape *s, moe_activation act)
     if (glu)
         ck_cmp(c, OP("experts dw3"), dw3);
     ck_cmp(c, OP("experts dw2"), dw2);
+    if (act == MOE_ACT_RELU) /* the plan ops of the mixture of attention heads, once per shape */
+        check_moa(c, hp, pb, pr, xe, w1, d, f);
     pair dx = ck_rand(c, C, T * d, 1);
     B->dispatch_backward(B, TB(dx), TB(dxe), pb, d);
     R->dispatch_backward(R, TR(dx), TR(dxe), pr, d);
@@ -694,7 +726,7 @@ moe_status moe_backend_check(moe_backend *b, const moe_check_options *o, moe_che
         static const char *const router[] = {"softmax", "sigmoid", "jitter", "noisy", "z loss", "mi loss", NULL};
         static const char *const route[] = {"route", "plan counts", "plan upload", "lb loss", "importance", "cv2",
                                             "bias update", NULL};
-        static const char *const experts[] = {"dispatch", "experts", "combine", "plan fill", "ffn", NULL};
+        static const char *const experts[] = {"dispatch", "experts", "combine", "plan fill", "ffn", "choice", NULL};
         if (ck_section(&c, dense))
             check_dense(&c, sh);
         if (ck_section(&c, router))

@@ -26,5 +26,7 @@ int cmd_import(int argc, char **argv);
 void help_import(void);
 int cmd_check(int argc, char **argv);
 void help_check(void);
+int cmd_sweep(int argc, char **argv);
+void help_sweep(void);
 
 #endif

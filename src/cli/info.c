@@ -121,6 +121,10 @@ static void print_text(const char *src, const moe_model_config *c, const moe_mod
            (long long)c->hidden_size, (long long)c->num_attention_heads, (long long)c->num_key_value_heads,
            (long long)hd, (long long)c->vocab_size, c->tie_word_embeddings ? "tied" : "untied",
            moe_activation_name(c->moe.act));
+    if (in->attention_experts)
+        printf("  attention: a mixture of %lld attention-head experts (head_dim %lld), %lld per token, one shared "
+               "key/value head\n",
+               (long long)in->attention_experts, (long long)hd, (long long)in->attention_experts_per_tok);
     if (in->n_moe_layers) {
         const moe_layer_config *m = &c->moe;
         printf("  MoE: %lld experts of %lld, router %s, %.3g experts per token", (long long)m->n_experts,
@@ -140,6 +144,7 @@ static void print_text(const char *src, const moe_model_config *c, const moe_mod
     part("embedding", in->embed_params, in->total_params);
     part("LM head", in->lm_head_params, in->total_params);
     part("attention", in->attn_params, in->total_params);
+    part("  of it attention experts", in->attn_expert_params, in->total_params);
     part("norms", in->norm_params, in->total_params);
     part("dense FFN", in->dense_ffn_params, in->total_params);
     part("routers", in->router_params, in->total_params);
@@ -183,6 +188,11 @@ static int print_json(const char *src, const moe_model_info *in)
     json_object_set_new(p, "embedding", json_integer(in->embed_params));
     json_object_set_new(p, "lm_head", json_integer(in->lm_head_params));
     json_object_set_new(p, "attention", json_integer(in->attn_params));
+    if (in->attention_experts) {
+        json_object_set_new(o, "attention_experts", json_integer(in->attention_experts));
+        json_object_set_new(o, "attention_experts_per_tok", json_integer(in->attention_experts_per_tok));
+        json_object_set_new(p, "attention_experts", json_integer(in->attn_expert_params));
+    }
     json_object_set_new(p, "norms", json_integer(in->norm_params));
     json_object_set_new(p, "dense_ffn", json_integer(in->dense_ffn_params));
     json_object_set_new(p, "routers", json_integer(in->router_params));

@@ -21,3 +21,6 @@ dist_presets_DATA = configs/mixtral-8x7b.json configs/mixtral-8x22b.json configs
 EXTRA_DIST += configs/README.md
 # cmoe export / import: Hugging Face checkpoints (src/io/hf.h)
 cmoe_SOURCES += src/cli/convert.c
+# cmoe sweep: runs of cmoe train in child processes, sweep.jsonl, the page and the fit
+cmoe_SOURCES += src/cli/sweep.h src/cli/sweep.c src/cli/sweep_spec.c src/cli/sweep_record.c src/cli/sweep_report.c
+cmoe_LDADD += $(ZLIB_LIBS)

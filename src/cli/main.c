@@ -30,6 +30,7 @@ static const command commands[] = {
     {"bench", cmd_bench, help_bench, "time the MoE layer (forward + backward) against the sgemm ceiling"},
     {"check", cmd_check, help_check, "every op of a backend (cpu, cuda) against the oracle, on random inputs"},
     {"train", cmd_train, help_train, "train an MoE language model (default: the laptop model on Brown)"},
+    {"sweep", cmd_sweep, help_sweep, "train a list or grid of runs (resumable), compare them on one page"},
     {"sample", cmd_sample, help_sample, "generate text from a trained run"},
     {"eval", cmd_eval, help_eval, "validation loss, perplexity, bits per byte of a trained run"},
     {"info", cmd_info, help_info, "parameters, active parameters, FLOPs per token and memory of a model config"},

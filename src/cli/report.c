@@ -88,7 +88,7 @@ static double smoothing(int64_t n)
 
 /* ---- the sections -------------------------------------------------------------------- */
 
-static const char *css =
+const char *const report_css =
     "*{box-sizing:border-box}"
     "body{margin:0;font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif;"
     "color:#1f2937;background:#f3f4f6}"
@@ -381,7 +381,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
           f);
     svg_esc(f, dir);
     fprintf(f, "</title><style>%s</style></head><body>\n<header><h1>cmoe training report</h1><div class=\"sub\">",
-            css);
+            report_css);
     svg_esc(f, dir);
     fprintf(f, " · %lld steps · written %s by cmoe %s</div></header>\n<main>\n", (long long)n, when, moe_version());
     summary(f, m, ce_s, infop);
@@ -407,13 +407,13 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
                         ti == S_CE ? "Training cross-entropy, without the aux losses, so it compares with the "
                                      "validation loss."
                                    : NULL,
-                        0, 0, 1};
+                        0, 0, 1, 0};
         svg_chart(f, &o, L, nv ? 3 : 2);
         if (m->has[S_TOKENS]) {
             svg_line T[3] = {{tl, "#93c5fd", m->s[S_TOKENS].v, m->s[ti].v, n, 1, 0.9, 0, 0},
                          {tl_s, "#2563eb", m->s[S_TOKENS].v, ce_s, n, 2.2, 1, 0, 0},
                          {"validation", "#ea580c", val_t, val_y, nv, 2, 1, 1, 0}};
-            svg_chart_opts ot = {"Loss vs tokens", "tokens seen", "loss (nats / token)", NULL, 0, 0, 1};
+            svg_chart_opts ot = {"Loss vs tokens", "tokens seen", "loss (nats / token)", NULL, 0, 0, 1, 0};
             svg_chart(f, &ot, T, nv ? 3 : 2);
         } else {
             fputs("<figure class=\"card\"><figcaption>Loss vs tokens</figcaption><p class=\"empty\">metrics.jsonl "
@@ -424,21 +424,21 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
     fputs("</div>\n<h2>Optimisation</h2><div class=\"grid2\">\n", f);
     {
         svg_line lr = {"learning rate", "#9333ea", step, m->s[S_LR].v, n, 2, 1, 0, 0};
-        svg_chart_opts o = {"Learning rate", "step", "learning rate", NULL, 0, 1, 0};
+        svg_chart_opts o = {"Learning rate", "step", "learning rate", NULL, 0, 1, 0, 0};
         svg_chart(f, &o, &lr, 1);
         svg_line tp[2] = {{"per step", "#86efac", step, m->s[S_TPS].v, n, 1, 0.9, 0, 0},
                       {"smoothed", "#16a34a", step, tps_s, n, 2.2, 1, 0, 0}};
-        svg_chart_opts ot = {"Throughput", "step", "tokens / s", NULL, 0, 1, 1};
+        svg_chart_opts ot = {"Throughput", "step", "tokens / s", NULL, 0, 1, 1, 0};
         svg_chart(f, &ot, tp, 2);
         if (m->has[S_GNORM]) {
             svg_line g = {"gradient norm", "#0891b2", step, m->s[S_GNORM].v, n, 1.4, 1, 0, 0};
-            svg_chart_opts og = {"Gradient norm (before clipping)", "step", "global L2 norm", NULL, 1, 0, 0};
+            svg_chart_opts og = {"Gradient norm (before clipping)", "step", "global L2 norm", NULL, 1, 0, 0, 0};
             svg_chart(f, &og, &g, 1);
         }
         if (m->has[S_AUX]) {
             svg_line ls = {"aux", "#dc2626", step, m->s[S_AUX].v, n, 1.4, 1, 0, 0};
             svg_chart_opts ol = {"Aux loss in the objective (Σ over layers of coefficient × loss)", "step",
-                             "loss − cross-entropy", "The training loss is cross-entropy + this.", 0, 0, 0};
+                             "loss − cross-entropy", "The training loss is cross-entropy + this.", 0, 0, 0, 0};
             svg_chart(f, &ol, &ls, 1);
         }
     }
@@ -463,7 +463,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
         if (m->has[S_LMM]) {
             svg_line b = {"max / mean load", "#db2777", step, m->s[S_LMM].v, n, 1.4, 1, 0, 0};
             svg_chart_opts o = {"Load imbalance (mean over layers of max / mean expert load)", "step",
-                            "max / mean (1 = balanced)", NULL, 0, 0, 0};
+                            "max / mean (1 = balanced)", NULL, 0, 0, 0, 0};
             svg_chart(f, &o, &b, 1);
         }
         int any_drop = 0;
@@ -472,7 +472,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
         svg_chart_opts od = {"Dropped tokens", "step", "dropped assignments (%)",
                          any_drop ? "Share of the selected (token, expert) assignments dropped by capacity."
                                   : "No assignment was dropped (dropless routing, or capacity never reached).",
-                         0, 1, 1};
+                         0, 1, 1, 0};
         layer_chart(f, m, &od, -1);
         fputs("</div>\n<h2>Aux losses</h2><div class=\"grid2\">\n", f);
         int shown = 0;
@@ -490,7 +490,7 @@ static int write_report(FILE *f, const char *dir, const metrics *m)
                     snprintf(note, sizeof note, "Coefficient 0 (config.json): computed for monitoring, not trained on.");
             }
             svg_chart_opts o = {aux_titles[a], "step", a == N_AUX - 1 ? "coef × loss" : "loss (unscaled)",
-                            *note ? note : NULL, 0, 0, 1};
+                            *note ? note : NULL, 0, 0, 1, 0};
             layer_chart(f, m, &o, a);
             shown++;
         }

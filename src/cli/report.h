@@ -18,6 +18,8 @@ enum {
 #define REPORT_METRICS_MAX ((size_t)4 << 30)
 
 extern const char *const report_aux_keys[N_AUX]; /* "lb", "importance", "load", "z", "mi", "total" */
+/* The pages' style sheet (cmoe report's, shared by cmoe sweep's page). */
+extern const char *const report_css;
 
 typedef struct {
     double *v;

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "svg.h"
 
@@ -52,12 +53,14 @@ static double nice_step(double lo, double hi, int want)
 enum { CW = 600, CH = 290, ML = 62, MR = 18, MT = 14, MB = 44 };
 
 typedef struct {
-    double x0, x1, y0, y1;
-    int logy;
+    double x0, x1, y0, y1; /* in axis units: log10 of the value on a log axis */
+    int logx, logy;
 } frame;
 
 static double px(const frame *fr, double x)
 {
+    if (fr->logx)
+        x = log10(x);
     return ML + (x - fr->x0) / (fr->x1 - fr->x0) * (CW - ML - MR);
 }
 
@@ -68,36 +71,44 @@ static double py(const frame *fr, double y)
     return CH - MB - (y - fr->y0) / (fr->y1 - fr->y0) * (CH - MT - MB);
 }
 
+/* Tick positions (axis units) over [lo, hi]: 1-2-5 steps, or on a log axis 1, 2, 5 × 10^k
+ * (only 10^k over many decades). */
+static int ticks(double lo, double hi, int log, int want, double *t, int max)
+{
+    int nt = 0;
+    if (log) {
+        /* under about a decade every digit, under 2.5 decades 1, 2, 5, else powers of ten */
+        static const double m125[3] = {1, 2, 5}, m19[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+        const int span = hi - lo < 1.2 ? 9 : hi - lo < 2.5 ? 3 : 1;
+        for (double d = floor(lo); d <= ceil(hi) && nt < max; d++)
+            for (int i = 0; i < span && nt < max; i++) {
+                double v = d + log10(span == 9 ? m19[i] : m125[i]);
+                if (v >= lo - 1e-9 && v <= hi + 1e-9)
+                    t[nt++] = v;
+            }
+        return nt;
+    }
+    const double st = nice_step(lo, hi, want);
+    for (double v = ceil(lo / st) * st; v <= hi + 1e-9 * st && nt < max; v += st)
+        t[nt++] = fabs(v) < 1e-12 * st ? 0 : v;
+    return nt;
+}
+
 static void axes(FILE *f, frame *fr, const char *xlabel, const char *ylabel)
 {
     char b[32];
-    /* y grid and labels; a log axis gets 1, 2, 5 × 10^k (only 10^k over many decades) */
-    double ticks[64];
-    int nt = 0;
-    double st = nice_step(fr->y0, fr->y1, 5);
-    if (fr->logy) {
-        static const double m125[3] = {1, 2, 5};
-        const int dense = fr->y1 - fr->y0 < 2.5;
-        for (double d = floor(fr->y0); d <= ceil(fr->y1) && nt < 60; d++)
-            for (int i = 0; i < (dense ? 3 : 1); i++) {
-                double t = d + log10(m125[i]);
-                if (t >= fr->y0 && t <= fr->y1)
-                    ticks[nt++] = t;
-            }
-    } else {
-        for (double t = ceil(fr->y0 / st) * st; t <= fr->y1 + 1e-9 * st && nt < 60; t += st)
-            ticks[nt++] = fabs(t) < 1e-12 * st ? 0 : t;
-    }
+    double t[64];
+    int nt = ticks(fr->y0, fr->y1, fr->logy, 5, t, 60);
     for (int i = 0; i < nt; i++) {
-        double y = CH - MB - (ticks[i] - fr->y0) / (fr->y1 - fr->y0) * (CH - MT - MB);
-        svg_fmt_num(b, sizeof b, fr->logy ? pow(10, ticks[i]) : ticks[i]);
+        double y = CH - MB - (t[i] - fr->y0) / (fr->y1 - fr->y0) * (CH - MT - MB);
+        svg_fmt_num(b, sizeof b, fr->logy ? pow(10, t[i]) : t[i]);
         fprintf(f, "<line class=\"grid\" x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\"/>", ML, CW - MR, y, y);
         fprintf(f, "<text class=\"tick\" x=\"%d\" y=\"%.1f\" text-anchor=\"end\">%s</text>", ML - 6, y + 4, b);
     }
-    st = nice_step(fr->x0, fr->x1, 6);
-    for (double t = ceil(fr->x0 / st) * st; t <= fr->x1 + 1e-9 * st; t += st) {
-        double x = px(fr, t);
-        svg_fmt_num(b, sizeof b, fabs(t) < 1e-12 * st ? 0 : t);
+    nt = ticks(fr->x0, fr->x1, fr->logx, 6, t, 60);
+    for (int i = 0; i < nt; i++) {
+        double x = ML + (t[i] - fr->x0) / (fr->x1 - fr->x0) * (CW - ML - MR);
+        svg_fmt_num(b, sizeof b, fr->logx ? pow(10, t[i]) : t[i]);
         fprintf(f, "<line class=\"grid\" x1=\"%.1f\" x2=\"%.1f\" y1=\"%d\" y2=\"%d\"/>", x, x, MT, CH - MB);
         fprintf(f, "<text class=\"tick\" x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>", x, CH - MB + 16, b);
     }
@@ -111,6 +122,12 @@ static void axes(FILE *f, frame *fr, const char *xlabel, const char *ylabel)
     fputs("</text>", f);
 }
 
+/* a point is drawn when finite, and positive on a log axis */
+static int drawable(const frame *fr, double x, double y)
+{
+    return isfinite(x) && isfinite(y) && (!fr->logx || x > 0) && (!fr->logy || y > 0);
+}
+
 /* A polyline of at most SVG_MAX_POINTS bucket means (finite points only; gaps break it). */
 static void draw_line(FILE *f, const frame *fr, const svg_line *L)
 {
@@ -120,7 +137,7 @@ static void draw_line(FILE *f, const frame *fr, const svg_line *L)
         double sx = 0, sy = 0;
         int64_t k = 0;
         for (int64_t j = i; j < i + per && j < L->n; j++)
-            if (isfinite(L->x[j]) && isfinite(L->y[j]) && (!fr->logy || L->y[j] > 0)) {
+            if (drawable(fr, L->x[j], L->y[j])) {
                 sx += L->x[j];
                 sy += L->y[j];
                 k++;
@@ -145,26 +162,57 @@ static void draw_line(FILE *f, const frame *fr, const svg_line *L)
         fputs("\"/>", f);
     (void)drawn;
     for (int64_t i = 0; L->dots && i < L->n; i++) /* few: evaluation steps */
-        if (isfinite(L->x[i]) && isfinite(L->y[i]) && (!fr->logy || L->y[i] > 0))
+        if (drawable(fr, L->x[i], L->y[i]))
             fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.2\" fill=\"%s\" stroke=\"#fff\" stroke-width=\"1\"/>",
                     px(fr, L->x[i]), py(fr, L->y[i]), L->color);
+}
+
+/* The axes' ranges from the drawable points of every line, padded; 0 when there is none. */
+static int fit_frame(frame *fr, const svg_chart_opts *o, const svg_line *lines, int nl)
+{
+    *fr = (frame){INFINITY, -INFINITY, INFINITY, -INFINITY, o->logx, o->logy};
+    for (int i = 0; i < nl; i++)
+        for (int64_t j = 0; j < lines[i].n; j++) {
+            double x = lines[i].x[j], y = lines[i].y[j];
+            if (!drawable(fr, x, y))
+                continue;
+            x = o->logx ? log10(x) : x;
+            y = o->logy ? log10(y) : y;
+            fr->x0 = fmin(fr->x0, x);
+            fr->x1 = fmax(fr->x1, x);
+            fr->y0 = fmin(fr->y0, y);
+            fr->y1 = fmax(fr->y1, y);
+        }
+    if (!(fr->x0 <= fr->x1))
+        return 0;
+    if (o->zero_based && !o->logy && fr->y0 > 0)
+        fr->y0 = 0;
+    if (fr->x1 == fr->x0) {
+        fr->x0 -= 0.5;
+        fr->x1 += 0.5;
+    } else if (o->logx) { /* room for the end points' dots */
+        double pad = 0.03 * (fr->x1 - fr->x0);
+        fr->x0 -= pad;
+        fr->x1 += pad;
+    }
+    if (fr->y1 == fr->y0) {
+        double d = fr->y0 == 0 ? 1 : fabs(fr->y0) * 0.1;
+        fr->y0 -= o->zero_based && fr->y0 == 0 ? 0 : d;
+        fr->y1 += d;
+    } else {
+        double pad = 0.05 * (fr->y1 - fr->y0);
+        fr->y1 += pad;
+        if (!(o->zero_based && fr->y0 == 0))
+            fr->y0 -= pad;
+    }
+    return 1;
 }
 
 /* One figure: title, legend, the SVG. Lines with label NULL stay out of the legend. */
 void svg_chart(FILE *f, const svg_chart_opts *o, const svg_line *lines, int nl)
 {
-    frame fr = {INFINITY, -INFINITY, INFINITY, -INFINITY, o->logy};
-    for (int i = 0; i < nl; i++)
-        for (int64_t j = 0; j < lines[i].n; j++) {
-            double x = lines[i].x[j], y = lines[i].y[j];
-            if (!isfinite(x) || !isfinite(y) || (o->logy && y <= 0))
-                continue;
-            y = o->logy ? log10(y) : y;
-            fr.x0 = fmin(fr.x0, x);
-            fr.x1 = fmax(fr.x1, x);
-            fr.y0 = fmin(fr.y0, y);
-            fr.y1 = fmax(fr.y1, y);
-        }
+    frame fr;
+    const int any = fit_frame(&fr, o, lines, nl);
     fputs("<figure class=\"card\"><figcaption>", f);
     svg_esc(f, o->title);
     fputs("</figcaption>", f);
@@ -178,25 +226,9 @@ void svg_chart(FILE *f, const svg_chart_opts *o, const svg_line *lines, int nl)
             }
         fputs("</div>", f);
     }
-    if (!(fr.x0 <= fr.x1)) {
+    if (!any) {
         fputs("<p class=\"empty\">no values recorded</p></figure>\n", f);
         return;
-    }
-    if (o->zero_based && !o->logy && fr.y0 > 0)
-        fr.y0 = 0;
-    if (fr.x1 == fr.x0) {
-        fr.x0 -= 0.5;
-        fr.x1 += 0.5;
-    }
-    if (fr.y1 == fr.y0) {
-        double d = fr.y0 == 0 ? 1 : fabs(fr.y0) * 0.1;
-        fr.y0 -= o->zero_based && fr.y0 == 0 ? 0 : d;
-        fr.y1 += d;
-    } else {
-        double pad = 0.05 * (fr.y1 - fr.y0);
-        fr.y1 += pad;
-        if (!(o->zero_based && fr.y0 == 0))
-            fr.y0 -= pad;
     }
     fprintf(f, "<svg viewBox=\"0 0 %d %d\" role=\"img\" aria-label=\"", CW, CH);
     svg_esc(f, o->title);
@@ -211,6 +243,56 @@ void svg_chart(FILE *f, const svg_chart_opts *o, const svg_line *lines, int nl)
         fputs("</p>", f);
     }
     fputs("</figure>\n", f);
+}
+
+/* The same chart as a standalone SVG document (an image for a README): the title above,
+ * the legend below, its own styles. */
+void svg_chart_file(FILE *f, const svg_chart_opts *o, const svg_line *lines, int nl)
+{
+    frame fr;
+    const int any = fit_frame(&fr, o, lines, nl);
+    int nlab = 0;
+    size_t longest = 1;
+    for (int i = 0; i < o->legend * nl; i++)
+        if (lines[i].label) {
+            nlab++;
+            longest = strlen(lines[i].label) > longest ? strlen(lines[i].label) : longest;
+        }
+    /* as many legend entries per row as the longest label allows (about 6.5 px a character) */
+    int per_row = (int)((CW - ML - MR) / (26 + 6.5 * (double)longest));
+    per_row = per_row < 1 ? 1 : per_row > 4 ? 4 : per_row;
+    const int top = 30, rows = (nlab + per_row - 1) / per_row, H = top + CH + 18 * rows + 6;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 %d %d\" width=\"%d\" height=\"%d\">\n"
+               "<style>text{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif}"
+               ".grid{stroke:#eef0f3;stroke-width:1}.frame{fill:none;stroke:#d1d5db;stroke-width:1}"
+               ".tick{font-size:11px;fill:#6b7280}.axis{font-size:12px;fill:#374151}"
+               ".title{font-size:14px;font-weight:600;fill:#111827}.lab{font-size:11.5px;fill:#374151}</style>\n"
+               "<rect width=\"100%%\" height=\"100%%\" fill=\"#fff\"/>"
+               "<text class=\"title\" x=\"%d\" y=\"20\">",
+            CW, H, CW, H, ML);
+    svg_esc(f, o->title);
+    fprintf(f, "</text>\n<g transform=\"translate(0 %d)\">", top);
+    if (any) {
+        axes(f, &fr, o->xlabel, o->ylabel);
+        for (int i = 0; i < nl; i++)
+            draw_line(f, &fr, &lines[i]);
+    } else {
+        fprintf(f, "<text class=\"axis\" x=\"%d\" y=\"%d\" text-anchor=\"middle\">no values recorded</text>", CW / 2,
+                CH / 2);
+    }
+    fputs("</g>\n", f);
+    for (int i = 0, k = 0; i < o->legend * nl; i++) {
+        if (!lines[i].label)
+            continue;
+        const double x = ML + (k % per_row) * (double)(CW - ML - MR) / per_row, y = top + CH + 12 + 18 * (k / per_row);
+        fprintf(f, "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"3\"%s/>", x,
+                x + 16, y - 4, y - 4, lines[i].color, lines[i].dash ? " stroke-dasharray=\"4 3\"" : "");
+        fprintf(f, "<text class=\"lab\" x=\"%.1f\" y=\"%.1f\">", x + 21, y);
+        svg_esc(f, lines[i].label);
+        fputs("</text>", f);
+        k++;
+    }
+    fputs("\n</svg>\n", f);
 }
 
 /* Diverging blue–white–red over log2(load / balanced) in [-2, 2]. */

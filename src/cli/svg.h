@@ -1,6 +1,7 @@
 /*
- * svg.h — the SVG drawing of `cmoe report`: line charts and the heatmap colour scale, as
- * inline SVG text on a stream (the page itself is report.c's).
+ * svg.h — the SVG drawing of `cmoe report` and `cmoe sweep`: line charts (inline in a page, or
+ * a standalone .svg file) and the heatmap colour scale, as text on a stream (the pages
+ * themselves are report.c's and sweep_report.c's).
  */
 #ifndef CMOE_CLI_SVG_H
 #define CMOE_CLI_SVG_H
@@ -30,10 +31,13 @@ typedef struct {
 typedef struct {
     const char *title, *xlabel, *ylabel, *note;
     int logy, zero_based, legend;
+    int logx; /* a log10 x axis (points with x <= 0 are left out) */
 } svg_chart_opts;
 
 /* One figure: title, legend, the SVG (axes fitted to the finite points of every line). */
 void svg_chart(FILE *f, const svg_chart_opts *o, const svg_line *lines, int nl);
+/* The same chart as a standalone SVG document (title and legend drawn in it), for a file. */
+void svg_chart_file(FILE *f, const svg_chart_opts *o, const svg_line *lines, int nl);
 
 /* Diverging blue-white-red over log2(ratio) in [-2, 2] (ratio 1 is white), as "#rrggbb". */
 void svg_heat_color(double ratio, char *buf, size_t n);

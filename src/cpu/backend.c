@@ -351,6 +351,7 @@ moe_status moe_backend_cpu_create(const moe_backend_options *o, moe_backend **ou
     moe_cpu_experts_ops(b);
     moe_cpu_dispatch_ops(b);
     moe_cpu_model_ops(b);
+    moe_cpu_moa_ops(b);
     *out = b;
     return MOE_OK;
 }

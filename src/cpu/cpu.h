@@ -85,5 +85,6 @@ void moe_cpu_aux_ops(moe_backend *b);
 void moe_cpu_experts_ops(moe_backend *b);
 void moe_cpu_dispatch_ops(moe_backend *b);
 void moe_cpu_model_ops(moe_backend *b);
+void moe_cpu_moa_ops(moe_backend *b);
 
 #endif

@@ -85,6 +85,8 @@ moe_status moe_hf_arch_of(const moe_model_config *c, moe_hf_arch *arch)
         add_reason(why, sizeof why, "use_expert_bias (the aux-loss-free router bias changes the selection)");
     if (m->residual)
         add_reason(why, sizeof why, "residual_moe (Residual-MoE / Arctic dense branch)");
+    if (c->attention_experts > 0)
+        add_reason(why, sizeof why, "attention_experts (a mixture of attention heads; HF attention is multi-head)");
     if (m->act != MOE_ACT_SWIGLU && m->act != MOE_ACT_GEGLU)
         add_reason(why, sizeof why, "hidden_act '%s' (HF experts are gated: swiglu = silu, geglu = gelu)",
                    acts[m->act]);

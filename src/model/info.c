@@ -45,14 +45,31 @@ moe_status moe_model_info_compute(const moe_model_config *c, int64_t seq, moe_mo
     info->norm_params = C; /* the final norm */
 
     double active = 0, flops = 2.0 * (double)(V * C), ept_sum = 0; /* the LM head's product */
+    const int64_t Ea = c->attention_experts, ka = c->attention_experts_per_tok;
+    info->attention_experts = Ea;
+    info->attention_experts_per_tok = Ea > 0 ? ka : 0;
     for (int64_t l = 0; l < c->num_hidden_layers; l++) {
-        const int64_t attn = C * (H + 2 * Hkv) * hd + H * hd * C;
-        const int64_t bias = c->qkv_bias ? (H + 2 * Hkv) * hd : 0;
-        info->attn_params += attn + bias;
         info->norm_params += 2 * C;
-        active += (double)(attn + bias + 2 * C);
-        flops += 2.0 * (double)attn;
-        info->flops_attn_fwd += 2.0 * 2.0 * (double)(H * hd) * keys_per_token;
+        active += (double)(2 * C);
+        if (Ea > 0) {
+            /* mixture of attention heads: a router, shared k and v (one head), each expert's
+             * q and o; a token goes through the router, k, v and ka experts, and attends with
+             * ka query heads */
+            const int64_t router = C * Ea, kv = 2 * C * hd, expert = 2 * C * hd;
+            info->router_params += router;
+            info->attn_params += kv + Ea * expert;
+            info->attn_expert_params += Ea * expert;
+            active += (double)(router + kv + ka * expert);
+            flops += 2.0 * (double)(router + kv + ka * expert);
+            info->flops_attn_fwd += 2.0 * 2.0 * (double)(ka * hd) * keys_per_token;
+        } else {
+            const int64_t attn = C * (H + 2 * Hkv) * hd + H * hd * C;
+            const int64_t bias = c->qkv_bias ? (H + 2 * Hkv) * hd : 0;
+            info->attn_params += attn + bias;
+            active += (double)(attn + bias);
+            flops += 2.0 * (double)attn;
+            info->flops_attn_fwd += 2.0 * 2.0 * (double)(H * hd) * keys_per_token;
+        }
 
         const int64_t E = moe_model_layer_experts(c, l);
         if (E <= 0) {

@@ -9,7 +9,9 @@
  * - Active parameters per token: everything a token touches. The embedding matrix and the
  *   LM head count whole (the convention behind Mixtral's "12.9B active"); each MoE layer
  *   counts its router whole, `experts_per_token` of its routed experts, and every shared
- *   expert, shared gate and residual branch. experts_per_token is top_k for token choice
+ *   expert, shared gate and residual branch. A mixture of attention heads counts its router
+ *   and the shared k and v projections whole and attention_experts_per_tok experts' q and o,
+ *   and attends with that many query heads. experts_per_token is top_k for token choice
  *   (an upper bound when a capacity factor drops tokens), 1 for hash routing and
  *   capacity_factor for expert choice (E·C/T assignments per token on average).
  * - FLOPs per token: 2 per multiply-add of every matrix product a token goes through
@@ -39,9 +41,12 @@ typedef struct {
     int64_t embed_params;     /* embed_tokens [V, C] */
     int64_t lm_head_params;   /* lm_head [V, C]; 0 when tied */
     int64_t norm_params;      /* every RMSNorm weight, the final one included */
-    int64_t attn_params;      /* q, k, v, o projections and q/k/v biases */
+    int64_t attn_params;      /* q, k, v, o projections and q/k/v biases (MoA: the shared k
+                               * and v and every expert's q and o) */
+    int64_t attn_expert_params; /* MoA: the experts' q and o (part of attn_params) */
+    int64_t attention_experts, attention_experts_per_tok; /* MoA's E and k; 0 without */
     int64_t dense_ffn_params; /* the dense layers' FFNs */
-    int64_t router_params;    /* router weights, noise weights, expert biases */
+    int64_t router_params;    /* router weights, noise weights, expert biases (MoA's routers too) */
     int64_t expert_params;    /* routed experts */
     int64_t shared_params;    /* shared experts and their gate */
     int64_t residual_params;  /* Residual-MoE dense branch and its mixing coefficients */

@@ -76,6 +76,15 @@ moe_status moe_model_layout(moe_model *m)
     for (int64_t l = 0; l < m->L; l++) {
         const mblock *k = &m->blk[l];
         OWN(1, C, 0, "model.layers.%lld.input_layernorm.weight", (long long)l);
+        if (k->moa) { /* a mixture of attention heads owns its parameters, as an MoE layer does */
+            const moe_arena *pa = moe_moa_params(k->moa);
+            for (int i = 0; i < pa->n; i++) {
+                snprintf(nm, sizeof nm, "model.layers.%lld.self_attn.%s", (long long)l, pa->views[i].name);
+                if ((s = push_param(m, nm, pa->views[i].ndim, pa->views[i].shape)))
+                    return s;
+            }
+            goto post_attention;
+        }
         OWN(2, C, m->qd, "model.layers.%lld.self_attn.q_proj.weight", (long long)l);
         OWN(2, C, m->kvd, "model.layers.%lld.self_attn.k_proj.weight", (long long)l);
         OWN(2, C, m->kvd, "model.layers.%lld.self_attn.v_proj.weight", (long long)l);
@@ -85,6 +94,7 @@ moe_status moe_model_layout(moe_model *m)
             OWN(1, m->kvd, 0, "model.layers.%lld.self_attn.v_proj.bias", (long long)l);
         }
         OWN(2, m->qd, C, "model.layers.%lld.self_attn.o_proj.weight", (long long)l);
+    post_attention:
         OWN(1, C, 0, "model.layers.%lld.post_attention_layernorm.weight", (long long)l);
         if (!k->E) {
             OWN(2, C, F, "model.layers.%lld.mlp.gate_proj.weight", (long long)l);
@@ -102,11 +112,15 @@ moe_status moe_model_layout(moe_model *m)
         ACT(N, C, "%lld.x", (long long)l);
         ACT(N, C, "%lld.n1", (long long)l);
         ACT(1, N, "%lld.rstd1", (long long)l);
-        ACT(N, m->qd, "%lld.q", (long long)l);
-        ACT(N, m->kvd, "%lld.k", (long long)l);
-        ACT(N, m->kvd, "%lld.v", (long long)l);
-        ACT(1, att, "%lld.att", (long long)l);
-        ACT(N, m->qd, "%lld.ao", (long long)l);
+        if (!k->moa) { /* MoA keeps its own */
+            ACT(N, m->qd, "%lld.q", (long long)l);
+            ACT(N, m->kvd, "%lld.k", (long long)l);
+            ACT(N, m->kvd, "%lld.v", (long long)l);
+            ACT(1, att, "%lld.att", (long long)l);
+            ACT(N, m->qd, "%lld.ao", (long long)l);
+            ACT(m->maxS, m->kvd, "%lld.kc", (long long)l);
+            ACT(m->maxS, m->kvd, "%lld.vc", (long long)l);
+        }
         ACT(N, C, "%lld.mid", (long long)l);
         ACT(N, C, "%lld.n2", (long long)l);
         ACT(1, N, "%lld.rstd2", (long long)l);
@@ -117,8 +131,6 @@ moe_status moe_model_layout(moe_model *m)
             ACT(N, F, "%lld.a", (long long)l);
         }
         ACT(N, C, "%lld.fo", (long long)l);
-        ACT(m->maxS, m->kvd, "%lld.kc", (long long)l);
-        ACT(m->maxS, m->kvd, "%lld.vc", (long long)l);
     }
     OWN(1, C, 0, "model.norm.weight");
     if (!m->c.tie_word_embeddings)
@@ -207,6 +219,9 @@ void moe_model_bind(moe_model *m)
         if (sscanf(p->info.name, "model.layers.%lld.block_sparse_moe.%n", &l, &used) == 1 && used > 0) {
             moe_layer *ly = m->blk[l].moe;
             moe_layer_param_tensors(ly, p->info.name + used, &p->p, &p->g);
+        } else if (sscanf(p->info.name, "model.layers.%lld.self_attn.%n", &l, &used) == 1 && used > 0 &&
+                   m->blk[l].moa) {
+            moe_moa_param_tensors(m->blk[l].moa, p->info.name + used, &p->p, &p->g);
         }
     }
 }

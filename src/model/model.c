@@ -78,6 +78,21 @@ moe_status moe_model_create(const moe_model_config *c, moe_backend *b, moe_excha
         k->stat0 = m->ns;
         m->ns += MOE_LAYER_NSTATS(k->E);
     }
+    if (c->attention_experts > 0) { /* every layer's attention: a mixture of heads */
+        const moe_moa_dims d = {m->maxB, m->maxS, m->C, m->hd, c->attention_experts, c->attention_experts_per_tok,
+                                c->rope_theta, c->moe.lb_coef, c->moe.z_coef};
+        for (int64_t l = 0; l < m->L; l++) {
+            mblock *k = &m->blk[l];
+            if ((s = moe_moa_create(&d, l, c->moe.seed, b, &k->moa))) {
+                if (s == MOE_ERR_NOMEM)
+                    s = moe_model_size_error(c, m->maxN);
+                moe_model_free(m);
+                return s;
+            }
+            k->moa_stat0 = m->ns;
+            m->ns += MOE_LAYER_NSTATS(c->attention_experts);
+        }
+    }
     m->n_scalars = 2 * m->ns + 2;
     const moe_workload w = {.batch = m->maxB, .seq = m->maxS, .heads = m->H, .kv_heads = m->Hkv, .head_dim = m->hd,
                             .rows_ffn = m->maxN, .d_model = m->C, .d_ff = m->F};
@@ -106,8 +121,10 @@ void moe_model_free(moe_model *m)
     if (!m)
         return;
     moe_backend *b = m->b;
-    for (int64_t l = 0; m->blk && l < m->L; l++)
+    for (int64_t l = 0; m->blk && l < m->L; l++) {
         moe_layer_free(m->blk[l].moe);
+        moe_moa_free(m->blk[l].moa);
+    }
     if (m->pbuf)
         b->free(b, m->pbuf);
     if (m->gbuf)
@@ -210,9 +227,12 @@ void moe_model_zero_grad(moe_model *m)
     m->b->fill(m->b, (moe_tensor){m->sbuf, m->ns}, 0.0, m->ns); /* a new step's sums */
     m->forwards = 0;
     m->shost_fresh = 0;
-    for (int64_t l = 0; l < m->L; l++)
+    for (int64_t l = 0; l < m->L; l++) {
         if (m->blk[l].moe)
             moe_layer_zero_grad(m->blk[l].moe);
+        if (m->blk[l].moa)
+            moe_moa_zero_grad(m->blk[l].moa);
+    }
 }
 
 void moe_model_update_bias(moe_model *m)
@@ -290,11 +310,21 @@ static moe_tensor *opt(moe_tensor *t)
 }
 
 /* x → mid = x + attention(x) for N = B·S tokens */
-static void attn_forward(moe_model *m, mblock *k, int64_t B, int64_t S)
+static moe_status attn_forward(moe_model *m, mblock *k, int64_t B, int64_t S)
 {
     moe_backend *b = m->b;
     const int64_t N = B * S, C = m->C;
     b->rmsnorm_forward(b, k->n1, k->rstd1, k->x, k->ln1, m->c.rms_norm_eps, N, C);
+    if (k->moa) {
+        moe_status s = moe_moa_forward(k->moa, k->mid, k->n1, B, S, MOE_KEY_STEP(0));
+        if (s)
+            return s;
+        /* its router's losses and counts join the step's scalars */
+        b->copy(b, moe_tensor_at((moe_tensor){m->sbuf, 0}, k->moa_stat0), moe_moa_stats(k->moa),
+                MOE_LAYER_NSTATS(m->c.attention_experts));
+        b->add(b, k->mid, k->x, N * C);
+        return MOE_OK;
+    }
     b->matmul_forward(b, k->q, k->n1, k->wq, N, C, m->qd);
     b->matmul_forward(b, k->k, k->n1, k->wk, N, C, m->kvd);
     b->matmul_forward(b, k->v, k->n1, k->wv, N, C, m->kvd);
@@ -308,6 +338,7 @@ static void attn_forward(moe_model *m, mblock *k, int64_t B, int64_t S)
     b->attention_forward(b, k->ao, k->att, k->q, k->k, k->v, B, S, m->H, m->Hkv, m->hd);
     b->matmul_forward(b, k->mid, k->ao, k->wo, N, m->qd, C);
     b->add(b, k->mid, k->x, N * C);
+    return MOE_OK;
 }
 
 /* fo = FFN(rmsnorm(mid)), dense or MoE */
@@ -377,8 +408,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t 
     b->embedding_forward(b, m->blk[0].x, m->in, m->wte, N, C);
     for (int64_t l = 0; l < m->L; l++) {
         mblock *k = &m->blk[l];
-        attn_forward(m, k, B, S);
-        if ((s = ffn_forward(m, k, task_ids ? &m->task : NULL, N, key, training)))
+        if ((s = attn_forward(m, k, B, S)) || (s = ffn_forward(m, k, task_ids ? &m->task : NULL, N, key, training)))
             return s;
         moe_tensor nx = next_x(m, l);
         b->copy(b, nx, k->mid, N * C);
@@ -422,6 +452,14 @@ static moe_status block_backward(moe_model *m, mblock *k)
     }
     b->copy(b, m->dmid, m->dx, N * C);
     b->rmsnorm_backward(b, &m->dmid, &k->gln2, m->dn, k->mid, k->ln2, k->rstd2, N, C);
+    if (k->moa) { /* mid = x + MoA(n1) */
+        b->fill(b, m->dn, 0.0, N * C);
+        if ((s = moe_moa_backward(k->moa, m->dn, m->dmid)))
+            return s;
+        b->copy(b, m->dx, m->dmid, N * C);
+        b->rmsnorm_backward(b, &m->dx, &k->gln1, m->dn, k->x, k->ln1, k->rstd1, N, C);
+        return MOE_OK;
+    }
     /* mid = x + o_proj(attention(rope(q), rope(k), v)) */
     b->fill(b, m->dao, 0.0, N * m->qd);
     b->matmul_backward(b, &m->dao, &k->gwo, m->dmid, k->ao, k->wo, N, m->qd, C);
@@ -494,6 +532,12 @@ moe_status moe_model_decode(moe_model *m, int32_t token, int64_t pos, double *lo
     for (int64_t l = 0; l < m->L; l++) {
         mblock *k = &m->blk[l];
         b->rmsnorm_forward(b, k->n1, k->rstd1, k->x, k->ln1, m->c.rms_norm_eps, 1, C);
+        if (k->moa) {
+            if ((s = moe_moa_decode(k->moa, k->mid, k->n1, pos)))
+                return s;
+            b->add(b, k->mid, k->x, C);
+            goto ffn;
+        }
         b->matmul_forward(b, k->q, k->n1, k->wq, 1, C, m->qd);
         b->matmul_forward(b, k->k, k->n1, k->wk, 1, C, m->kvd);
         b->matmul_forward(b, k->v, k->n1, k->wv, 1, C, m->kvd);
@@ -509,6 +553,7 @@ moe_status moe_model_decode(moe_model *m, int32_t token, int64_t pos, double *lo
         b->attention_decode(b, k->ao, k->q, k->kc, k->vc, pos, m->H, m->Hkv, m->hd);
         b->matmul_forward(b, k->mid, k->ao, k->wo, 1, m->qd, C);
         b->add(b, k->mid, k->x, C);
+    ffn:
         if ((s = ffn_forward(m, k, NULL, 1, MOE_KEY_STEP(0), 0)))
             return s;
         moe_tensor nx = next_x(m, l);
@@ -523,4 +568,9 @@ moe_status moe_model_decode(moe_model *m, int32_t token, int64_t pos, double *lo
 moe_layer *moe_model_moe_layer(moe_model *m, int64_t layer)
 {
     return m && layer >= 0 && layer < m->L ? m->blk[layer].moe : NULL;
+}
+
+moe_moa *moe_model_moa(moe_model *m, int64_t layer)
+{
+    return m && layer >= 0 && layer < m->L ? m->blk[layer].moa : NULL;
 }

@@ -28,6 +28,10 @@
  * Architecture. Token embedding; L blocks of
  *     x += o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = rmsnorm(x)
  *     x += ffn(rmsnorm(x))
+ * or, with attention_experts > 0, x += MoA(n): a mixture of attention heads (layer/moa.h;
+ * attention_experts_per_tok of attention_experts heads of head_dim per token, one shared
+ * key/value head, the router's load-balance and z-loss with the MoE layers' coefficients;
+ * num_attention_heads and num_key_value_heads then only set head_dim when it is 0)
  * then a final RMSNorm and the LM head. Causal attention with RoPE (Llama "rotate_half")
  * and grouped-query attention (num_key_value_heads divides num_attention_heads); optional
  * q/k/v biases (Qwen2-MoE). The FFN of layer l is an MoE layer (src/layer/moe_layer.h: any
@@ -47,6 +51,9 @@
  *   model.layers.N.self_attn.v_proj.weight           [C, Hkv·hd]  HF: transposed
  *   model.layers.N.self_attn.{q,k,v}_proj.bias       [out]        qkv_bias only; HF: same
  *   model.layers.N.self_attn.o_proj.weight           [H·hd, C]    HF: transposed
+ *   MoA layers instead (no HF twin): model.layers.N.self_attn. + router.weight [C, Ea],
+ *     k_proj.weight [C, hd], v_proj.weight [C, hd], experts.q_proj [Ea, C, hd],
+ *     experts.o_proj [Ea, hd, C]
  *   model.layers.N.post_attention_layernorm.weight   [C]          HF: same
  *   dense layers (Llama/Qwen2 MLP names):
  *   model.layers.N.mlp.gate_proj.weight              [C, F]       w1; HF: transposed
@@ -79,6 +86,7 @@
 #define CMOE_MODEL_H
 
 #include "backend/backend.h"
+#include "layer/moa.h"
 #include "layer/moe_layer.h"
 
 #define MOE_MODEL_MAX_LAYERS 64
@@ -114,6 +122,10 @@ typedef struct {
     double initializer_range;        /* "initializer_range": N(0, σ²) init of weights */
     double switch_init_scale;        /* "switch_init_scale": > 0 → Switch's init instead:
                                       * truncated normal (±2σ), σ = sqrt(scale / fan_in) */
+    int64_t attention_experts;       /* "attention_experts": > 0 makes every layer's attention
+                                      * a mixture of attention heads (layer/moa.h) of this many
+                                      * head experts; 0: multi-head attention */
+    int64_t attention_experts_per_tok; /* "attention_experts_per_tok": heads per token (k) */
     moe_layer_config moe;            /* the MoE layers' keys; d_model, d_ff, n_experts and
                                       * layer are filled in per layer by the model */
 } moe_model_config;
@@ -256,6 +268,8 @@ typedef struct {
 moe_status moe_model_get_stats(moe_model *m, moe_span span, moe_model_stats *s);
 /* The MoE layer of layer l (its plan, phase timings, saved tensors); NULL for a dense layer. */
 moe_layer *moe_model_moe_layer(moe_model *m, int64_t layer);
+/* The mixture of attention heads of layer l; NULL without attention_experts. */
+moe_moa *moe_model_moa(moe_model *m, int64_t layer);
 
 /* ---- parameters as named tensors (checkpoints) --------------------------------- */
 

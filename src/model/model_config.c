@@ -24,6 +24,7 @@ static void common_defaults(moe_model_config *c)
     c->rope_theta = 10000.0;
     c->rms_norm_eps = 1e-5;
     c->decoder_sparse_step = 1;
+    c->attention_experts_per_tok = 2;
     c->initializer_range = 0.02;
     c->moe.act = MOE_ACT_SWIGLU;
     c->moe.top_k = 2;
@@ -163,6 +164,17 @@ moe_status moe_model_config_validate(const moe_model_config *c)
             c->initializer_range);
     if (!(c->switch_init_scale >= 0 && c->switch_init_scale <= 10))
         BAD("config: switch_init_scale must be in [0, 10] (0: off; Switch uses 0.1; got %g)", c->switch_init_scale);
+    if (c->attention_experts < 0 || c->attention_experts > 1 << 20)
+        BAD("config: attention_experts must be in [0, 2^20] (0: multi-head attention; got %lld)",
+            (long long)c->attention_experts);
+    if (c->attention_experts > 0) {
+        if (c->attention_experts_per_tok < 1 || c->attention_experts_per_tok > c->attention_experts)
+            BAD("config: attention_experts_per_tok must be in [1, attention_experts = %lld] (got %lld)",
+                (long long)c->attention_experts, (long long)c->attention_experts_per_tok);
+        if (c->qkv_bias)
+            BAD("config: qkv_bias: a mixture of attention heads (attention_experts) has no q/k/v biases; "
+                "set it to false");
+    }
     /* the MoE keys (and hidden_act, which the dense layers use too) */
     moe_layer_config lc = c->moe;
     lc.d_model = c->hidden_size;
@@ -221,7 +233,7 @@ static const char *const extra_keys[] = {
     "vocab_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "qkv_bias",
     "decoder_sparse_step", "first_k_dense_replace", "initializer_range", "switch_init_scale",
-    "num_experts_per_layer", "model_type", "architectures", NULL,
+    "num_experts_per_layer", "model_type", "architectures", "attention_experts", "attention_experts_per_tok", NULL,
 };
 
 static moe_status set_mkey(const mkey *k, json_t *v, moe_model_config *c)
@@ -268,6 +280,16 @@ static moe_status parse_obj(json_t *root, moe_model_config *out)
         json_t *v = json_object_get(root, mkeys[i].name);
         if (v && (s = set_mkey(&mkeys[i], v, &c)))
             return s;
+    }
+    /* mixture of attention heads: cmoe's own keys, written only when used */
+    static const char *const moa_keys[2] = {"attention_experts", "attention_experts_per_tok"};
+    int64_t *moa_field[2] = {&c.attention_experts, &c.attention_experts_per_tok};
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(root, moa_keys[i]);
+        if (v && (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT32_MAX))
+            BAD("config: %s must be an integer in [0, 2^31)", moa_keys[i]);
+        if (v)
+            *moa_field[i] = (int64_t)json_integer_value(v);
     }
     if (has_inter && !json_object_get(root, "moe_intermediate_size"))
         c.moe_intermediate_size = c.intermediate_size; /* Mixtral: the experts' size */
@@ -374,6 +396,9 @@ moe_status moe_model_config_to_json(const moe_model_config *c, int pretty, char 
             json_array_append_new(arr, json_integer(c->num_experts_per_layer[l]));
         bad = put(root, "num_experts_per_layer", arr);
     }
+    if (!bad && c->attention_experts > 0) /* absent when off: configs without MoA stay as they were */
+        bad = put(root, "attention_experts", json_integer(c->attention_experts)) ||
+              put(root, "attention_experts_per_tok", json_integer(c->attention_experts_per_tok));
     const char *key;
     json_t *v;
     if (!bad)
@@ -397,8 +422,12 @@ int64_t moe_model_config_param_count(const moe_model_config *c)
     const int64_t hd = c->head_dim ? c->head_dim : C / H;
     const int glu = moe_act_is_glu(c->moe.act);
     int64_t n = V * C * (c->tie_word_embeddings ? 1 : 2) + C;
+    const int64_t Ea = c->attention_experts;
     for (int64_t l = 0; l < c->num_hidden_layers; l++) {
-        n += 2 * C + C * (H + 2 * Hkv) * hd + H * hd * C + (c->qkv_bias ? (H + 2 * Hkv) * hd : 0);
+        if (Ea > 0) /* router, shared k and v, each expert's q and o */
+            n += 2 * C + C * Ea + 2 * C * hd + Ea * 2 * C * hd;
+        else
+            n += 2 * C + C * (H + 2 * Hkv) * hd + H * hd * C + (c->qkv_bias ? (H + 2 * Hkv) * hd : 0);
         int64_t E = moe_model_layer_experts(c, l);
         if (!E) {
             n += (glu ? 3 : 2) * C * c->intermediate_size;

@@ -16,6 +16,8 @@ typedef struct {
     int64_t E; /* 0: dense FFN */
     moe_layer *moe;
     int64_t stat0;   /* where its stats sit in the model's scalars */
+    moe_moa *moa;    /* the attention as a mixture of heads (attention_experts), or NULL */
+    int64_t moa_stat0;
     /* parameters and gradients (model-owned); .buf NULL when absent */
     moe_tensor ln1, wq, wk, wv, bq, bk, bv, wo, ln2, w1, w3, w2;
     moe_tensor gln1, gwq, gwk, gwv, gbq, gbk, gbv, gwo, gln2, gw1, gw3, gw2;

@@ -46,9 +46,12 @@ moe_status moe_model_read_scalars(moe_model *m)
 static double aux_total(const moe_model *m, const double *v)
 {
     double aux = 0;
-    for (int64_t l = 0; l < m->L; l++)
+    for (int64_t l = 0; l < m->L; l++) {
         if (m->blk[l].moe)
             aux += moe_layer_aux_of(moe_layer_config_of(m->blk[l].moe), v + m->blk[l].stat0).total;
+        if (m->blk[l].moa) /* the attention router's load-balance and z-loss */
+            aux += moe_layer_aux_of(moe_moa_router(m->blk[l].moa), v + m->blk[l].moa_stat0).total;
+    }
     return aux;
 }
 
@@ -130,6 +133,15 @@ moe_status moe_model_get_stats(moe_model *m, moe_span span, moe_model_stats *st)
         st->aux_z += ls.aux.z;
         st->aux_mi += ls.aux.mi;
         st->aux_total += ls.aux.total;
+    }
+    for (int64_t l = 0; l < m->L; l++) { /* the attention routers' losses are in the objective too */
+        if (!m->blk[l].moa)
+            continue;
+        const moe_aux_losses a = moe_layer_aux_of(moe_moa_router(m->blk[l].moa),
+                                                  m->shost + (span == MOE_SPAN_STEP ? m->ns : 0) + m->blk[l].moa_stat0);
+        st->aux_lb += a.lb;
+        st->aux_z += a.z;
+        st->aux_total += a.total;
     }
     if (st->n_moe_layers)
         st->load_max_over_mean = ratio / (double)st->n_moe_layers;
