@@ -141,6 +141,12 @@ mkdir -p "$tmp/inf" && cp "$Q/config.json" "$Q/model.safetensors" "$tmp/inf/" &&
 run 1 "tensor 'model.layers.1.mlp.experts.2.up_proj.weight' is not finite: element 0 (of 192) is inf" \
     import --format hf "$tmp/inf" "$tmp/inf-run"
 [ -e "$tmp/inf-run/model.safetensors" ] && fail "a refused import wrote a run"
+# and on export: a run whose weights hold a NaN writes no Hugging Face checkpoint
+cp -r "$R" "$tmp/nan-run" && poison "$tmp/nan-run/model.safetensors" model.layers.1.block_sparse_moe.experts.w1 nan ||
+    fail "poison"
+run 1 "parameter 'model.layers.1.block_sparse_moe.experts.w1' is not finite: element 0 (of [0-9]*) is nan" \
+    export --format hf "$tmp/nan-run" "$tmp/nan-hf"
+[ -e "$tmp/nan-hf/model.safetensors" ] && fail "a refused export wrote weights"
 
 # ---- optional: the exported Mixtral through the plain-PyTorch reference -------------------------
 if /usr/bin/python3 -c 'import torch, numpy' 2>/dev/null; then

@@ -143,6 +143,20 @@ if (cd "$P" && "$cmoe_abs" train --preset tiny --data text.txt --steps 4 --batch
 else
     fail "could not train on $P/text.txt"
 fi
+# the issue's own steps: a run on the default data (datasets/brown, found from the source tree)
+# resumes, both from there and from another directory
+D="$tmp/default-data"
+src_abs=$(cd "$top_srcdir" && pwd)
+sed 's/"vocab_size": *[0-9]*/"vocab_size": 256/' "$top_srcdir/configs/tiny.json" >"$tmp/tiny256.json"
+if (cd "$src_abs" && "$cmoe_abs" train --config "$tmp/tiny256.json" --steps 2 --batch 2 --seq 8 --eval-every 0 --save-every 1 \
+    --out "$D" >/dev/null 2>&1); then
+    (cd "$src_abs" && "$cmoe_abs" train --resume "$D" --steps 3 >"$tmp/stdout" 2>"$tmp/stderr") &&
+        (cd / && "$cmoe_abs" train --resume "$D" --steps 4 >>"$tmp/stdout" 2>>"$tmp/stderr") &&
+        echo "ok: a run on the default data resumes from the source tree and from another directory" ||
+        fail "resume of a run on the default data: $(cat "$tmp/stderr")"
+else
+    fail "could not train on the default data from $src_abs"
+fi
 
 # ---- Ctrl-C writes a checkpoint of the step it stopped after ---------------------------------
 G="$tmp/sigint"
