@@ -551,6 +551,7 @@ static void cu_destroy(moe_backend *b)
                 cudaStreamDestroy(st->stream[i]);
         }
         cudaFree(st->scratch);
+        cudaFreeHost(st->seg_host);
         drain_pending(st);
         free(st->pending);
         free(st);
@@ -597,7 +598,10 @@ extern "C" moe_status moe_backend_cuda_create(const moe_backend_options *o, moe_
     st->device = dev;
     cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, dev);
     st->sync_ops = env_is("CMOE_CUDA_SYNC", "1");
-    st->simt_only = env_is("CMOE_CUDA_GEMM", "simt");
+    st->gemm = env_is("CMOE_CUDA_GEMM", "simt")     ? MOE_CU_GEMM_SIMT
+               : env_is("CMOE_CUDA_GEMM", "mma")    ? MOE_CU_GEMM_MMA
+               : env_is("CMOE_CUDA_GEMM", "cublas") ? MOE_CU_GEMM_CUBLAS
+                                                    : MOE_CU_GEMM_AUTO;
     st->blas_ws_bytes = (size_t)32 << 20;
     moe_status s = MOE_OK;
     for (int i = 0; i < MOE_NSTREAMS && !s; i++) {
@@ -607,6 +611,9 @@ extern "C" moe_status moe_backend_cuda_create(const moe_backend_options *o, moe_
         else if (cudaMalloc(&st->blas_ws[i], st->blas_ws_bytes) != cudaSuccess)
             s = nomem(st->blas_ws_bytes, "cuBLAS's workspace");
     }
+    if (!s && cudaMallocHost(&st->seg_host, 2 * MOE_CU_SEG_MAX * sizeof(int32_t)) != cudaSuccess)
+        s = moe_error(MOE_ERR_CUDA, "cuda backend: cudaMallocHost of %zu bytes failed",
+                      (size_t)(2 * MOE_CU_SEG_MAX * sizeof(int32_t)));
     if (!s && cublasCreate(&st->blas) != CUBLAS_STATUS_SUCCESS)
         s = moe_error(MOE_ERR_CUDA, "cuda backend: cublasCreate failed");
     if (!s) {

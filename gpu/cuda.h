@@ -46,6 +46,9 @@ struct moe_event {
  */
 /* The most experts a token-choice selection takes per token (one thread picks them). */
 #define MOE_CU_MAX_K 32
+/* Experts whose segments the cuBLAS grouped-GEMM path reads back (more: cmoe's own kernel). */
+#define MOE_CU_SEG_MAX 4096
+enum { MOE_CU_GEMM_AUTO = 0, MOE_CU_GEMM_CUBLAS = 1, MOE_CU_GEMM_MMA = 2, MOE_CU_GEMM_SIMT = 3 };
 
 struct moe_bplan {
     int64_t E, max_T, max_k, cap_n, sortn; /* as allocated */
@@ -83,7 +86,8 @@ typedef struct {
     char *scratch; /* the ops' workspace (compute stream), sized by reserve() */
     size_t scratch_bytes;
     int sync_ops;  /* CMOE_CUDA_SYNC=1: wait after every op (errors name their op exactly) */
-    int simt_only; /* CMOE_CUDA_GEMM=simt: the grouped GEMMs never take the tensor-core path */
+    int gemm;      /* how bf16 grouped GEMMs run (CMOE_CUDA_GEMM, gemm.h): MOE_CU_GEMM_* */
+    int32_t *seg_host; /* pinned [2 · MOE_CU_SEG_MAX]: a plan's segments read back (cuBLAS path) */
     void **pending; /* host temporaries of enqueued uploads, freed at the next sync */
     int npending, cap_pending;
     size_t pending_bytes;

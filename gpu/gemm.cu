@@ -493,6 +493,106 @@ static void launch(moe_backend *b, const GA &g, const moe_cu_group *grp, bool tc
     }
 }
 
+/* ---- cuBLAS, one GEMM per expert --------------------------------------------------------- */
+
+/* The FFN's epilogues as passes of their own over rows [lo, hi): a = act(h1) [⊙ h3] from the
+ * stored (rounded) h1, h3; and from da (in g1's place) g1 and g3. */
+__global__ void glu_fwd(const bf16 *h1, const bf16 *h3, bf16 *a, long long lo, long long n, long long N,
+                        long long ldc, int act)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long ci = (lo + i / N) * ldc + i % N;
+        float v = act_fwd(act, tof<bf16>(h1[ci]));
+        if (h3)
+            v *= tof<bf16>(h3[ci]);
+        a[ci] = fromf<bf16>(v);
+    }
+}
+
+__global__ void glu_bwd(bf16 *g1, bf16 *g3, const bf16 *H1, const bf16 *H3, long long lo, long long n, long long N,
+                        long long ldc, int act)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long ci = (lo + i / N) * ldc + i % N;
+        float d1 = 0.0f, d3 = 0.0f;
+        act_bwd(act, tof<bf16>(g1[ci]), tof<bf16>(H1[ci]), H3 ? tof<bf16>(H3[ci]) : 0.0f, &d1, &d3);
+        g1[ci] = fromf<bf16>(d1);
+        if (g3)
+            g3[ci] = fromf<bf16>(d3);
+    }
+}
+
+static dptr bp(const void *p, long long off)
+{
+    return dptr{(void *)((const bf16 *)p + off), DT_BF16};
+}
+
+/* bf16 grouped GEMMs as cuBLAS GEMMs, one per expert and operand, after reading the segment
+ * sizes back to the host. Measured on an H200 (bench/grouped_gemm.cu, BENCHMARKS.md): the read
+ * back costs ~10 µs, and per-expert cuBLAS runs the expert GEMMs of a 64-expert layer ~3x
+ * faster than cmoe's mma.sync kernel (and faster than cublasGemmGroupedBatchedEx). */
+static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *grp, const moe_cu_gemm_args *a)
+{
+    moe_cuda_state *st = moe_cu(b);
+    cudaStream_t s = moe_cu_stream(b);
+    const int64_t E = grp->E;
+    int32_t *hb = st->seg_host, *hc = st->seg_host + MOE_CU_SEG_MAX;
+    if (!moe_cu_ok(b, op, cudaMemcpyAsync(hb, grp->begin, E * sizeof(int32_t), cudaMemcpyDeviceToHost, s), "segments") ||
+        !moe_cu_ok(b, op, cudaMemcpyAsync(hc, grp->count, E * sizeof(int32_t), cudaMemcpyDeviceToHost, s), "segments") ||
+        !moe_cu_ok(b, op, cudaStreamSynchronize(s), "reading the segments back"))
+        return;
+    const float first = a->epi == EPI_ACC ? 1.0f : 0.0f;
+    long long lo = -1, hi = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const long long r0 = hb[e], m = hc[e];
+        if (m <= 0)
+            continue;
+        lo = lo < 0 || r0 < lo ? r0 : lo;
+        hi = r0 + m > hi ? r0 + m : hi;
+        if (a->mode == GM_ROWS) { /* C[r0.., N] = A[r0.., K] · B_e (+ A1 · B1_e) */
+            const void *B[2] = {a->B0, a->B1};
+            void *C[2] = {a->C0, a->C1};
+            for (int j = 0; j < a->nb; j++)
+                moe_cu_gemm(b, op, 0, a->bt, m, a->N, a->K, 1.0f, bp(a->A0, r0 * a->lda), a->lda,
+                            bp(B[j], e * a->b_es), a->ldb, first, bp(C[j], r0 * a->ldc), a->ldc);
+            if (a->nk == 2)
+                moe_cu_gemm(b, op, 0, a->bt, m, a->N, a->K, 1.0f, bp(a->A1, r0 * a->lda), a->lda,
+                            bp(a->B1, e * a->b_es), a->ldb, 1.0f, bp(a->C0, r0 * a->ldc), a->ldc);
+        } else { /* C_e[M, N] (+)= A[r0.., M]ᵀ · B[r0.., N] */
+            const void *B[2] = {a->B0, a->B1};
+            void *C[2] = {a->C0, a->C1};
+            for (int j = 0; j < a->nb; j++)
+                moe_cu_gemm(b, op, 1, 0, a->M, a->N, m, 1.0f, bp(a->A0, r0 * a->lda), a->lda, bp(B[j], r0 * a->ldb),
+                            a->ldb, first, bp(C[j], e * a->c_es), a->ldc);
+        }
+    }
+    if (lo < 0 || (a->epi != EPI_FWD && a->epi != EPI_BWD))
+        return;
+    const long long n = (hi - lo) * a->N;
+    const unsigned blocks = (unsigned)(n / 256 + 1 < 8192 ? n / 256 + 1 : 8192);
+    if (a->epi == EPI_FWD)
+        glu_fwd<<<blocks, 256, 0, s>>>((const bf16 *)a->C0, a->nb == 2 ? (const bf16 *)a->C1 : nullptr, (bf16 *)a->C2,
+                                       lo, n, a->N, a->ldc, a->act);
+    else
+        glu_bwd<<<blocks, 256, 0, s>>>((bf16 *)a->C0, (bf16 *)a->C1, (const bf16 *)a->H1, (const bf16 *)a->H3, lo, n,
+                                       a->N, a->ldc, a->act);
+    moe_cu_check(b, op);
+}
+
+/* cuBLAS pays a read-back of the segments, which drains the stream, and a launch per expert:
+ * worth it when the experts' GEMMs are large. Measured on an H200 (BENCHMARKS.md): a layer of
+ * 64 experts averaging 1536 x 2048 x 1408 (4.4e9 multiply-adds each) runs 2.3x faster through
+ * cuBLAS, while training gpu-100m (8 experts of 4096 x 512 x 640, 1.3e9) runs 1.7x slower, its
+ * small kernels starved of the queue the read-backs empty. The line is drawn between them. */
+static bool use_cublas(int mode, const moe_cu_group *grp, const moe_cu_gemm_args *a)
+{
+    if (grp->E > MOE_CU_SEG_MAX || mode == MOE_CU_GEMM_MMA || mode == MOE_CU_GEMM_SIMT)
+        return false;
+    const double rows = (double)grp->rows_bound / (double)grp->E;
+    const double macs = a->mode == GM_ROWS ? rows * (double)a->N * (double)a->K : rows * (double)a->M * (double)a->N;
+    return mode == MOE_CU_GEMM_CUBLAS || macs >= 2.5e9;
+}
+
 void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp, const moe_cu_gemm_args *a,
                          moe_dtype t)
 {
@@ -500,6 +600,10 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp
         return;
     if (a->mode == GM_ROWS && a->K <= 0)
         return; /* not reached by the FFN (d, f >= 1) */
+    if (t == MOE_BF16 && use_cublas(moe_cu(b)->gemm, grp, a)) {
+        cublas_grouped(b, op, grp, a);
+        return;
+    }
     GA g;
     g.A0 = a->A0, g.A1 = a->A1, g.B0 = a->B0, g.B1 = a->B1;
     g.lda = a->lda, g.ldb = a->ldb, g.b_es = a->b_es;
@@ -511,7 +615,7 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp
     /* tensor cores: bf16, and every 16-byte chunk a tile loads either wholly inside its
      * operand or wholly outside (dimensions, strides and pointers in multiples of 8) */
     const int64_t inner = a->mode == GM_ROWS ? a->K : a->M;
-    bool tc = t == MOE_BF16 && !moe_cu(b)->simt_only && inner % 8 == 0 && a->N % 8 == 0 && a->lda % 8 == 0 &&
+    bool tc = t == MOE_BF16 && moe_cu(b)->gemm != MOE_CU_GEMM_SIMT && inner % 8 == 0 && a->N % 8 == 0 && a->lda % 8 == 0 &&
               a->ldb % 8 == 0 && a->b_es % 8 == 0 && aligned16(a->A0) && aligned16(a->A1) && aligned16(a->B0) &&
               aligned16(a->B1);
     const int key = a->mode * 10000 + a->bt * 1000 + a->nb * 100 + a->nk * 10 + a->epi;
