@@ -215,6 +215,53 @@ START_TEST(test_sticky_error)
 }
 END_TEST
 
+/* Scratch that was not reserved is an error naming the op, never a silent skip; a host plan
+ * that does not hold together is refused by plan_upload, saying what is wrong. */
+START_TEST(test_scratch_and_bad_plan)
+{
+    moe_backend *b;
+    ck_assert_int_eq(moe_backend_create("cpu", NULL, &b), MOE_OK);
+    moe_layer_config c;
+    moe_layer_config_default(&c);
+    const int64_t T = 8, E = c.n_experts, k = c.top_k;
+    moe_bplan *p;
+    ck_assert_int_eq(b->plan_create(b, &c, T, &p), MOE_OK);
+    moe_buf *buf;
+    ck_assert_int_eq(b->alloc(b, MOE_F32, T * E, &buf), MOE_OK);
+    moe_tensor ds = {buf, 0};
+    b->lb_loss_backward(b, ds, 0.01, p, T, E); /* nothing reserved */
+    ck_assert_int_eq(b->sync(b), MOE_ERR_ARG);
+    ck_assert_msg(strstr(moe_last_error(), "lb_loss_backward") && strstr(moe_last_error(), "scratch"), "%s",
+                  moe_last_error());
+
+    /* one row per token on expert 0, then broken three ways */
+    moe_plan *h;
+    ck_assert_int_eq(moe_plan_create(T * k, T, E, k, &h), MOE_OK);
+    h->n = T;
+    for (int64_t t = 0; t < T; t++)
+        h->token[t] = (int32_t)t, h->expert[t] = 0, h->weight[t] = 1.0, h->src[t] = t * E;
+    for (int64_t e = 0; e <= E; e++)
+        h->offsets[e] = e == 0 ? 0 : T;
+    for (int64_t e = 0; e < E; e++)
+        h->count[e] = e == 0 ? T : 0;
+    ck_assert_int_eq(b->plan_upload(b, p, h), MOE_OK);
+    h->token[3] = (int32_t)T;
+    ck_assert_int_eq(b->plan_upload(b, p, h), MOE_ERR_ARG);
+    ck_assert_msg(strstr(moe_last_error(), "token 8 outside [0, 8)") != NULL, "%s", moe_last_error());
+    h->token[3] = 3, h->expert[5] = 1;
+    ck_assert_int_eq(b->plan_upload(b, p, h), MOE_ERR_ARG);
+    ck_assert_msg(strstr(moe_last_error(), "names expert 1") != NULL, "%s", moe_last_error());
+    h->expert[5] = 0, h->count[0] = T - 1;
+    ck_assert_int_eq(b->plan_upload(b, p, h), MOE_ERR_ARG);
+    ck_assert_msg(strstr(moe_last_error(), "count 7") != NULL, "%s", moe_last_error());
+    ck_assert_int_eq(b->sync(b), MOE_OK); /* a refused upload is an error of the call, not sticky */
+    moe_plan_free(h);
+    b->plan_free(b, p);
+    b->free(b, buf);
+    moe_backend_free(b);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("backend");
@@ -222,6 +269,7 @@ int main(void)
     tcase_add_test(tc, test_layer_through_backend);
     tcase_add_test(tc, test_registry);
     tcase_add_test(tc, test_sticky_error);
+    tcase_add_test(tc, test_scratch_and_bad_plan);
     suite_add_tcase(s, tc);
     return tu_run(s);
 }
