@@ -109,6 +109,8 @@ m1=$(cksum <"$out/runs/E4/metrics.jsonl")
 expect 0 "" sweep "$tmp/two.json" --out "$out"
 grep -q "2 done already" "$tmp/stdout" || fail "the second invocation does not see the runs done"
 grep -q "starting" "$tmp/stdout" && fail "the second invocation trained again"
+# the runs read back from sweep.jsonl: the baseline still reaches its own final loss (1.00x)
+grep -qE "^ +E2 .* 1\.00x" "$tmp/stdout" || fail "the baseline does not reach its own loss when read back"
 [ "$(cksum <"$out/runs/E4/metrics.jsonl")" = "$m1" ] || fail "a finished run was changed"
 expect 0 "" sweep "$tmp/two.json" --out "$out" --dry-run
 grep -q "E4 .* done" "$tmp/stdout" || fail "--dry-run does not show the runs done"

@@ -101,6 +101,10 @@ static moe_status load_curve(const char *dir, const sweep_run *r, curve *c)
         }
     }
     c->n = n;
+    /* the final loss from the curve itself (sweep.jsonl keeps 10 digits): a run reaches its
+     * own final loss, so the baseline's ratio is 1 */
+    if (c->nv > 0)
+        c->final_val = c->vy[c->nv - 1];
     smooth(c->lmm, n);
     report_metrics_free(&m);
     return MOE_OK;
