@@ -168,6 +168,12 @@ mkdir "$tmp/not-a-run"
 expect 1 "no weights" eval "$tmp/not-a-run"
 expect 1 "missing.txt" eval "$syn" --data "$tmp/missing.txt"
 
+# ---- a renormalised top-1 gate is always 1: said, with what gives Switch's gate ------------------
+sed 's/"num_experts_per_tok": 2/"num_experts_per_tok": 1/' "$top_srcdir/configs/tiny.json" >"$tmp/top1.json"
+expect 0 "" train --config "$tmp/top1.json" --data synth --steps 1 --batch 2 --seq 8 --eval-every 0 --out "$tmp/top1"
+grep -q "note: top-1 with norm_topk_prob true: the gate is p/p = 1" "$tmp/stdout" ||
+    fail "a renormalised top-1 gate is not pointed out"
+
 # ---- NaN, Inf and divergence: refused or explained by name, never a silent nan ----------------
 . "$top_srcdir/tests/poison.sh"
 cp -r "$syn" "$tmp/nan" && poison "$tmp/nan/model.safetensors" model.layers.1.block_sparse_moe.experts.w1 nan ||

@@ -358,6 +358,11 @@ static moe_status train_loop(train_run *r, int *stopped)
            (long long)t->oc.warmup_steps, t->backend, t->seed);
     if (r->o.resume)
         printf("  resumed from %s at step %lld\n", r->rp.path, (long long)r->start_step);
+    const moe_layer_config *mc = &r->cfg.moe;
+    if (n_moe > 0 && mc->top_k == 1 && mc->renormalize &&
+        (mc->router == MOE_ROUTER_TOPK || mc->router == MOE_ROUTER_NOISY_TOPK))
+        printf("  note: top-1 with norm_topk_prob true: the gate is p/p = 1, so the router learns only from the "
+               "auxiliary losses; norm_topk_prob false gives Switch's gate p\n");
     if (r->dist.d)
         cli_dist_describe(&r->dist, stdout);
     fflush(stdout);
