@@ -542,6 +542,8 @@ static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *g
         !moe_cu_ok(b, op, cudaStreamSynchronize(s), "reading the segments back"))
         return;
     const float first = a->epi == EPI_ACC ? 1.0f : 0.0f;
+    const void *B[2] = {a->B0, a->B1};
+    void *C[2] = {a->C0, a->C1};
     long long lo = -1, hi = 0;
     for (int64_t e = 0; e < E; e++) {
         const long long r0 = hb[e], m = hc[e];
@@ -550,8 +552,6 @@ static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *g
         lo = lo < 0 || r0 < lo ? r0 : lo;
         hi = r0 + m > hi ? r0 + m : hi;
         if (a->mode == GM_ROWS) { /* C[r0.., N] = A[r0.., K] · B_e (+ A1 · B1_e) */
-            const void *B[2] = {a->B0, a->B1};
-            void *C[2] = {a->C0, a->C1};
             for (int j = 0; j < a->nb; j++)
                 moe_cu_gemm(b, op, 0, a->bt, m, a->N, a->K, 1.0f, bp(a->A0, r0 * a->lda), a->lda,
                             bp(B[j], e * a->b_es), a->ldb, first, bp(C[j], r0 * a->ldc), a->ldc);
@@ -559,8 +559,6 @@ static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *g
                 moe_cu_gemm(b, op, 0, a->bt, m, a->N, a->K, 1.0f, bp(a->A1, r0 * a->lda), a->lda,
                             bp(a->B1, e * a->b_es), a->ldb, 1.0f, bp(a->C0, r0 * a->ldc), a->ldc);
         } else { /* C_e[M, N] (+)= A[r0.., M]ᵀ · B[r0.., N] */
-            const void *B[2] = {a->B0, a->B1};
-            void *C[2] = {a->C0, a->C1};
             for (int j = 0; j < a->nb; j++)
                 moe_cu_gemm(b, op, 1, 0, a->M, a->N, m, 1.0f, bp(a->A0, r0 * a->lda), a->lda, bp(B[j], r0 * a->ldb),
                             a->ldb, first, bp(C[j], e * a->c_es), a->ldc);
