@@ -110,7 +110,9 @@ def make_layer(s):
         P["s1"] = (torch.randn(fs, d, device=DEV, generator=g) / math.sqrt(d)).bfloat16().requires_grad_()
         P["s3"] = (torch.randn(fs, d, device=DEV, generator=g) / math.sqrt(d)).bfloat16().requires_grad_()
         P["s2"] = (torch.randn(d, fs, device=DEV, generator=g) / math.sqrt(fs)).bfloat16().requires_grad_()
-    x = torch.randn(s["T"], d, device=DEV, generator=g).bfloat16()
+    # x needs its gradient, as a layer inside a model does and as cmoe bench layer computes it:
+    # without it autograd skips the two GEMMs of dx (2 of the experts' 9) and the dispatch backward
+    x = torch.randn(s["T"], d, device=DEV, generator=g).bfloat16().requires_grad_()
     dy = (torch.randn(s["T"], d, device=DEV, generator=g) / math.sqrt(s["T"])).bfloat16()
     return P, x, dy
 
@@ -172,7 +174,7 @@ def bench_layer_torch(s, form):
     fn = {"loop": moe_loop, "gmm": moe_gmm, "compiled": torch.compile(moe_gmm)}[form]
 
     def step():
-        for p in P.values():
+        for p in list(P.values()) + [x]:
             p.grad = None
         y, lb = fn(x, P, s["k"])
         (torch.sum(y.float() * dy.float()) + 0.01 * lb).backward()

@@ -95,40 +95,84 @@ static void batched(moe_backend *b, const char *op, att_scratch *s, int ta, int 
     moe_cu_gemm_batched(b, op, ta, tb, M, N, K, alpha, s->pa, at, lda, s->pb, bt, ldb, beta, s->pc, ct, ldc, Bn * Hn);
 }
 
-/* one block per row (bh, i): P[bh, i, j] = causal softmax of Sc's row (0 past the diagonal);
- * lse (may be NULL) = the row's log-sum-exp */
-__global__ void k_softmax_causal(dptr P, dptr lse, const float *sc, int64_t S)
+/* A warp per row (bh, i) of the [B·H·S, S] scores, 8 rows to a block of 256 threads: the rows
+ * are short (S) and a warp reduces them with shuffles, without block barriers. The butterfly
+ * (__shfl_xor) combines the lanes in the same order on every run. */
+#define SM_ROWS 8
+
+__device__ __forceinline__ double warp_sum(double v)
 {
-    __shared__ float shf[256];
-    __shared__ double shd[256];
-    const int64_t r = blockIdx.x, i = r % S;
-    const float *row = sc + r * S;
-    float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j <= i; j += blockDim.x)
-        mx = fmaxf(mx, row[j]);
-    shf[threadIdx.x] = mx;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s)
-            shf[threadIdx.x] = fmaxf(shf[threadIdx.x], shf[threadIdx.x + s]);
-        __syncthreads();
-    }
-    mx = shf[0];
-    double sum = 0;
-    for (int64_t j = threadIdx.x; j <= i; j += blockDim.x)
-        sum += expf(row[j] - mx);
-    sum = block_sum(sum, shd);
-    const float inv = (float)(1.0 / sum);
-    for (int64_t j = threadIdx.x; j < S; j += blockDim.x)
-        stf(P, r * S + j, j <= i ? expf(row[j] - mx) * inv : 0.0f);
-    if (lse.p && threadIdx.x == 0)
-        stf(lse, r, (float)(mx + log(sum)));
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
-/* dS = P ⊙ (dP − Σ P ⊙ dP)·scale, in place of P; dP (f32) in sc */
+/* the running maximum m and sum Σ exp(x - m) of one lane, with x added */
+__device__ __forceinline__ void online_add(float x, float *m, float *sum)
+{
+    if (x > *m) {
+        *sum = *sum * expf(*m - x) + 1.0f; /* expf(-inf) = 0 for the first */
+        *m = x;
+    } else {
+        *sum += expf(x - *m);
+    }
+}
+
+/* P[bh, i, j] = causal softmax of Sc's row (0 past the diagonal), in one pass for the maximum
+ * and the sum (each lane rescales its sum as its maximum grows) and one for P;
+ * lse[bh, i] = max + log Σ when asked for. V4: S % 4 = 0, and each lane moves 4 elements at a
+ * time (16-byte loads of Sc). */
+template <bool V4>
+__global__ void __launch_bounds__(256) k_softmax_causal(dptr P, dptr lse, const float *sc, int64_t rows, int64_t S)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t r = (int64_t)blockIdx.x * SM_ROWS + (threadIdx.x >> 5);
+    if (r >= rows)
+        return;
+    const int64_t i = r % S;
+    const float *row = sc + r * S;
+    float m = -INFINITY, sum = 0.0f;
+    if (V4) {
+        for (int64_t j = 4 * lane; j <= i; j += 128) {
+            const float4 x = *(const float4 *)(row + j);
+            online_add(x.x, &m, &sum);
+            if (j + 1 <= i)
+                online_add(x.y, &m, &sum);
+            if (j + 2 <= i)
+                online_add(x.z, &m, &sum);
+            if (j + 3 <= i)
+                online_add(x.w, &m, &sum);
+        }
+    } else {
+        for (int64_t j = lane; j <= i; j += 32)
+            online_add(row[j], &m, &sum);
+    }
+    float mx = m;
+    for (int o = 16; o > 0; o >>= 1)
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const double tot = warp_sum(m == -INFINITY ? 0.0 : (double)sum * exp((double)(m - mx)));
+    const float inv = (float)(1.0 / tot);
+    if (V4) {
+        for (int64_t j = 4 * lane; j < S; j += 128) {
+            const float4 x = *(const float4 *)(row + j);
+            const float v[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+                stf(P, r * S + j + q, j + q <= i ? expf(v[q] - mx) * inv : 0.0f);
+        }
+    } else {
+        for (int64_t j = lane; j < S; j += 32)
+            stf(P, r * S + j, j <= i ? expf(row[j] - mx) * inv : 0.0f);
+    }
+    if (lse.p && lane == 0)
+        stf(lse, r, (float)(mx + log(tot)));
+}
+
+/* dS = P ⊙ (dP − Σ P ⊙ dP)·scale, in place of P; dP (f32) in sc; one block per row (a warp
+ * per row, as above, measured 2x slower here: 5.1 against 2.4 ms a step of gpu-100m) */
 __global__ void k_dsoftmax(dptr P, const float *dp, int64_t S, float scale)
 {
-    __shared__ double sh[256];
+    __shared__ double sh[128];
     const int64_t r = blockIdx.x, i = r % S;
     double pdp = 0;
     for (int64_t j = threadIdx.x; j <= i; j += blockDim.x)
@@ -137,6 +181,11 @@ __global__ void k_dsoftmax(dptr P, const float *dp, int64_t S, float scale)
     const float c = (float)pdp;
     for (int64_t j = threadIdx.x; j < S; j += blockDim.x)
         stf(P, r * S + j, j <= i ? ldf(P, r * S + j) * (dp[r * S + j] - c) * scale : 0.0f);
+}
+
+static unsigned softmax_blocks(int64_t rows)
+{
+    return (unsigned)((rows + SM_ROWS - 1) / SM_ROWS);
 }
 
 static int64_t attention_saved(moe_backend *b, int64_t B, int64_t S, int64_t H)
@@ -153,7 +202,11 @@ static int scores(moe_backend *b, const char *op, att_scratch *s, moe_tensor q, 
     const dptr Q = DP(q), K = DP(k), SC = {s->sc, DT_F32};
     batched(b, op, s, 0, 1, S, S, hd, scale, pd(Q, S * H * hd, hd, 1), Q.t, H * hd, pd(K, S * Hkv * hd, hd, group),
             K.t, Hkv * hd, 0.0f, pd(SC, H * S * S, S * S, 1), DT_F32, S, B, H, 1, 0);
-    k_softmax_causal<<<(unsigned)(B * H * S), 128, 0, moe_cu_stream(b)>>>(s->p, lse, s->sc, S);
+    if (S % 4 == 0)
+        k_softmax_causal<true><<<softmax_blocks(B * H * S), 256, 0, moe_cu_stream(b)>>>(s->p, lse, s->sc, B * H * S, S);
+    else
+        k_softmax_causal<false><<<softmax_blocks(B * H * S), 256, 0, moe_cu_stream(b)>>>(s->p, lse, s->sc, B * H * S,
+                                                                                         S);
     return moe_cu_check(b, op);
 }
 

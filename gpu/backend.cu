@@ -250,6 +250,11 @@ static void cu_fill(moe_backend *b, moe_tensor t, double v, int64_t n)
 {
     if (n <= 0)
         return;
+    if (v == 0.0) { /* +0 is all zero bits in every type: a memset runs at the copy engine's rate */
+        moe_cu_ok(b, "fill", cudaMemsetAsync(DP(t).p, 0, (size_t)n * moe_cu_size(t.buf->type), moe_cu_stream(b)),
+                  "cudaMemsetAsync");
+        return;
+    }
     if (t.buf->type == MOE_I32)
         k_fill_i32<<<moe_cu_blocks(n, 256), 256, 0, moe_cu_stream(b)>>>((int32_t *)DP(t).p, (int32_t)v, n);
     else
@@ -377,7 +382,8 @@ void moe_cu_gemm(moe_backend *b, const char *op, int ta, int tb, int64_t M, int6
     }
     moe_cuda_state *st = moe_cu(b);
     cublasSetStream(st->blas, moe_cu_stream(b));
-    cublasSetWorkspace(st->blas, st->blas_ws[st->cur], st->blas_ws_bytes);
+    cublasSetWorkspace(st->blas, st->side_cur >= 0 ? st->side_ws[st->side_cur] : st->blas_ws[st->cur],
+                       st->blas_ws_bytes);
     /* row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ */
     cublasStatus_t s = cublasGemmEx_64(
         st->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B.p, cu_type(B.t),
@@ -550,8 +556,16 @@ static void cu_destroy(moe_backend *b)
             if (st->stream[i])
                 cudaStreamDestroy(st->stream[i]);
         }
+        for (int i = 0; i < MOE_CU_SIDE; i++) {
+            cudaFree(st->side_ws[i]);
+            if (st->side[i])
+                cudaStreamDestroy(st->side[i]);
+            if (st->join_ev[i])
+                cudaEventDestroy(st->join_ev[i]);
+        }
+        if (st->fork_ev)
+            cudaEventDestroy(st->fork_ev);
         cudaFree(st->scratch);
-        cudaFreeHost(st->seg_host);
         drain_pending(st);
         free(st->pending);
         free(st);
@@ -611,9 +625,16 @@ extern "C" moe_status moe_backend_cuda_create(const moe_backend_options *o, moe_
         else if (cudaMalloc(&st->blas_ws[i], st->blas_ws_bytes) != cudaSuccess)
             s = nomem(st->blas_ws_bytes, "cuBLAS's workspace");
     }
-    if (!s && cudaMallocHost(&st->seg_host, 2 * MOE_CU_SEG_MAX * sizeof(int32_t)) != cudaSuccess)
-        s = moe_error(MOE_ERR_CUDA, "cuda backend: cudaMallocHost of %zu bytes failed",
-                      (size_t)(2 * MOE_CU_SEG_MAX * sizeof(int32_t)));
+    st->side_cur = -1;
+    for (int i = 0; i < MOE_CU_SIDE && !s; i++) {
+        if (cudaStreamCreateWithFlags(&st->side[i], cudaStreamNonBlocking) != cudaSuccess ||
+            cudaEventCreateWithFlags(&st->join_ev[i], cudaEventDisableTiming) != cudaSuccess)
+            s = moe_error(MOE_ERR_CUDA, "cuda backend: a side stream: %s", cudaGetErrorString(cudaGetLastError()));
+        else if (cudaMalloc(&st->side_ws[i], st->blas_ws_bytes) != cudaSuccess)
+            s = nomem(st->blas_ws_bytes, "cuBLAS's workspace of a side stream");
+    }
+    if (!s && cudaEventCreateWithFlags(&st->fork_ev, cudaEventDisableTiming) != cudaSuccess)
+        s = moe_error(MOE_ERR_CUDA, "cuda backend: cudaEventCreate: %s", cudaGetErrorString(cudaGetLastError()));
     if (!s && cublasCreate(&st->blas) != CUBLAS_STATUS_SUCCESS)
         s = moe_error(MOE_ERR_CUDA, "cuda backend: cublasCreate failed");
     if (!s) {

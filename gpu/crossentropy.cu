@@ -2,35 +2,92 @@
  * (src/cpu/crossentropy.c): per-row losses in double, then one fixed-order sum. */
 #include "gpu/cuda.h"
 
-/* one block per row; probs may alias logits: every element is read before it is written,
- * by the thread that writes it, and the target's logit before the first barrier */
-__global__ void k_ce_rows(double *rowloss, dptr probs, dptr logits, const int32_t *targets, int64_t V)
+/* Rows of V logits, read 16 bytes at a time where the rows allow it (VEC elements of T),
+ * else one element at a time. */
+template <typename T> struct vec_of {
+    static const int N = 16 / sizeof(T);
+};
+
+template <typename T> __device__ __forceinline__ float ce_ld(const T *p, int64_t i);
+template <> __device__ __forceinline__ float ce_ld<float>(const float *p, int64_t i)
 {
-    __shared__ double sh[256];
-    __shared__ float shf[256];
-    const int64_t t = blockIdx.x, o = t * V;
+    return p[i];
+}
+template <> __device__ __forceinline__ float ce_ld<__nv_bfloat16>(const __nv_bfloat16 *p, int64_t i)
+{
+    return __bfloat162float(p[i]);
+}
+template <typename T> __device__ __forceinline__ T ce_from(float v);
+template <> __device__ __forceinline__ float ce_from<float>(float v)
+{
+    return v;
+}
+template <> __device__ __forceinline__ __nv_bfloat16 ce_from<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+
+/* f(j, x) over the row's elements [0, V) that this thread owns */
+template <typename T, typename F> __device__ __forceinline__ void ce_each(const T *row, int64_t V, bool vec, F f)
+{
+    const int W = vec_of<T>::N;
+    if (vec) {
+        for (int64_t q = threadIdx.x; q < V / W; q += blockDim.x) {
+            const uint4 u = ((const uint4 *)row)[q];
+            const T *x = (const T *)&u;
+#pragma unroll
+            for (int j = 0; j < W; j++)
+                f(q * W + j, ce_ld<T>(x, j));
+        }
+    } else {
+        for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
+            f(j, ce_ld<T>(row, j));
+    }
+}
+
+/* One block per row: the row's maximum and sum of exponentials in one pass over the logits
+ * (each thread keeps its own running maximum, rescaling its sum when it grows), combined in
+ * a fixed tree in double; then the probabilities in a second pass. probs may alias logits:
+ * every element is read before it is written, by the thread that writes it, and the
+ * target's logit before the first barrier. */
+template <typename T>
+__global__ void __launch_bounds__(512) k_ce_rows(double *rowloss, T *probs, const T *logits, const int32_t *targets,
+                                                 int64_t V, bool vec)
+{
+    __shared__ float shm[512];
+    __shared__ double shs[512];
+    const int64_t t = blockIdx.x;
+    const T *row = logits + t * V;
     const int32_t tg = targets[t];
-    const double zt = tg >= 0 ? (double)ldf(logits, o + tg) : 0.0;
-    float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
-        mx = fmaxf(mx, ldf(logits, o + j));
-    shf[threadIdx.x] = mx;
+    const double zt = tg >= 0 ? (double)ce_ld<T>(row, tg) : 0.0;
+    float m = -INFINITY, sum = 0.0f;
+    ce_each<T>(row, V, vec, [&](int64_t, float x) {
+        if (x > m) {
+            sum = sum * expf(m - x) + 1.0f; /* expf(-inf) = 0 for the first */
+            m = x;
+        } else {
+            sum += expf(x - m);
+        }
+    });
+    shm[threadIdx.x] = m;
     __syncthreads();
     for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
         if (threadIdx.x < s)
-            shf[threadIdx.x] = fmaxf(shf[threadIdx.x], shf[threadIdx.x + s]);
+            shm[threadIdx.x] = fmaxf(shm[threadIdx.x], shm[threadIdx.x + s]);
         __syncthreads();
     }
-    mx = shf[0];
-    double sum = 0;
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
-        sum += expf(ldf(logits, o + j) - mx);
-    sum = block_sum(sum, sh);
-    const float inv = (float)(1.0 / sum);
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
-        stf(probs, o + j, expf(ldf(logits, o + j) - mx) * inv);
+    const float mx = shm[0];
+    const double S = block_sum(m == -INFINITY ? 0.0 : (double)sum * exp((double)(m - mx)), shs);
+    const float inv = (float)(1.0 / S);
+    T *out = probs + t * V;
+    ce_each<T>(row, V, vec, [&](int64_t j, float x) { out[j] = ce_from<T>(expf(x - mx) * inv); });
     if (threadIdx.x == 0)
-        rowloss[t] = tg >= 0 ? -(zt - mx - log(sum)) : 0.0;
+        rowloss[t] = tg >= 0 ? -(zt - mx - log(S)) : 0.0;
+}
+
+static bool rows_vec(const void *p, int64_t V, size_t es)
+{
+    return ((uintptr_t)p & 15) == 0 && (V * (int64_t)es) % 16 == 0;
 }
 
 /* loss = Σ rowloss / (rows with a target), one block */
@@ -56,7 +113,19 @@ static void crossentropy_forward(moe_backend *b, moe_tensor loss, moe_tensor pro
     double *rl = (double *)moe_cu_scratch(b, (size_t)N * sizeof(double), "crossentropy_forward");
     if (!rl)
         return;
-    k_ce_rows<<<(unsigned)N, 256, 0, moe_cu_stream(b)>>>(rl, DP(probs), DP(logits), I32P(targets), V);
+    const dptr pr = DP(probs), lg = DP(logits);
+    if (pr.t != lg.t) {
+        moe_backend_fail(b, "crossentropy_forward", MOE_ERR_ARG, "probabilities and logits of two types");
+        return;
+    }
+    const bool vec = rows_vec(pr.p, V, moe_cu_size(probs.buf->type)) && rows_vec(lg.p, V, moe_cu_size(probs.buf->type));
+    if (lg.t == DT_BF16)
+        k_ce_rows<__nv_bfloat16><<<(unsigned)N, 512, 0, moe_cu_stream(b)>>>(rl, (__nv_bfloat16 *)pr.p,
+                                                                            (const __nv_bfloat16 *)lg.p, I32P(targets), V,
+                                                                            vec);
+    else
+        k_ce_rows<float><<<(unsigned)N, 512, 0, moe_cu_stream(b)>>>(rl, (float *)pr.p, (const float *)lg.p,
+                                                                    I32P(targets), V, vec);
     k_ce_mean<<<1, 1024, 0, moe_cu_stream(b)>>>(DP(loss), rl, I32P(targets), N);
     moe_cu_check(b, "crossentropy_forward");
 }
@@ -72,22 +141,19 @@ __global__ void k_ce_count(int32_t *n, const int32_t *targets, int64_t N)
         *n = c;
 }
 
-__global__ void k_ce_bwd(dptr dlogits, dptr probs, const int32_t *targets, const int32_t *n, double dloss, int64_t N,
-                         int64_t V)
+/* one block per row: dlogits += s·probs, less s at the target (rows without one untouched) */
+__global__ void k_ce_bwd(dptr dlogits, dptr probs, const int32_t *targets, const int32_t *n, double dloss, int64_t V)
 {
-    if (*n == 0)
+    const int64_t t = blockIdx.x, o = t * V;
+    const int32_t tg = targets[t];
+    if (*n == 0 || tg < 0)
         return;
     const float s = (float)(dloss / (double)*n);
-    CU_LOOP(i, N * V)
-    {
-        const int64_t t = i / V, j = i % V;
-        const int32_t tg = targets[t];
-        if (tg < 0)
-            continue;
-        float g = ldf(dlogits, i) + s * ldf(probs, i);
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+        float g = ldf(dlogits, o + j) + s * ldf(probs, o + j);
         if (j == tg)
             g -= s;
-        stf(dlogits, i, g);
+        stf(dlogits, o + j, g);
     }
 }
 
@@ -100,8 +166,7 @@ static void crossentropy_backward(moe_backend *b, moe_tensor dlogits, moe_tensor
     if (!n)
         return;
     k_ce_count<<<1, 1024, 0, moe_cu_stream(b)>>>(n, I32P(targets), N);
-    k_ce_bwd<<<moe_cu_blocks(N * V, 256), 256, 0, moe_cu_stream(b)>>>(DP(dlogits), DP(probs), I32P(targets), n, dloss,
-                                                                      N, V);
+    k_ce_bwd<<<(unsigned)N, 512, 0, moe_cu_stream(b)>>>(DP(dlogits), DP(probs), I32P(targets), n, dloss, V);
     moe_cu_check(b, "crossentropy_backward");
 }
 

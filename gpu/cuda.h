@@ -46,8 +46,6 @@ struct moe_event {
  */
 /* The most experts a token-choice selection takes per token (one thread picks them). */
 #define MOE_CU_MAX_K 32
-/* Experts whose segments the cuBLAS grouped-GEMM path reads back (more: cmoe's own kernel). */
-#define MOE_CU_SEG_MAX 4096
 enum { MOE_CU_GEMM_AUTO = 0, MOE_CU_GEMM_CUBLAS = 1, MOE_CU_GEMM_MMA = 2, MOE_CU_GEMM_SIMT = 3 };
 
 struct moe_bplan {
@@ -74,12 +72,35 @@ struct moe_bplan {
     float *mx;                              /* [1] */
     void *cub_tmp;
     size_t cub_bytes;
+    /* The segments (begin, count) on the host, for the grouped GEMMs that launch a cuBLAS
+     * GEMM per expert: copied back as soon as a route has made them, so that the host waits
+     * for the plan only, not for the kernels queued behind it, and once per plan rather than
+     * once per GEMM (moe_cu_plan_segments); written directly where the host made them. */
+    int32_t *seg_h;     /* pinned [2 · E] */
+    cudaEvent_t seg_ev; /* recorded after the copy */
+    int seg_state;      /* SEG_NONE, SEG_COPYING (wait on seg_ev), SEG_READY */
 };
+enum { SEG_NONE, SEG_COPYING, SEG_READY };
+
+/* After a route: queue the copy of p's segments to the host (gpu/plan.cu). */
+void moe_cu_plan_segments_async(moe_backend *b, moe_bplan *p);
+/* p's segments on the host, waiting for their copy if it is under way; NULL after an error
+ * (reported on b under op). begin = the result, count = the result + E. */
+const int32_t *moe_cu_plan_segments(moe_backend *b, const char *op, const moe_bplan *p);
+
+/* Side streams over which the cuBLAS path of the grouped GEMMs spreads the experts (gemm.cu) */
+#define MOE_CU_SIDE 4
 
 typedef struct {
     int device, sm_count;
     cudaStream_t stream[MOE_NSTREAMS];
     int cur;
+    /* the side streams, each with its own cuBLAS workspace, forked from the current stream and
+     * joined back into it by events around a grouped GEMM; side_cur >= 0 sends ops to one */
+    cudaStream_t side[MOE_CU_SIDE];
+    void *side_ws[MOE_CU_SIDE];
+    cudaEvent_t fork_ev, join_ev[MOE_CU_SIDE];
+    int side_cur;
     cublasHandle_t blas;
     void *blas_ws[MOE_NSTREAMS];
     size_t blas_ws_bytes;
@@ -87,7 +108,6 @@ typedef struct {
     size_t scratch_bytes;
     int sync_ops;  /* CMOE_CUDA_SYNC=1: wait after every op (errors name their op exactly) */
     int gemm;      /* how bf16 grouped GEMMs run (CMOE_CUDA_GEMM, gemm.h): MOE_CU_GEMM_* */
-    int32_t *seg_host; /* pinned [2 · MOE_CU_SEG_MAX]: a plan's segments read back (cuBLAS path) */
     void **pending; /* host temporaries of enqueued uploads, freed at the next sync */
     int npending, cap_pending;
     size_t pending_bytes;
@@ -101,7 +121,7 @@ static inline moe_cuda_state *moe_cu(moe_backend *b)
 static inline cudaStream_t moe_cu_stream(moe_backend *b)
 {
     moe_cuda_state *st = moe_cu(b);
-    return st->stream[st->cur];
+    return st->side_cur >= 0 ? st->side[st->side_cur] : st->stream[st->cur];
 }
 
 /* ---- typed device pointers ----------------------------------------------------------- */
@@ -169,18 +189,34 @@ __device__ __forceinline__ float roundt(int t, float v)
 #define CU_LOOP(i, n)                                                                                               \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)blockDim.x * gridDim.x)
 
-/* Block-wide sum of v in a fixed tree (blockDim.x a power of two <= 1024): the same bits
- * on every run. sh holds blockDim.x values; the result is returned to every thread. */
+/* Block-wide sum of v in a fixed order (blockDim.x a power of two <= 1024): the same bits
+ * on every run. Each warp sums its lanes by a butterfly of shuffles, then every thread adds
+ * the warps' sums in warp order. sh holds blockDim.x values; the result is returned to every
+ * thread. */
 template <typename T> __device__ T block_sum(T v, T *sh)
 {
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s)
-            sh[threadIdx.x] += sh[threadIdx.x + s];
+    if (blockDim.x < 32) { /* a partial warp: a tree in shared memory */
+        sh[threadIdx.x] = v;
         __syncthreads();
+        for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+            if (threadIdx.x < s)
+                sh[threadIdx.x] += sh[threadIdx.x + s];
+            __syncthreads();
+        }
+        T r = sh[0];
+        __syncthreads();
+        return r;
     }
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (blockDim.x == 32)
+        return v;
+    if ((threadIdx.x & 31) == 0)
+        sh[threadIdx.x >> 5] = v;
+    __syncthreads();
     T r = sh[0];
+    for (unsigned w = 1; w < blockDim.x / 32; w++)
+        r += sh[w];
     __syncthreads();
     return r;
 }
@@ -273,6 +309,7 @@ size_t moe_cu_attention_scratch(const moe_workload *w, moe_dtype ft);
 struct moe_cu_group {
     const int32_t *begin, *count; /* [E] the plan's segments */
     int64_t E, rows_bound;        /* experts; a bound on the rows of all segments */
+    const moe_bplan *plan;        /* the plan they belong to (its segments on the host) */
 };
 
 #endif

@@ -18,11 +18,6 @@ static int glu_of(moe_activation act)
     return act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
 }
 
-static moe_cu_group group_of(const moe_bplan *p)
-{
-    return moe_cu_group{p->offsets, p->count, p->E, p->rows_bound};
-}
-
 static int same_type(moe_backend *b, const char *op, moe_dtype t, const moe_tensor *const *ts, int n)
 {
     for (int i = 0; i < n; i++)
@@ -47,7 +42,7 @@ static void cu_experts_forward(moe_backend *b, moe_tensor ye, moe_tensor h1, moe
     const moe_dtype t = xe.buf->type;
     if (!same_type(b, "experts_forward", t, ts, 8))
         return;
-    const moe_cu_group g = group_of(p);
+    const moe_cu_group g = moe_cu_group_of(p);
     moe_cu_gemm_args x = {};
     x.mode = GM_ROWS;
     x.nb = glu ? 2 : 1;
@@ -94,7 +89,7 @@ static void cu_experts_backward_data(moe_backend *b, moe_tensor dxe, moe_tensor 
     const moe_dtype t = dye.buf->type;
     if (!same_type(b, "experts_backward_data", t, ts, 9))
         return;
-    const moe_cu_group g = group_of(p);
+    const moe_cu_group g = moe_cu_group_of(p);
     /* g1 (g3) = act'(dy·w2ᵀ): w2[e] is [f, d], i.e. B stored [N = f, K = d] */
     moe_cu_gemm_args x = {};
     x.mode = GM_ROWS;
@@ -148,7 +143,7 @@ static void cu_experts_backward_weights(moe_backend *b, moe_tensor dw1, moe_tens
     const moe_dtype t = xe.buf->type;
     if (!same_type(b, "experts_backward_weights", t, ts, 8))
         return;
-    const moe_cu_group g = group_of(p);
+    const moe_cu_group g = moe_cu_group_of(p);
     /* dw1[e] (dw3[e]) += xeᵀ·g1 (g3): A stored [rows, d], B [rows, f] */
     moe_cu_gemm_args x = {};
     x.mode = GM_KSEG;

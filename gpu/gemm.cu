@@ -495,31 +495,123 @@ static void launch(moe_backend *b, const GA &g, const moe_cu_group *grp, bool tc
 
 /* ---- cuBLAS, one GEMM per expert --------------------------------------------------------- */
 
-/* The FFN's epilogues as passes of their own over rows [lo, hi): a = act(h1) [⊙ h3] from the
- * stored (rounded) h1, h3; and from da (in g1's place) g1 and g3. */
-__global__ void glu_fwd(const bf16 *h1, const bf16 *h3, bf16 *a, long long lo, long long n, long long N,
-                        long long ldc, int act)
+/* The FFN's epilogues as passes of their own over a contiguous run of n elements (rows
+ * [lo, hi) of buffers whose rows are N wide): a = act(h1) [⊙ h3] from the stored (rounded)
+ * h1, h3; and from da (in g1's place) g1 and g3. Memory-bound, so each thread moves 8 bf16
+ * (16 bytes) at a time where every pointer allows it. */
+template <bool GLU> __device__ __forceinline__ void glu_fwd_at(const bf16 *h1, const bf16 *h3, bf16 *a, long long i,
+                                                                int act)
 {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const long long ci = (lo + i / N) * ldc + i % N;
-        float v = act_fwd(act, tof<bf16>(h1[ci]));
-        if (h3)
-            v *= tof<bf16>(h3[ci]);
-        a[ci] = fromf<bf16>(v);
-    }
+    float v = act_fwd(act, tof<bf16>(h1[i]));
+    if (GLU)
+        v *= tof<bf16>(h3[i]);
+    a[i] = fromf<bf16>(v);
 }
 
-__global__ void glu_bwd(bf16 *g1, bf16 *g3, const bf16 *H1, const bf16 *H3, long long lo, long long n, long long N,
-                        long long ldc, int act)
+template <bool GLU> __global__ void glu_fwd(const bf16 *h1, const bf16 *h3, bf16 *a, long long n, int act, bool vec)
 {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const long long ci = (lo + i / N) * ldc + i % N;
-        float d1 = 0.0f, d3 = 0.0f;
-        act_bwd(act, tof<bf16>(g1[ci]), tof<bf16>(H1[ci]), H3 ? tof<bf16>(H3[ci]) : 0.0f, &d1, &d3);
-        g1[ci] = fromf<bf16>(d1);
-        if (g3)
-            g3[ci] = fromf<bf16>(d3);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (vec) {
+        for (; i < n / 8; i += stride) {
+            const uint4 x1 = ((const uint4 *)h1)[i];
+            uint4 x3 = x1, y;
+            if (GLU)
+                x3 = ((const uint4 *)h3)[i];
+            const bf16 *p1 = (const bf16 *)&x1, *p3 = (const bf16 *)&x3;
+            bf16 *py = (bf16 *)&y;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float v = act_fwd(act, tof<bf16>(p1[j]));
+                if (GLU)
+                    v *= tof<bf16>(p3[j]);
+                py[j] = fromf<bf16>(v);
+            }
+            ((uint4 *)a)[i] = y;
+        }
+        i = n / 8 * 8 + blockIdx.x * (long long)blockDim.x + threadIdx.x; /* the tail */
+        if (i < n)
+            glu_fwd_at<GLU>(h1, h3, a, i, act);
+        return;
     }
+    for (; i < n; i += stride)
+        glu_fwd_at<GLU>(h1, h3, a, i, act);
+}
+
+template <bool GLU> __device__ __forceinline__ void glu_bwd_at(bf16 *g1, bf16 *g3, const bf16 *H1, const bf16 *H3,
+                                                                long long i, int act)
+{
+    float d1 = 0.0f, d3 = 0.0f;
+    act_bwd(act, tof<bf16>(g1[i]), tof<bf16>(H1[i]), GLU ? tof<bf16>(H3[i]) : 0.0f, &d1, &d3);
+    g1[i] = fromf<bf16>(d1);
+    if (GLU)
+        g3[i] = fromf<bf16>(d3);
+}
+
+template <bool GLU>
+__global__ void glu_bwd(bf16 *g1, bf16 *g3, const bf16 *H1, const bf16 *H3, long long n, int act, bool vec)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (vec) {
+        for (; i < n / 8; i += stride) {
+            const uint4 da = ((const uint4 *)g1)[i], x1 = ((const uint4 *)H1)[i];
+            uint4 x3 = x1, o1, o3;
+            if (GLU)
+                x3 = ((const uint4 *)H3)[i];
+            const bf16 *pd = (const bf16 *)&da, *p1 = (const bf16 *)&x1, *p3 = (const bf16 *)&x3;
+            bf16 *q1 = (bf16 *)&o1, *q3 = (bf16 *)&o3;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float d1 = 0.0f, d3 = 0.0f;
+                act_bwd(act, tof<bf16>(pd[j]), tof<bf16>(p1[j]), GLU ? tof<bf16>(p3[j]) : 0.0f, &d1, &d3);
+                q1[j] = fromf<bf16>(d1);
+                q3[j] = fromf<bf16>(d3);
+            }
+            ((uint4 *)g1)[i] = o1;
+            if (GLU)
+                ((uint4 *)g3)[i] = o3;
+        }
+        i = n / 8 * 8 + blockIdx.x * (long long)blockDim.x + threadIdx.x;
+        if (i < n)
+            glu_bwd_at<GLU>(g1, g3, H1, H3, i, act);
+        return;
+    }
+    for (; i < n; i += stride)
+        glu_bwd_at<GLU>(g1, g3, H1, H3, i, act);
+}
+
+/* The activation pass after the GEMMs of rows [lo, hi) (the FFN's buffers are dense: ldc = N). */
+static void glu_pass(moe_backend *b, const char *op, const moe_cu_gemm_args *a, long long lo, long long hi)
+{
+    if (a->ldc != a->N) {
+        moe_backend_fail(b, op, MOE_ERR_ARG, "activation pass over rows %lld wide stored %lld apart", (long long)a->N,
+                         (long long)a->ldc);
+        return;
+    }
+    const long long off = lo * a->ldc, n = (hi - lo) * a->N;
+    const bool glu = a->epi == EPI_FWD ? a->nb == 2 : a->C1 != nullptr;
+    const bf16 *h1 = (const bf16 *)a->C0 + off, *h3 = glu ? (const bf16 *)a->C1 + off : nullptr;
+    bf16 *c2 = a->epi == EPI_FWD ? (bf16 *)a->C2 + off : nullptr;
+    const bf16 *H1 = a->epi == EPI_BWD ? (const bf16 *)a->H1 + off : nullptr;
+    const bf16 *H3 = a->epi == EPI_BWD && glu ? (const bf16 *)a->H3 + off : nullptr;
+    const bool vec = aligned16(h1) && aligned16(h3) && aligned16(c2) && aligned16(H1) && aligned16(H3);
+    const long long work = vec ? n / 8 + 1 : n;
+    const unsigned blocks = (unsigned)(work / 256 + 1 < 16384 ? work / 256 + 1 : 16384);
+    cudaStream_t s = moe_cu_stream(b);
+    if (a->epi == EPI_FWD) {
+        if (glu)
+            glu_fwd<true><<<blocks, 256, 0, s>>>(h1, h3, c2, n, a->act, vec);
+        else
+            glu_fwd<false><<<blocks, 256, 0, s>>>(h1, h3, c2, n, a->act, vec);
+    } else {
+        bf16 *g1 = (bf16 *)a->C0 + off, *g3 = glu ? (bf16 *)a->C1 + off : nullptr;
+        if (glu)
+            glu_bwd<true><<<blocks, 256, 0, s>>>(g1, g3, H1, H3, n, a->act, vec);
+        else
+            glu_bwd<false><<<blocks, 256, 0, s>>>(g1, g3, H1, H3, n, a->act, vec);
+    }
+    moe_cu_check(b, op);
 }
 
 static dptr bp(const void *p, long long off)
@@ -527,30 +619,45 @@ static dptr bp(const void *p, long long off)
     return dptr{(void *)((const bf16 *)p + off), DT_BF16};
 }
 
-/* bf16 grouped GEMMs as cuBLAS GEMMs, one per expert and operand, after reading the segment
- * sizes back to the host. Measured on an H200 (bench/grouped_gemm.cu, BENCHMARKS.md): the read
- * back costs ~10 µs, and per-expert cuBLAS runs the expert GEMMs of a 64-expert layer ~3x
- * faster than cmoe's mma.sync kernel (and faster than cublasGemmGroupedBatchedEx). */
+/* bf16 grouped GEMMs as cuBLAS GEMMs, one per expert and operand, from the plan's segments
+ * on the host (read back once per route, cuda.h). Measured on an H200 (bench/grouped_gemm.cu,
+ * BENCHMARKS.md): the read back costs ~10 µs, and per-expert cuBLAS runs the expert GEMMs of a
+ * 64-expert layer ~3x faster than cmoe's mma.sync kernel (and faster than
+ * cublasGemmGroupedBatchedEx). */
 static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *grp, const moe_cu_gemm_args *a)
 {
-    moe_cuda_state *st = moe_cu(b);
-    cudaStream_t s = moe_cu_stream(b);
     const int64_t E = grp->E;
-    int32_t *hb = st->seg_host, *hc = st->seg_host + MOE_CU_SEG_MAX;
-    if (!moe_cu_ok(b, op, cudaMemcpyAsync(hb, grp->begin, E * sizeof(int32_t), cudaMemcpyDeviceToHost, s), "segments") ||
-        !moe_cu_ok(b, op, cudaMemcpyAsync(hc, grp->count, E * sizeof(int32_t), cudaMemcpyDeviceToHost, s), "segments") ||
-        !moe_cu_ok(b, op, cudaStreamSynchronize(s), "reading the segments back"))
+    const int32_t *hb = moe_cu_plan_segments(b, op, grp->plan);
+    if (!hb)
         return;
+    const int32_t *hc = hb + E;
     const float first = a->epi == EPI_ACC ? 1.0f : 0.0f;
     const void *B[2] = {a->B0, a->B1};
     void *C[2] = {a->C0, a->C1};
+    /* The experts' GEMMs are independent (disjoint outputs; an expert's two GEMMs into one
+     * accumulator stay on one stream, in order), so they are spread over the side streams:
+     * one expert's tail overlaps the next one's start. Each GEMM computes the same bits on any
+     * stream; the join makes the current stream wait for all of them. */
+    moe_cuda_state *st = moe_cu(b);
+    cudaStream_t main_s = moe_cu_stream(b);
+    int nside = 0;
+    for (int64_t e = 0; e < E && nside < 2; e++)
+        nside += hc[e] > 0;
+    nside = nside > 1 ? MOE_CU_SIDE : 0;
+    if (nside && !moe_cu_ok(b, op, cudaEventRecord(st->fork_ev, main_s), "fork"))
+        return;
+    for (int i = 0; i < nside; i++)
+        moe_cu_ok(b, op, cudaStreamWaitEvent(st->side[i], st->fork_ev, 0), "fork");
     long long lo = -1, hi = 0;
+    int next = 0;
     for (int64_t e = 0; e < E; e++) {
         const long long r0 = hb[e], m = hc[e];
         if (m <= 0)
             continue;
         lo = lo < 0 || r0 < lo ? r0 : lo;
         hi = r0 + m > hi ? r0 + m : hi;
+        if (nside)
+            st->side_cur = next++ % nside;
         if (a->mode == GM_ROWS) { /* C[r0.., N] = A[r0.., K] · B_e (+ A1 · B1_e) */
             for (int j = 0; j < a->nb; j++)
                 moe_cu_gemm(b, op, 0, a->bt, m, a->N, a->K, 1.0f, bp(a->A0, r0 * a->lda), a->lda,
@@ -564,17 +671,12 @@ static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *g
                             a->ldb, first, bp(C[j], e * a->c_es), a->ldc);
         }
     }
-    if (lo < 0 || (a->epi != EPI_FWD && a->epi != EPI_BWD))
-        return;
-    const long long n = (hi - lo) * a->N;
-    const unsigned blocks = (unsigned)(n / 256 + 1 < 8192 ? n / 256 + 1 : 8192);
-    if (a->epi == EPI_FWD)
-        glu_fwd<<<blocks, 256, 0, s>>>((const bf16 *)a->C0, a->nb == 2 ? (const bf16 *)a->C1 : nullptr, (bf16 *)a->C2,
-                                       lo, n, a->N, a->ldc, a->act);
-    else
-        glu_bwd<<<blocks, 256, 0, s>>>((bf16 *)a->C0, (bf16 *)a->C1, (const bf16 *)a->H1, (const bf16 *)a->H3, lo, n,
-                                       a->N, a->ldc, a->act);
-    moe_cu_check(b, op);
+    st->side_cur = -1;
+    for (int i = 0; i < nside; i++)
+        if (moe_cu_ok(b, op, cudaEventRecord(st->join_ev[i], st->side[i]), "join"))
+            moe_cu_ok(b, op, cudaStreamWaitEvent(main_s, st->join_ev[i], 0), "join");
+    if (lo >= 0 && (a->epi == EPI_FWD || a->epi == EPI_BWD))
+        glu_pass(b, op, a, lo, hi);
 }
 
 /* cuBLAS pays a read-back of the segments, which drains the stream, and a launch per expert:
@@ -584,7 +686,7 @@ static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *g
  * small kernels starved of the queue the read-backs empty. The line is drawn between them. */
 static bool use_cublas(int mode, const moe_cu_group *grp, const moe_cu_gemm_args *a)
 {
-    if (grp->E > MOE_CU_SEG_MAX || mode == MOE_CU_GEMM_MMA || mode == MOE_CU_GEMM_SIMT)
+    if (!grp->plan || mode == MOE_CU_GEMM_MMA || mode == MOE_CU_GEMM_SIMT)
         return false;
     const double rows = (double)grp->rows_bound / (double)grp->E;
     const double macs = a->mode == GM_ROWS ? rows * (double)a->N * (double)a->K : rows * (double)a->M * (double)a->N;

@@ -42,6 +42,12 @@ typedef struct {
     int64_t M, N, K;    /* ROWS: N, K (M per expert); KSEG: M, N (K per expert) */
 } moe_cu_gemm_args;
 
+/* The segments of plan p as a group */
+static inline moe_cu_group moe_cu_group_of(const moe_bplan *p)
+{
+    return moe_cu_group{p->offsets, p->count, p->E, p->rows_bound, p};
+}
+
 /* All operands of type t (f32 or bf16). */
 void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *g, const moe_cu_gemm_args *a,
                          moe_dtype t);

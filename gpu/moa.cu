@@ -26,11 +26,6 @@ static int typed(moe_backend *b, const char *op, const moe_tensor *const *ts, in
     return 1;
 }
 
-static moe_cu_group group_of(const moe_bplan *p)
-{
-    return moe_cu_group{p->offsets, p->count, p->E, p->rows_bound};
-}
-
 /* ye[i] = xe[i]·w[e] over each expert's segment; w[e] is [K, N] */
 static void cu_experts_linear_forward(moe_backend *b, moe_tensor ye, moe_tensor xe, moe_tensor w, const moe_bplan *p,
                                       int64_t K, int64_t N)
@@ -38,7 +33,7 @@ static void cu_experts_linear_forward(moe_backend *b, moe_tensor ye, moe_tensor 
     const moe_tensor *ts[] = {&xe, &ye, &w};
     if (K <= 0 || N <= 0 || !typed(b, "experts_linear_forward", ts, 3))
         return;
-    const moe_cu_group g = group_of(p);
+    const moe_cu_group g = moe_cu_group_of(p);
     moe_cu_gemm_args x = {};
     x.mode = GM_ROWS;
     x.nb = 1;
@@ -63,7 +58,7 @@ static void cu_experts_linear_backward(moe_backend *b, moe_tensor *dxe, moe_tens
     if (K <= 0 || N <= 0 || !typed(b, "experts_linear_backward", ts, 5))
         return;
     const moe_dtype t = dye.buf->type;
-    const moe_cu_group g = group_of(p);
+    const moe_cu_group g = moe_cu_group_of(p);
     if (dxe) { /* dxe += dye·w[e]ᵀ: w[e] is B stored [N_out = K, K_red = N] */
         moe_cu_gemm_args x = {};
         x.mode = GM_ROWS;

@@ -21,6 +21,9 @@ static void plan_free(moe_backend *b, moe_bplan *p)
                     p->keys_out, p->vals_in, p->vals_out, p->flags, p->pos, p->bal, p->d0, p->d1, p->mx, p->cub_tmp};
     for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
         cudaFree(ptrs[i]);
+    cudaFreeHost(p->seg_h);
+    if (p->seg_ev)
+        cudaEventDestroy(p->seg_ev);
     free(p);
 }
 
@@ -93,6 +96,8 @@ static moe_status plan_create(moe_backend *b, const moe_layer_config *c, int64_t
 #undef ALLOC
     ok = ok && cudaMalloc(&p->cub_tmp, p->cub_bytes) == cudaSuccess;
     total += p->cub_bytes;
+    ok = ok && cudaMallocHost((void **)&p->seg_h, (size_t)(2 * E) * sizeof(int32_t)) == cudaSuccess &&
+         cudaEventCreateWithFlags(&p->seg_ev, cudaEventDisableTiming) == cudaSuccess;
     if (!ok) {
         cudaGetLastError();
         plan_free(b, p);
@@ -109,6 +114,52 @@ static moe_status plan_create(moe_backend *b, const moe_layer_config *c, int64_t
     cudaMemset(p->offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
     cudaDeviceSynchronize();
     *out = p;
+    return MOE_OK;
+}
+
+/* ---- the segments on the host (cuda.h) ------------------------------------------------------ */
+
+void moe_cu_plan_segments_async(moe_backend *b, moe_bplan *p)
+{
+    cudaStream_t s = moe_cu_stream(b);
+    const size_t by = (size_t)p->E * sizeof(int32_t);
+    if (moe_cu_ok(b, "route", cudaMemcpyAsync(p->seg_h, p->offsets, by, cudaMemcpyDeviceToHost, s), "segments") &&
+        moe_cu_ok(b, "route", cudaMemcpyAsync(p->seg_h + p->E, p->count, by, cudaMemcpyDeviceToHost, s), "segments") &&
+        moe_cu_ok(b, "route", cudaEventRecord(p->seg_ev, s), "segments"))
+        p->seg_state = SEG_COPYING;
+    else
+        p->seg_state = SEG_NONE;
+}
+
+const int32_t *moe_cu_plan_segments(moe_backend *b, const char *op, const moe_bplan *p)
+{
+    moe_bplan *q = (moe_bplan *)p; /* the wait only settles the copy's state */
+    if (q->seg_state == SEG_COPYING) {
+        if (!moe_cu_ok(b, op, cudaEventSynchronize(q->seg_ev), "reading the segments back"))
+            return nullptr;
+        q->seg_state = SEG_READY;
+    }
+    if (q->seg_state != SEG_READY) {
+        moe_backend_fail(b, op, MOE_ERR_ARG, "a plan with no segments (neither routed nor uploaded)");
+        return nullptr;
+    }
+    return q->seg_h;
+}
+
+/* The host made the segments: no copy from the device, once an earlier copy has landed. */
+static moe_status segments_from_host(moe_bplan *p, const int64_t *begin, const int64_t *count)
+{
+    if (p->seg_state == SEG_COPYING) {
+        const cudaError_t e = cudaEventSynchronize(p->seg_ev);
+        p->seg_state = SEG_NONE;
+        if (e != cudaSuccess)
+            return moe_error(MOE_ERR_CUDA, "cuda backend: a plan's segments: %s", cudaGetErrorString(e));
+    }
+    for (int64_t e = 0; e < p->E; e++) {
+        p->seg_h[e] = (int32_t)begin[e];
+        p->seg_h[p->E + e] = (int32_t)count[e];
+    }
+    p->seg_state = SEG_READY;
     return MOE_OK;
 }
 
@@ -237,7 +288,7 @@ static moe_status plan_upload(moe_backend *b, moe_bplan *p, const moe_plan *h)
     p->capacity = h->capacity;
     p->ec = ec;
     p->rows_bound = n > 0 ? n : 1;
-    return MOE_OK;
+    return segments_from_host(p, h->offsets, h->count);
 }
 
 static moe_status plan_set_segments(moe_backend *b, moe_bplan *p, const int64_t *begin, const int64_t *rows)
@@ -262,7 +313,7 @@ static moe_status plan_set_segments(moe_backend *b, moe_bplan *p, const int64_t 
     if (!ok)
         return moe_backend_take_error(b);
     p->rows_bound = end;
-    return MOE_OK;
+    return segments_from_host(p, begin, rows);
 }
 
 __global__ void k_plan_counts(dptr out, const int32_t *count, const int32_t *selected, const int32_t *nd, int64_t E)

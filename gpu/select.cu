@@ -436,8 +436,8 @@ static void route_expert_choice(moe_backend *b, moe_bplan *p, moe_tensor s, int6
         return;                                                                                                     \
     } while (0)
 
-static void route(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias, moe_tensor *token_ids,
-                  const moe_layer_config *c, moe_key key, int64_t T)
+static void route_plan(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias,
+                       moe_tensor *token_ids, const moe_layer_config *c, moe_key key, int64_t T)
 {
     const int64_t E = c->n_experts;
     if (E != p->E)
@@ -590,6 +590,16 @@ __global__ void k_rb_ec(dptr ds, dptr dweight, const int32_t *src, const int32_t
     CU_LOOP(r, R)
     if (r < nd[0])
         stf(ds, src[r], ldf(ds, src[r]) + ldf(dweight, r));
+}
+
+/* The plan, then its segments on their way to the host (cuda.h) */
+static void route(moe_backend *b, moe_bplan *p, moe_tensor s, moe_tensor h, moe_tensor *bias, moe_tensor *token_ids,
+                  const moe_layer_config *c, moe_key key, int64_t T)
+{
+    p->seg_state = SEG_NONE;
+    route_plan(b, p, s, h, bias, token_ids, c, key, T);
+    if (!b->err)
+        moe_cu_plan_segments_async(b, p);
 }
 
 size_t moe_cu_select_scratch(const moe_workload *w)
