@@ -5,6 +5,9 @@
 # Profiles one forward + backward of the layers (a) and (b) of bench/gpu_bench.py and two
 # steps of training gpu-100m, and prints bench/kernel_times.py's table for each.
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+command -v ncu >/dev/null || { echo "profile.sh: ncu (Nsight Compute) is not on PATH"; exit 1; }
+[ -x ./cmoe ] || { echo "profile.sh: run it from a --with-cuda build directory holding ./cmoe"; exit 1; }
 out=${1:-${OUT:-/tmp}/profile}
 mkdir -p "$out"
 src=$(cd "$(dirname "$0")" && pwd)
