@@ -2,7 +2,7 @@
  * (src/cpu/crossentropy.c): per-row losses in double, then one fixed-order sum. */
 #include "gpu/cuda.h"
 
-/* Rows of V logits, read 16 bytes at a time where the rows allow it (VEC elements of T),
+/* Rows of V logits, read 16 bytes (vec_of<T>::N elements) at a time where the rows allow it,
  * else one element at a time. */
 template <typename T> struct vec_of {
     static const int N = 16 / sizeof(T);
@@ -47,7 +47,7 @@ template <typename T, typename F> __device__ __forceinline__ void ce_each(const 
 
 /* One block per row: the row's maximum and sum of exponentials in one pass over the logits
  * (each thread keeps its own running maximum, rescaling its sum when it grows), combined in
- * a fixed tree in double; then the probabilities in a second pass. probs may alias logits:
+ * a fixed order in double; then the probabilities in a second pass. probs may alias logits:
  * every element is read before it is written, by the thread that writes it, and the
  * target's logit before the first barrier. */
 template <typename T>
