@@ -2,46 +2,22 @@
  * (src/cpu/crossentropy.c): per-row losses in double, then one fixed-order sum. */
 #include "gpu/cuda.h"
 
-/* Rows of V logits, read 16 bytes (vec_of<T>::N elements) at a time where the rows allow it,
- * else one element at a time. */
-template <typename T> struct vec_of {
-    static const int N = 16 / sizeof(T);
-};
-
-template <typename T> __device__ __forceinline__ float ce_ld(const T *p, int64_t i);
-template <> __device__ __forceinline__ float ce_ld<float>(const float *p, int64_t i)
-{
-    return p[i];
-}
-template <> __device__ __forceinline__ float ce_ld<__nv_bfloat16>(const __nv_bfloat16 *p, int64_t i)
-{
-    return __bfloat162float(p[i]);
-}
-template <typename T> __device__ __forceinline__ T ce_from(float v);
-template <> __device__ __forceinline__ float ce_from<float>(float v)
-{
-    return v;
-}
-template <> __device__ __forceinline__ __nv_bfloat16 ce_from<__nv_bfloat16>(float v)
-{
-    return __float2bfloat16_rn(v);
-}
-
-/* f(j, x) over the row's elements [0, V) that this thread owns */
+/* f(j, x) over the row's elements [0, V) that this thread owns: 16 bytes at a time where the
+ * rows allow it (vec), else one element at a time */
 template <typename T, typename F> __device__ __forceinline__ void ce_each(const T *row, int64_t V, bool vec, F f)
 {
-    const int W = vec_of<T>::N;
+    const int W = vrow<T>::W;
     if (vec) {
         for (int64_t q = threadIdx.x; q < V / W; q += blockDim.x) {
-            const uint4 u = ((const uint4 *)row)[q];
-            const T *x = (const T *)&u;
+            float x[W];
+            vrow<T>::load(row + q * W, x);
 #pragma unroll
             for (int j = 0; j < W; j++)
-                f(q * W + j, ce_ld<T>(x, j));
+                f(q * W + j, x[j]);
         }
     } else {
         for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
-            f(j, ce_ld<T>(row, j));
+            f(j, tof<T>(row[j]));
     }
 }
 
@@ -59,7 +35,7 @@ __global__ void __launch_bounds__(512) k_ce_rows(double *rowloss, T *probs, cons
     const int64_t t = blockIdx.x;
     const T *row = logits + t * V;
     const int32_t tg = targets[t];
-    const double zt = tg >= 0 ? (double)ce_ld<T>(row, tg) : 0.0;
+    const double zt = tg >= 0 ? (double)tof<T>(row[tg]) : 0.0;
     float m = -INFINITY, sum = 0.0f;
     ce_each<T>(row, V, vec, [&](int64_t, float x) {
         if (x > m) {
@@ -80,7 +56,7 @@ __global__ void __launch_bounds__(512) k_ce_rows(double *rowloss, T *probs, cons
     const double S = block_sum(m == -INFINITY ? 0.0 : (double)sum * exp((double)(m - mx)), shs);
     const float inv = (float)(1.0 / S);
     T *out = probs + t * V;
-    ce_each<T>(row, V, vec, [&](int64_t j, float x) { out[j] = ce_from<T>(expf(x - mx) * inv); });
+    ce_each<T>(row, V, vec, [&](int64_t j, float x) { out[j] = fromf<T>(expf(x - mx) * inv); });
     if (threadIdx.x == 0)
         rowloss[t] = tg >= 0 ? -(zt - mx - log(S)) : 0.0;
 }

@@ -185,6 +185,49 @@ __device__ __forceinline__ float roundt(int t, float v)
     return t == DT_BF16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;
 }
 
+/* An element of T as float and back (bf16: round to nearest even) */
+template <typename T> __device__ __forceinline__ float tof(T v);
+template <> __device__ __forceinline__ float tof<float>(float v)
+{
+    return v;
+}
+template <> __device__ __forceinline__ float tof<__nv_bfloat16>(__nv_bfloat16 v)
+{
+    return __bfloat162float(v);
+}
+template <typename T> __device__ __forceinline__ T fromf(float v);
+template <> __device__ __forceinline__ float fromf<float>(float v)
+{
+    return v;
+}
+template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+
+/* W = 16 / sizeof(T) elements of T at p (16-byte aligned) as floats, and back: one 16-byte
+ * access, for the memory-bound row kernels */
+template <typename T> struct vrow {
+    static const int W = 16 / sizeof(T);
+    __device__ static void load(const T *p, float *v)
+    {
+        const uint4 u = *(const uint4 *)p;
+        const T *x = (const T *)&u;
+#pragma unroll
+        for (int j = 0; j < W; j++)
+            v[j] = tof<T>(x[j]);
+    }
+    __device__ static void store(T *p, const float *v)
+    {
+        uint4 u;
+        T *x = (T *)&u;
+#pragma unroll
+        for (int j = 0; j < W; j++)
+            x[j] = fromf<T>(v[j]);
+        *(uint4 *)p = u;
+    }
+};
+
 /* A grid-stride loop over [0, n). */
 #define CU_LOOP(i, n)                                                                                               \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)blockDim.x * gridDim.x)

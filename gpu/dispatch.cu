@@ -13,28 +13,6 @@
 
 typedef __nv_bfloat16 bf16;
 
-/* W elements of T at p as floats, and back: one 16-byte access when W·sizeof(T) = 16 */
-template <typename T> struct vrow {
-    static const int W = 16 / sizeof(T);
-    __device__ static void load(const T *p, float *v)
-    {
-        const uint4 u = *(const uint4 *)p;
-        const T *x = (const T *)&u;
-#pragma unroll
-        for (int j = 0; j < W; j++)
-            v[j] = (float)x[j];
-    }
-    __device__ static void store(T *p, const float *v)
-    {
-        uint4 u;
-        T *x = (T *)&u;
-#pragma unroll
-        for (int j = 0; j < W; j++)
-            x[j] = (T)v[j];
-        *(uint4 *)p = u;
-    }
-};
-
 template <typename T> __global__ void v_dispatch(T *xe, const T *x, const int32_t *token, const int32_t *nd, int64_t d)
 {
     const int W = vrow<T>::W;

@@ -24,25 +24,6 @@ struct GA {
     int E, act;
 };
 
-template <typename T> __device__ __forceinline__ float tof(T v);
-template <> __device__ __forceinline__ float tof<float>(float v)
-{
-    return v;
-}
-template <> __device__ __forceinline__ float tof<bf16>(bf16 v)
-{
-    return __bfloat162float(v);
-}
-template <typename T> __device__ __forceinline__ T fromf(float v);
-template <> __device__ __forceinline__ float fromf<float>(float v)
-{
-    return v;
-}
-template <> __device__ __forceinline__ bf16 fromf<bf16>(float v)
-{
-    return __float2bfloat16_rn(v);
-}
-
 /* Expert and row tile of block blockIdx.x in ROWS mode; e = -1 past the last tile. */
 __device__ __forceinline__ void rows_tile(const GA &g, int BM, int *s_info)
 {
@@ -510,26 +491,21 @@ template <bool GLU> __device__ __forceinline__ void glu_fwd_at(const bf16 *h1, c
 
 template <bool GLU> __global__ void glu_fwd(const bf16 *h1, const bf16 *h3, bf16 *a, long long n, int act, bool vec)
 {
+    const int W = vrow<bf16>::W;
     const long long stride = (long long)gridDim.x * blockDim.x;
     long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (vec) {
-        for (; i < n / 8; i += stride) {
-            const uint4 x1 = ((const uint4 *)h1)[i];
-            uint4 x3 = x1, y;
+        for (; i < n / W; i += stride) {
+            float x1[W], x3[W], y[W];
+            vrow<bf16>::load(h1 + i * W, x1);
             if (GLU)
-                x3 = ((const uint4 *)h3)[i];
-            const bf16 *p1 = (const bf16 *)&x1, *p3 = (const bf16 *)&x3;
-            bf16 *py = (bf16 *)&y;
+                vrow<bf16>::load(h3 + i * W, x3);
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                float v = act_fwd(act, tof<bf16>(p1[j]));
-                if (GLU)
-                    v *= tof<bf16>(p3[j]);
-                py[j] = fromf<bf16>(v);
-            }
-            ((uint4 *)a)[i] = y;
+            for (int j = 0; j < W; j++)
+                y[j] = GLU ? act_fwd(act, x1[j]) * x3[j] : act_fwd(act, x1[j]);
+            vrow<bf16>::store(a + i * W, y);
         }
-        i = n / 8 * 8 + blockIdx.x * (long long)blockDim.x + threadIdx.x; /* the tail */
+        i = n / W * W + blockIdx.x * (long long)blockDim.x + threadIdx.x; /* the tail */
         if (i < n)
             glu_fwd_at<GLU>(h1, h3, a, i, act);
         return;
@@ -551,28 +527,26 @@ template <bool GLU> __device__ __forceinline__ void glu_bwd_at(bf16 *g1, bf16 *g
 template <bool GLU>
 __global__ void glu_bwd(bf16 *g1, bf16 *g3, const bf16 *H1, const bf16 *H3, long long n, int act, bool vec)
 {
+    const int W = vrow<bf16>::W;
     const long long stride = (long long)gridDim.x * blockDim.x;
     long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (vec) {
-        for (; i < n / 8; i += stride) {
-            const uint4 da = ((const uint4 *)g1)[i], x1 = ((const uint4 *)H1)[i];
-            uint4 x3 = x1, o1, o3;
+        for (; i < n / W; i += stride) {
+            float da[W], x1[W], x3[W] = {}, o1[W], o3[W];
+            vrow<bf16>::load(g1 + i * W, da);
+            vrow<bf16>::load(H1 + i * W, x1);
             if (GLU)
-                x3 = ((const uint4 *)H3)[i];
-            const bf16 *pd = (const bf16 *)&da, *p1 = (const bf16 *)&x1, *p3 = (const bf16 *)&x3;
-            bf16 *q1 = (bf16 *)&o1, *q3 = (bf16 *)&o3;
+                vrow<bf16>::load(H3 + i * W, x3);
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                float d1 = 0.0f, d3 = 0.0f;
-                act_bwd(act, tof<bf16>(pd[j]), tof<bf16>(p1[j]), GLU ? tof<bf16>(p3[j]) : 0.0f, &d1, &d3);
-                q1[j] = fromf<bf16>(d1);
-                q3[j] = fromf<bf16>(d3);
+            for (int j = 0; j < W; j++) {
+                o3[j] = 0.0f;
+                act_bwd(act, da[j], x1[j], x3[j], &o1[j], &o3[j]);
             }
-            ((uint4 *)g1)[i] = o1;
+            vrow<bf16>::store(g1 + i * W, o1);
             if (GLU)
-                ((uint4 *)g3)[i] = o3;
+                vrow<bf16>::store(g3 + i * W, o3);
         }
-        i = n / 8 * 8 + blockIdx.x * (long long)blockDim.x + threadIdx.x;
+        i = n / W * W + blockIdx.x * (long long)blockDim.x + threadIdx.x;
         if (i < n)
             glu_bwd_at<GLU>(g1, g3, H1, H3, i, act);
         return;
