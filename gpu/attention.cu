@@ -1,20 +1,22 @@
 /*
- * Causal grouped-query attention on the device: cuBLAS batched GEMMs over (batch, head)
- * with a masked softmax pass between them (the issue's "cuBLAS batched GEMMs with a fused
- * masked softmax"; a fused flash kernel would save the S×S round trip).
+ * Causal grouped-query attention on the device. bf16 with head dims 32, 64 or 128 runs the
+ * fused (flash) kernels of gpu/flash.cu; everything else (fp32 for the cross-checks, other
+ * head dims, unaligned tensors) cuBLAS batched GEMMs over (batch, head) with a masked
+ * softmax pass between them:
  *
  *   forward:  Sc = q·kᵀ/√hd (f32), P = causal softmax(Sc) (compute type), out = P·v
  *   backward: Sc and P again, bit for bit as the forward made them (same GEMM, same pass);
  *             dP = dout·vᵀ, dv += Pᵀ·dout, dS = P ⊙ (dP − rowsum(P ⊙ dP))/√hd,
  *             dq += dS·k, dk += dSᵀ·q
- * so the forward saves only the rows' log-sum-exp [B, H, S] (attention_saved), flash
- * style. Pointers of the batched GEMMs are built on the device from the tensors' addresses
- * (grouped-query heads are not a fixed stride apart). The query heads sharing a KV head add
- * into its dk, dv in separate launches, in head order: no two GEMMs of one launch write
- * the same output, so the sums are deterministic and in the cpu's order.
+ * Either way the forward saves only [B, H, S] floats (attention_saved): the flash kernels
+ * the rows' log-sum-exp; the batched path, which recomputes P, nothing. Pointers of the
+ * batched GEMMs are built on the device from the tensors' addresses (grouped-query heads are
+ * not a fixed stride apart). The query heads sharing a KV head add into its dk, dv in
+ * separate launches, in head order: no two GEMMs of one launch write the same output, so the
+ * sums are deterministic and in the cpu's order.
  *
- * The S×S scratch (Sc in f32, P in the compute type) is reserved for the model's batch and
- * sequence when it is built.
+ * The S×S scratch of the batched path (Sc in f32, P in the compute type) is reserved for the
+ * model's batch and sequence when it is built.
  */
 #include <cmath>
 
@@ -108,11 +110,10 @@ __device__ __forceinline__ double warp_sum(double v)
 }
 
 /* P[bh, i, j] = causal softmax of Sc's row (0 past the diagonal), in one pass for the maximum
- * and the sum (each lane rescales its sum as its maximum grows) and one for P;
- * lse[bh, i] = max + log Σ when asked for. (Lanes reading 4 neighbours at once with 16-byte
+ * and the sum (each lane rescales its sum as its maximum grows) and one for P. (Lanes reading 4 neighbours at once with 16-byte
  * loads measured slower, 5.2 against 4.4 ms a step of gpu-100m: their 2-byte stores of P
  * then spread over 4x the bytes per warp instruction.) */
-__global__ void __launch_bounds__(256) k_softmax_causal(dptr P, dptr lse, const float *sc, int64_t rows, int64_t S)
+__global__ void __launch_bounds__(256) k_softmax_causal(dptr P, const float *sc, int64_t rows, int64_t S)
 {
     const int lane = threadIdx.x & 31;
     const int64_t r = (int64_t)blockIdx.x * SM_ROWS + (threadIdx.x >> 5);
@@ -137,8 +138,6 @@ __global__ void __launch_bounds__(256) k_softmax_causal(dptr P, dptr lse, const 
     const float inv = (float)(1.0 / tot);
     for (int64_t j = lane; j < S; j += 32)
         stf(P, r * S + j, j <= i ? expf(row[j] - mx) * inv : 0.0f);
-    if (lse.p && lane == 0)
-        stf(lse, r, (float)(mx + log(tot)));
 }
 
 /* dS = P ⊙ (dP − Σ P ⊙ dP)·scale, in place of P; dP (f32) in sc; one block per row (a warp
@@ -161,30 +160,36 @@ static unsigned softmax_blocks(int64_t rows)
     return (unsigned)((rows + SM_ROWS - 1) / SM_ROWS);
 }
 
+/* B·H·S floats, in elements of the compute type */
 static int64_t attention_saved(moe_backend *b, int64_t B, int64_t S, int64_t H)
 {
-    return B * H * S;
+    return B * H * S * (b->float_type == MOE_BF16 ? 2 : 1);
 }
 
 /* Sc = q·kᵀ/√hd and P: the forward's first half, also the backward's */
-static int scores(moe_backend *b, const char *op, att_scratch *s, moe_tensor q, moe_tensor k, dptr lse, int64_t B,
-                  int64_t S, int64_t H, int64_t Hkv, int64_t hd)
+static int scores(moe_backend *b, const char *op, att_scratch *s, moe_tensor q, moe_tensor k, int64_t B, int64_t S,
+                  int64_t H, int64_t Hkv, int64_t hd)
 {
     const int64_t group = H / Hkv;
     const float scale = (float)(1.0 / sqrt((double)hd));
     const dptr Q = DP(q), K = DP(k), SC = {s->sc, DT_F32};
     batched(b, op, s, 0, 1, S, S, hd, scale, pd(Q, S * H * hd, hd, 1), Q.t, H * hd, pd(K, S * Hkv * hd, hd, group),
             K.t, Hkv * hd, 0.0f, pd(SC, H * S * S, S * S, 1), DT_F32, S, B, H, 1, 0);
-    k_softmax_causal<<<softmax_blocks(B * H * S), 256, 0, moe_cu_stream(b)>>>(s->p, lse, s->sc, B * H * S, S);
+    k_softmax_causal<<<softmax_blocks(B * H * S), 256, 0, moe_cu_stream(b)>>>(s->p, s->sc, B * H * S, S);
     return moe_cu_check(b, op);
 }
 
 static void attention_forward(moe_backend *b, moe_tensor out, moe_tensor saved, moe_tensor q, moe_tensor k,
                               moe_tensor v, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd)
 {
+    if (B * S * H <= 0)
+        return;
+    if (moe_cu_flash_ok(hd, B, H, DP(q), DP(k), DP(v), DP(out), DP(saved))) {
+        moe_cu_flash_forward(b, DP(out), DP(saved), DP(q), DP(k), DP(v), B, S, H, Hkv, hd);
+        return;
+    }
     att_scratch s;
-    if (B * S * H <= 0 || !scratch_of(b, &s, B, H, S, "attention_forward") ||
-        !scores(b, "attention_forward", &s, q, k, DP(saved), B, S, H, Hkv, hd))
+    if (!scratch_of(b, &s, B, H, S, "attention_forward") || !scores(b, "attention_forward", &s, q, k, B, S, H, Hkv, hd))
         return;
     const dptr V = DP(v), O = DP(out);
     batched(b, "attention_forward", &s, 0, 0, S, hd, S, 1.0f, pd(s.p, H * S * S, S * S, 1), s.p.t, S,
@@ -196,9 +201,19 @@ static void attention_backward(moe_backend *b, moe_tensor dq, moe_tensor dk, moe
                                int64_t S, int64_t H, int64_t Hkv, int64_t hd)
 {
     const char *op = "attention_backward";
+    if (B * S * H <= 0)
+        return;
+    /* the flash forward ran on these tensors (the same test) and saved the log-sum-exp */
+    if (moe_cu_flash_ok(hd, B, H, DP(q), DP(k), DP(v), DP(out), DP(saved)) &&
+        moe_cu_flash_ok_bwd(DP(dq), DP(dk), DP(dv), DP(dout))) {
+        float *dsum = (float *)moe_cu_scratch(b, (size_t)(B * H * S) * sizeof(float), op);
+        if (dsum)
+            moe_cu_flash_backward(b, DP(dq), DP(dk), DP(dv), DP(dout), DP(out), DP(saved), DP(q), DP(k), DP(v), dsum,
+                                  B, S, H, Hkv, hd);
+        return;
+    }
     att_scratch s;
-    if (B * S * H <= 0 || !scratch_of(b, &s, B, H, S, op) ||
-        !scores(b, op, &s, q, k, dptr{nullptr, DT_F32}, B, S, H, Hkv, hd))
+    if (!scratch_of(b, &s, B, H, S, op) || !scores(b, op, &s, q, k, B, S, H, Hkv, hd))
         return;
     const int64_t group = H / Hkv;
     const float scale = (float)(1.0 / sqrt((double)hd));

@@ -348,6 +348,16 @@ size_t moe_cu_select_scratch(const moe_workload *w);
 size_t moe_cu_model_scratch(const moe_workload *w, moe_dtype ft);
 size_t moe_cu_attention_scratch(const moe_workload *w, moe_dtype ft);
 
+/* Fused causal attention for bf16 (gpu/flash.cu): whether it takes these tensors (head dims 32,
+ * 64, 128; bf16, 16-byte aligned; saved, 4-byte aligned, holds the rows' fp32 log-sum-exp), and
+ * the kernels. dsum is scratch of B·H·S floats. */
+int moe_cu_flash_ok(int64_t hd, int64_t B, int64_t H, dptr q, dptr k, dptr v, dptr out, dptr saved);
+int moe_cu_flash_ok_bwd(dptr dq, dptr dk, dptr dv, dptr dout);
+void moe_cu_flash_forward(moe_backend *b, dptr out, dptr lse, dptr q, dptr k, dptr v, int64_t B, int64_t S, int64_t H,
+                          int64_t Hkv, int64_t hd);
+void moe_cu_flash_backward(moe_backend *b, dptr dq, dptr dk, dptr dv, dptr dout, dptr out, dptr lse, dptr q, dptr k,
+                           dptr v, float *dsum, int64_t B, int64_t S, int64_t H, int64_t Hkv, int64_t hd);
+
 /* Grouped expert GEMMs (gpu/gemm.cu): see there. */
 struct moe_cu_group {
     const int32_t *begin, *count; /* [E] the plan's segments */

@@ -242,8 +242,11 @@ moe_status moe_check_model(ck *c, int quick)
         int64_t B, S, nh, hd, pos0;
         double theta;
     } ROPE[] = {{2, 5, 3, 8, 0, 1e4}, {1, 7, 2, 64, 3000, 1e6}, {2, 33, 5, 16, 1, 1e6}};
-    static const int64_t ATT[][5] = {{1, 1, 1, 1, 2}, {2, 7, 4, 2, 6}, {1, 13, 3, 1, 8}, {2, 64, 4, 2, 32},
-                                     {2, 65, 4, 1, 8}, {1, 130, 2, 1, 16}};
+    /* head dims 32, 64, 128 take the cuda backend's flash kernels in bf16: one tile, a partial
+     * second, several, and grouped-query heads */
+    static const int64_t ATT[][5] = {{1, 1, 1, 1, 2},   {2, 7, 4, 2, 6},    {1, 13, 3, 1, 8},
+                                     {2, 64, 4, 2, 32}, {2, 65, 4, 1, 8},   {1, 130, 2, 1, 16},
+                                     {3, 70, 2, 2, 64}, {2, 200, 4, 2, 64}, {1, 129, 4, 2, 128}};
     static const int64_t HEAD[][3] = {{37, 24, 40}, {130, 64, 257}};
     static const int64_t CE[][2] = {{7, 13}, {65, 257}, {100, 1000}, {3000, 37}};
     static const int64_t OPT[] = {1, 1000, 100003};
