@@ -248,7 +248,8 @@ moe_status moe_check_model(ck *c, int quick)
                                      {2, 64, 4, 2, 32}, {2, 65, 4, 1, 8},   {1, 130, 2, 1, 16},
                                      {3, 70, 2, 2, 64}, {2, 200, 4, 2, 64}, {1, 129, 4, 2, 128}};
     static const int64_t HEAD[][3] = {{37, 24, 40}, {130, 64, 257}};
-    static const int64_t CE[][2] = {{7, 13}, {65, 257}, {100, 1000}, {3000, 37}};
+    /* V = 1000 and 70000: the cuda backend's rows held in registers and rows read twice */
+    static const int64_t CE[][2] = {{7, 13}, {65, 257}, {100, 1000}, {3000, 37}, {3, 70000}};
     static const int64_t OPT[] = {1, 1000, 100003};
     const moe_workload w = {.batch = 24, .seq = 130, .heads = 4, .kv_heads = 4, .head_dim = 32, .d_model = 1024,
                             .rows_ffn = 1, .d_ff = 1};
