@@ -136,10 +136,11 @@ static void cu_z_backward(moe_backend *b, moe_tensor dz, double dloss, moe_tenso
 }
 
 /* importance[e]: token choice sums the choice weights of e over the T·k choices (before
- * dropping), expert choice the weights of its rows; one block per expert */
-__global__ void k_importance(dptr imp, moe_bplan p, int64_t tk)
+ * dropping), expert choice the weights of its rows; one block of 1024 per expert (the E
+ * blocks each scan all T·k choices, which stay in L2) */
+__global__ void __launch_bounds__(1024) k_importance(dptr imp, moe_bplan p, int64_t tk)
 {
-    __shared__ double sh[256];
+    __shared__ double sh[1024];
     const int64_t e = blockIdx.x;
     const int32_t n = p.nd[0];
     const bool tc = n > 0 && p.choice[0] >= 0;
@@ -160,7 +161,7 @@ __global__ void k_importance(dptr imp, moe_bplan p, int64_t tk)
 
 static void cu_importance_forward(moe_backend *b, moe_tensor imp, const moe_bplan *p)
 {
-    k_importance<<<(unsigned)p->E, 256, 0, moe_cu_stream(b)>>>(DP(imp), *p, p->ec ? 0 : p->T * p->k);
+    k_importance<<<(unsigned)p->E, 1024, 0, moe_cu_stream(b)>>>(DP(imp), *p, p->ec ? 0 : p->T * p->k);
     moe_cu_check(b, "importance_forward");
 }
 

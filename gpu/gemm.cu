@@ -22,6 +22,7 @@ struct GA {
     long long M, N, K;
     const int32_t *begin, *count;
     int E, act;
+    int pairs; /* tensor cores: outputs stored two neighbours at a time (4-byte aligned) */
 };
 
 /* Expert and row tile of block blockIdx.x in ROWS mode; e = -1 past the last tile. */
@@ -75,6 +76,49 @@ __device__ __forceinline__ void epilogue(const GA &g, long long ci, const float 
         C0[ci] = fromf<T>(g1);
         if (C1)
             C1[ci] = fromf<T>(g3);
+    }
+}
+
+/* The same for two neighbouring bf16 outputs (ci, ci + 1; v0, v1 their accumulators) with
+ * 4-byte loads and stores of the pairs: the same bits, half the memory instructions. */
+template <int EPI, int NB>
+__device__ __forceinline__ void epilogue2(const GA &g, long long ci, const float *v0, const float *v1)
+{
+    typedef __nv_bfloat162 b2;
+    b2 *C0 = (b2 *)((bf16 *)g.C0 + ci), *C1 = g.C1 ? (b2 *)((bf16 *)g.C1 + ci) : nullptr;
+    if (EPI == EPI_STORE) {
+        *C0 = __floats2bfloat162_rn(v0[0], v1[0]);
+        if (NB == 2)
+            *C1 = __floats2bfloat162_rn(v0[1], v1[1]);
+    } else if (EPI == EPI_ACC) {
+        const float2 o = __bfloat1622float2(*C0);
+        *C0 = __floats2bfloat162_rn(o.x + v0[0], o.y + v1[0]);
+        if (NB == 2) {
+            const float2 o1 = __bfloat1622float2(*C1);
+            *C1 = __floats2bfloat162_rn(o1.x + v0[1], o1.y + v1[1]);
+        }
+    } else if (EPI == EPI_FWD) {
+        const b2 h1 = __floats2bfloat162_rn(v0[0], v1[0]);
+        *C0 = h1;
+        const float2 x = __bfloat1622float2(h1);
+        float a0 = act_fwd(g.act, x.x), a1 = act_fwd(g.act, x.y);
+        if (NB == 2) {
+            const b2 h3 = __floats2bfloat162_rn(v0[1], v1[1]);
+            *C1 = h3;
+            const float2 y = __bfloat1622float2(h3);
+            a0 *= y.x;
+            a1 *= y.y;
+        }
+        *(b2 *)((bf16 *)g.C2 + ci) = __floats2bfloat162_rn(a0, a1);
+    } else { /* EPI_BWD */
+        const float2 x = __bfloat1622float2(*(const b2 *)((const bf16 *)g.H1 + ci));
+        const float2 h3 = g.H3 ? __bfloat1622float2(*(const b2 *)((const bf16 *)g.H3 + ci)) : make_float2(0.0f, 0.0f);
+        float a1 = 0.0f, a3 = 0.0f, b1 = 0.0f, b3 = 0.0f;
+        act_bwd(g.act, v0[0], x.x, h3.x, &a1, &a3);
+        act_bwd(g.act, v1[0], x.y, h3.y, &b1, &b3);
+        *C0 = __floats2bfloat162_rn(a1, b1);
+        if (C1)
+            *C1 = __floats2bfloat162_rn(a3, b3);
     }
 }
 
@@ -427,6 +471,18 @@ __global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
                 const long long m = m0 + wm * 64 + mt * 16 + (lane >> 2) + h * 8;
                 if (m >= Mx)
                     continue;
+                const long long n = n0 + wn * WN + nt * 8 + (lane & 3) * 2; /* even; N % 8 == 0 */
+                if (g.pairs && n < g.N) {
+                    float v0[NB], v1[NB];
+#pragma unroll
+                    for (int i = 0; i < NB; i++) {
+                        v0[i] = acc[i][mt][nt][h * 2];
+                        v1[i] = acc[i][mt][nt][h * 2 + 1];
+                    }
+                    const long long ci = MODE == GM_ROWS ? (row0 + m) * g.ldc + n : e * g.c_es + m * g.ldc + n;
+                    epilogue2<EPI, NB>(g, ci, v0, v1);
+                    continue;
+                }
 #pragma unroll
                 for (int q = 0; q < 2; q++) {
                     const long long n = n0 + wn * WN + nt * 8 + (lane & 3) * 2 + q;
@@ -447,6 +503,11 @@ __global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
 static bool aligned16(const void *p)
 {
     return !p || ((uintptr_t)p & 15) == 0;
+}
+
+static bool aligned4(const void *p)
+{
+    return !p || ((uintptr_t)p & 3) == 0;
 }
 
 template <int MODE, int BT, int NB, int NK, int EPI>
@@ -692,6 +753,8 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp
     bool tc = t == MOE_BF16 && moe_cu(b)->gemm != MOE_CU_GEMM_SIMT && inner % 8 == 0 && a->N % 8 == 0 && a->lda % 8 == 0 &&
               a->ldb % 8 == 0 && a->b_es % 8 == 0 && aligned16(a->A0) && aligned16(a->A1) && aligned16(a->B0) &&
               aligned16(a->B1);
+    g.pairs = a->ldc % 2 == 0 && (a->mode == GM_ROWS || a->c_es % 2 == 0) && aligned4(a->C0) && aligned4(a->C1) &&
+              aligned4(a->C2) && aligned4(a->H1) && aligned4(a->H3);
     const int key = a->mode * 10000 + a->bt * 1000 + a->nb * 100 + a->nk * 10 + a->epi;
     switch (key) {
     case GM_ROWS * 10000 + 0 * 1000 + 200 + 10 + EPI_FWD: launch<GM_ROWS, 0, 2, 1, EPI_FWD>(b, g, grp, tc, t); break;
