@@ -233,7 +233,15 @@ size_t moe_cu_experts_scratch(const moe_workload *w, moe_dtype ft)
     }
     if (w->rows_ffn * w->d_ff > m)
         m = w->rows_ffn * w->d_ff;
-    return (size_t)(2 * m) * moe_cu_size(ft) + 512;
+    size_t need = (size_t)(2 * m) * moe_cu_size(ft) + 512;
+    if (w->layer && ft == MOE_BF16) { /* the split weight gradients of small experts (gemm.cu) */
+        const moe_layer_config *c = w->layer;
+        const double E = (double)c->n_experts, rows = (double)w->tokens * (double)c->top_k / (E > 0 ? E : 1);
+        const size_t part = (size_t)MOE_CU_KSEG_SPLIT * 2 * (size_t)(c->n_experts * c->d_model * c->d_ff) * sizeof(float);
+        if (rows * (double)c->d_model * (double)c->d_ff < MOE_CU_CUBLAS_MACS && part > need)
+            need = part;
+    }
+    return need;
 }
 
 static void cu_ffn_backward(moe_backend *b, moe_tensor *dx, moe_tensor dw1, moe_tensor *dw3, moe_tensor dw2,

@@ -23,6 +23,8 @@ struct GA {
     const int32_t *begin, *count;
     int E, act;
     int pairs; /* tensor cores: outputs stored two neighbours at a time (4-byte aligned) */
+    int split; /* KSEG on tensor cores: each expert's rows in this many parts (kseg_split) */
+    float *part; /* split > 1: the parts' fp32 sums [NB][split][E][M][N], added in order after */
 };
 
 /* Expert and row tile of block blockIdx.x in ROWS mode; e = -1 past the last tile. */
@@ -332,7 +334,7 @@ __global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
         Mx = g.count[e];
         Kx = g.K;
     } else {
-        e = blockIdx.z;
+        e = blockIdx.z / g.split;
         Kx = g.count[e];
         if (Kx == 0)
             return;
@@ -340,12 +342,16 @@ __global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
         Mx = g.M;
     }
     row0 = g.begin[e];
-    const int ktiles = (int)((Kx + T_BK - 1) / T_BK);
+    /* KSEG split: part sp runs over the k tiles [kt0, kt1) of the expert's rows */
+    const int sp = MODE == GM_KSEG ? (int)(blockIdx.z % g.split) : 0;
+    const int kt_all = (int)((Kx + T_BK - 1) / T_BK);
+    const int kt0 = (int)((long long)kt_all * sp / g.split), kt1 = (int)((long long)kt_all * (sp + 1) / g.split);
+    const int ktiles = kt1 - kt0;
     const int total = NK * ktiles;
 
     auto load = [&](int slot, int t) {
         const int pp = NK == 2 ? t / ktiles : 0;
-        const long long k0 = (long long)(NK == 2 ? t % ktiles : t) * T_BK;
+        const long long k0 = (long long)(kt0 + (NK == 2 ? t % ktiles : t)) * T_BK;
         const bf16 *Ap = (const bf16 *)(pp ? g.A1 : g.A0);
         bf16 *dA = sA + slot * AS;
 #pragma unroll
@@ -472,6 +478,14 @@ __global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
                 if (m >= Mx)
                     continue;
                 const long long n = n0 + wn * WN + nt * 8 + (lane & 3) * 2; /* even; N % 8 == 0 */
+                if (MODE == GM_KSEG && g.split > 1) { /* this part's sums, for kseg_add */
+                    if (n < g.N)
+#pragma unroll
+                        for (int i = 0; i < NB; i++)
+                            *(float2 *)(g.part + (((long long)i * g.split + sp) * g.E + e) * g.M * g.N + m * g.N + n) =
+                                make_float2(acc[i][mt][nt][h * 2], acc[i][mt][nt][h * 2 + 1]);
+                    continue;
+                }
                 if (g.pairs && n < g.N) {
                     float v0[NB], v1[NB];
 #pragma unroll
@@ -498,6 +512,30 @@ __global__ void __launch_bounds__(256, 2) tc_gemm(GA g)
             }
 }
 
+/* C_e += Σ_sp part[sp] for the experts with rows, the parts added in order (fp32), then the one
+ * rounding of EPI_ACC; two neighbours a thread (N is even on the tensor-core path) */
+__global__ void k_kseg_add(GA g, int nb)
+{
+    const long long MN = g.M * g.N;
+    CU_LOOP(q, g.E * MN / 2)
+    {
+        const long long i = 2 * q, e = i / MN, mn = i % MN, m = mn / g.N, n = mn % g.N;
+        if (g.count[e] == 0)
+            continue;
+        for (int j = 0; j < nb; j++) {
+            float2 acc = make_float2(0.0f, 0.0f);
+            for (int sp = 0; sp < g.split; sp++) {
+                const float2 v = *(const float2 *)(g.part + (((long long)j * g.split + sp) * g.E + e) * MN + mn);
+                acc.x += v.x;
+                acc.y += v.y;
+            }
+            bf16 *C = (bf16 *)(j ? g.C1 : g.C0) + e * g.c_es + m * g.ldc + n;
+            C[0] = fromf<bf16>(tof<bf16>(C[0]) + acc.x);
+            C[1] = fromf<bf16>(tof<bf16>(C[1]) + acc.y);
+        }
+    }
+}
+
 /* ---- dispatch -------------------------------------------------------------------------- */
 
 static bool aligned16(const void *p)
@@ -517,7 +555,7 @@ static void launch(moe_backend *b, const GA &g, const moe_cu_group *grp, bool tc
     if (tc) {
         const int bm = T_BM, bn = tc_shape<NB>::BN;
         dim3 grid(MODE == GM_ROWS ? (unsigned)(grp->rows_bound / bm + grp->E) : (unsigned)((g.M + bm - 1) / bm),
-                  (unsigned)((g.N + bn - 1) / bn), MODE == GM_ROWS ? 1u : (unsigned)grp->E);
+                  (unsigned)((g.N + bn - 1) / bn), MODE == GM_ROWS ? 1u : (unsigned)(grp->E * g.split));
         const int bytes = tc_smem<MODE, BT, NB>::BYTES;
         static bool attr = false; /* one per instantiation */
         if (!attr) {
@@ -525,6 +563,8 @@ static void launch(moe_backend *b, const GA &g, const moe_cu_group *grp, bool tc
             attr = true;
         }
         tc_gemm<MODE, BT, NB, NK, EPI><<<grid, 256, bytes, s>>>(g);
+        if (MODE == GM_KSEG && g.split > 1)
+            k_kseg_add<<<moe_cu_blocks(g.E * g.M * g.N / 2, 256), 256, 0, s>>>(g, NB);
     } else {
         dim3 grid(MODE == GM_ROWS ? (unsigned)(grp->rows_bound / S_BM + grp->E) : (unsigned)((g.M + S_BM - 1) / S_BM),
                   (unsigned)((g.N + S_BN - 1) / S_BN), MODE == GM_ROWS ? 1u : (unsigned)grp->E);
@@ -533,6 +573,37 @@ static void launch(moe_backend *b, const GA &g, const moe_cu_group *grp, bool tc
         else
             simt_gemm<float, MODE, BT, NB, NK, EPI><<<grid, 256, 0, s>>>(g);
     }
+}
+
+/* The weight gradients (KSEG) reduce over each expert's rows. With few experts and small
+ * weights their tiles fill the GPU's 2 · SMs block slots poorly (gpu-100m's dW2: 160 blocks
+ * for 264 slots, one wave at 61%), so each expert's rows are cut into `split` parts, which
+ * run as blocks of their own and leave fp32 sums that k_kseg_add adds in order: the same bits
+ * on every run of one machine. The split minimises waves per unit of work, each further part
+ * charged a tenth for the sums' round trip; parts keep >= 256 rows; the sums need scratch (a
+ * workload without it runs unsplit). */
+static int kseg_split(moe_backend *b, const char *op, const moe_cu_group *grp, const moe_cu_gemm_args *a,
+                      float **part)
+{
+    const long long bn = a->nb == 2 ? tc_shape<2>::BN : tc_shape<1>::BN;
+    const long long blocks = (a->M + T_BM - 1) / T_BM * ((a->N + bn - 1) / bn) * grp->E;
+    const long long slots = 2LL * moe_cu(b)->sm_count;
+    const double rows = (double)grp->rows_bound / (double)grp->E;
+    int best = 1;
+    double best_cost = 1e300;
+    for (int sp = 1; sp <= MOE_CU_KSEG_SPLIT && (sp == 1 || rows / sp >= 256); sp++) {
+        const double cost = (double)((blocks * sp + slots - 1) / slots) / sp + 0.1 * (sp - 1);
+        if (cost < best_cost) {
+            best = sp;
+            best_cost = cost;
+        }
+    }
+    const size_t need = (size_t)best * (size_t)(a->nb * grp->E * a->M * a->N) * sizeof(float);
+    if (best == 1 || moe_cu(b)->cur != MOE_STREAM_COMPUTE || moe_cu(b)->side_cur >= 0 ||
+        need > moe_cu(b)->scratch_bytes)
+        return 1;
+    *part = (float *)moe_cu_scratch(b, need, op);
+    return *part ? best : 1;
 }
 
 /* ---- cuBLAS, one GEMM per expert --------------------------------------------------------- */
@@ -725,7 +796,7 @@ static bool use_cublas(int mode, const moe_cu_group *grp, const moe_cu_gemm_args
         return false;
     const double rows = (double)grp->rows_bound / (double)grp->E;
     const double macs = a->mode == GM_ROWS ? rows * (double)a->N * (double)a->K : rows * (double)a->M * (double)a->N;
-    return mode == MOE_CU_GEMM_CUBLAS || macs >= 2.5e9;
+    return mode == MOE_CU_GEMM_CUBLAS || macs >= MOE_CU_CUBLAS_MACS;
 }
 
 void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp, const moe_cu_gemm_args *a,
@@ -753,6 +824,10 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp
     bool tc = t == MOE_BF16 && moe_cu(b)->gemm != MOE_CU_GEMM_SIMT && inner % 8 == 0 && a->N % 8 == 0 && a->lda % 8 == 0 &&
               a->ldb % 8 == 0 && a->b_es % 8 == 0 && aligned16(a->A0) && aligned16(a->A1) && aligned16(a->B0) &&
               aligned16(a->B1);
+    g.split = 1;
+    g.part = nullptr;
+    if (tc && a->mode == GM_KSEG)
+        g.split = kseg_split(b, op, grp, a, &g.part);
     g.pairs = a->ldc % 2 == 0 && (a->mode == GM_ROWS || a->c_es % 2 == 0) && aligned4(a->C0) && aligned4(a->C1) &&
               aligned4(a->C2) && aligned4(a->H1) && aligned4(a->H3);
     const int key = a->mode * 10000 + a->bt * 1000 + a->nb * 100 + a->nk * 10 + a->epi;

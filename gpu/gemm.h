@@ -42,6 +42,13 @@ typedef struct {
     int64_t M, N, K;    /* ROWS: N, K (M per expert); KSEG: M, N (K per expert) */
 } moe_cu_gemm_args;
 
+/* bf16 experts whose GEMMs average this many multiply-adds or more run through cuBLAS, one
+ * GEMM per expert; smaller ones through the own tensor-core kernel (gemm.cu, use_cublas) */
+#define MOE_CU_CUBLAS_MACS 2.5e9
+/* The most parts the own kernel cuts an expert's rows into for its weight gradients
+ * (gemm.cu, kseg_split): scratch of MOE_CU_KSEG_SPLIT · 2 · E · d · f floats */
+#define MOE_CU_KSEG_SPLIT 4
+
 /* The segments of plan p as a group */
 static inline moe_cu_group moe_cu_group_of(const moe_bplan *p)
 {
