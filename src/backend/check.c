@@ -176,7 +176,7 @@ static const shape shapes[] = {
     {41, 16, 28, 4, 2, 0.5, 0, 0},   /* capacity overflow */
     {31, 8, 12, 3, 2, 0.75, 2, 0},   /* overflow of one expert */
     {67, 64, 136, 4, 2, 0, 0, 0},    /* several tiles of N and K on the fast GEMM paths */
-    {2053, 64, 136, 4, 2, 0, 0, 0},  /* rows enough to split the weight gradients (gpu/gemm.cu) */
+    {2053, 64, 136, 4, 2, 0, 1, 0},  /* rows enough to split the weight gradients (gpu/gemm.cu), 2 experts empty */
     {509, 64, 136, 8, 2, 0, 0, 1},   /* T prime, several tiles per expert */
     {1031, 128, 256, 16, 4, 1.0, 0, 1}, /* many experts, capacity */
 };
