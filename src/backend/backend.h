@@ -259,8 +259,10 @@ struct moe_backend {
                          double theta, int64_t B, int64_t S, int64_t nh, int64_t hd);
     void (*rope_backward)(moe_backend *b, moe_tensor dx /* [B, S, nh, hd] */, moe_tensor dout, int64_t pos0,
                           double theta, int64_t B, int64_t S, int64_t nh, int64_t hd);
-    /* Elements of the tensor that attention_forward saves for its backward: the [B, H, S, S]
-     * probabilities (cpu, ref), or only the rows' log-sum-exp [B, H, S] (a flash kernel). */
+    /* Elements (of the compute type) of the tensor that attention_forward saves for its
+     * backward: the [B, H, S, S] probabilities (cpu, ref), or only the rows' fp32 log-sum-exp
+     * [B, H, S] (cuda's flash kernels; 2·B·H·S bf16 elements hold it in bf16). The contents
+     * are the backend's own. */
     int64_t (*attention_saved)(moe_backend *b, int64_t B, int64_t S, int64_t H);
     void (*attention_forward)(moe_backend *b, moe_tensor out /* [B, S, H, hd] */, moe_tensor saved,
                               moe_tensor q /* [B, S, H, hd] */, moe_tensor k /* [B, S, Hkv, hd] */,
