@@ -20,6 +20,7 @@
 #include <cmath>
 
 #include "gpu/cuda.h"
+#include "gpu/mma.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -36,46 +37,6 @@ struct fa_args {
     float scale;          /* 1/√hd */
 };
 
-/* ---- the mma.sync and ldmatrix primitives ------------------------------------------------ */
-
-__device__ __forceinline__ void fa_cp16(void *smem, const void *gmem, bool ok)
-{
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
-}
-
-__device__ __forceinline__ void fa_commit()
-{
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-
-template <int N> __device__ __forceinline__ void fa_wait()
-{
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-/* ldmatrix x4: trans = 0 for an operand whose rows are contiguous in the reduced dimension */
-template <int TRANS> __device__ __forceinline__ void fa_ldsm(uint32_t *r, const bf16 *p)
-{
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    if (TRANS)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-}
-
-__device__ __forceinline__ void fa_mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint32_t fa_pack(float lo, float hi)
 {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -90,7 +51,7 @@ template <int HD> __device__ __forceinline__ void fa_load(bf16 *dst, const bf16 
     for (int c = threadIdx.x; c < FA_B * CH; c += FA_T) {
         const int r = c / CH, cc = (c % CH) * 8;
         const bool ok = r0 + r < S;
-        fa_cp16(dst + r * (HD + 8) + cc, ok ? src + (r0 + r) * ld + cc : src, ok);
+        cp_async16(dst + r * (HD + 8) + cc, ok ? src + (r0 + r) * ld + cc : src, ok);
     }
 }
 
@@ -100,7 +61,7 @@ template <int HD> __device__ __forceinline__ void fa_afrag(uint32_t (*f)[4], con
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 #pragma unroll
     for (int ks = 0; ks < HD / 16; ks++)
-        fa_ldsm<0>(f[ks], t + (w * 16 + (lane & 15)) * (HD + 8) + ks * 16 + (lane >> 4) * 8);
+        ldsm_x4(f[ks], t + (w * 16 + (lane & 15)) * (HD + 8) + ks * 16 + (lane >> 4) * 8);
 }
 
 /* acc[8][4] (16 × 64) = A (16 × HD, fragments) · Tᵀ, T a [64][HD + 8] tile (its rows are the 64
@@ -119,9 +80,9 @@ __device__ __forceinline__ void fa_abt(float (*acc)[4], const uint32_t (*a)[4], 
 #pragma unroll
         for (int np = 0; np < 4; np++) {
             uint32_t r[4];
-            fa_ldsm<0>(r, t + (np * 16 + (lane & 7) + (lane >> 4) * 8) * (HD + 8) + ks * 16 + ((lane >> 3) & 1) * 8);
-            fa_mma(acc[2 * np], a[ks], r[0], r[1]);
-            fa_mma(acc[2 * np + 1], a[ks], r[2], r[3]);
+            ldsm_x4(r, t + (np * 16 + (lane & 7) + (lane >> 4) * 8) * (HD + 8) + ks * 16 + ((lane >> 3) & 1) * 8);
+            mma_bf16(acc[2 * np], a[ks], r);
+            mma_bf16(acc[2 * np + 1], a[ks], r + 2);
         }
 }
 
@@ -140,9 +101,9 @@ __device__ __forceinline__ void fa_pt(float (*acc)[4], const float (*p)[4], cons
 #pragma unroll
         for (int np = 0; np < HD / 16; np++) {
             uint32_t r[4];
-            fa_ldsm<1>(r, t + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + np * 16 + (lane >> 4) * 8);
-            fa_mma(acc[2 * np], a, r[0], r[1]);
-            fa_mma(acc[2 * np + 1], a, r[2], r[3]);
+            ldsm_x4_t(r, t + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * (HD + 8) + np * 16 + (lane >> 4) * 8);
+            mma_bf16(acc[2 * np], a, r);
+            mma_bf16(acc[2 * np + 1], a, r + 2);
         }
     }
 }
@@ -172,6 +133,22 @@ __device__ __forceinline__ void fa_store(bf16 *out, int64_t ld, int64_t r0, int6
     }
 }
 
+/* Step j of the forward's and the dq pass's loop over key tiles 0..last: queue tile j + 1's
+ * keys and values into the other buffer, then wait for tile j's */
+template <int HD>
+__device__ __forceinline__ void fa_kv_next(bf16 *sK, bf16 *sV, const bf16 *K, const bf16 *V, int64_t ldk, int64_t j,
+                                           int64_t last, int64_t S)
+{
+    constexpr int TS = FA_B * (HD + 8);
+    if (j < last) {
+        fa_load<HD>(sK + ((j + 1) & 1) * TS, K, ldk, (j + 1) * FA_B, S);
+        fa_load<HD>(sV + ((j + 1) & 1) * TS, V, ldk, (j + 1) * FA_B, S);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+}
+
 /* ---- forward --------------------------------------------------------------------------------- */
 
 template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_fwd(fa_args a)
@@ -188,7 +165,7 @@ template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_fwd(fa_args a)
     fa_load<HD>(sQ, Q, ldq, q0, a.S);
     fa_load<HD>(sK, K, ldk, 0, a.S);
     fa_load<HD>(sV, V, ldk, 0, a.S);
-    fa_commit();
+    cp_async_commit();
 
     uint32_t qf[HD / 16][4];
     float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -198,13 +175,7 @@ template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_fwd(fa_args a)
         for (int c = 0; c < 4; c++)
             o[n][c] = 0.0f;
     for (int64_t j = 0; j <= it; j++) {
-        if (j < it) {
-            fa_load<HD>(sK + ((j + 1) & 1) * TS, K, ldk, (j + 1) * FA_B, a.S);
-            fa_load<HD>(sV + ((j + 1) & 1) * TS, V, ldk, (j + 1) * FA_B, a.S);
-        }
-        fa_commit();
-        fa_wait<1>();
-        __syncthreads();
+        fa_kv_next<HD>(sK, sV, K, V, ldk, j, it, a.S);
         if (j == 0)
             fa_afrag<HD>(qf, sQ);
         float s[8][4];
@@ -334,7 +305,7 @@ template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_dkv(fa_args a)
         }
     };
     load(0, 0);
-    fa_commit();
+    cp_async_commit();
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
     for (int n = 0; n < HD / 8; n++)
@@ -346,8 +317,8 @@ template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_dkv(fa_args a)
         const int buf = t & 1;
         if (t + 1 < total)
             load(t + 1, buf ^ 1);
-        fa_commit();
-        fa_wait<1>();
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
         const int64_t q0 = (jt + t % per) * FA_B;
         const bf16 *tQ = sQ + buf * TS, *tD = sD + buf * TS;
@@ -397,7 +368,7 @@ template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_dq(fa_args a)
         sL[i] = ok ? a.lse[bh * a.S + q0 + i] : 0.0f;
         sS[i] = ok ? a.dsum[bh * a.S + q0 + i] : 0.0f;
     }
-    fa_commit();
+    cp_async_commit();
     uint32_t qf[HD / 16][4], df[HD / 16][4];
     float dq[HD / 8][4];
 #pragma unroll
@@ -406,13 +377,7 @@ template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_dq(fa_args a)
         for (int c = 0; c < 4; c++)
             dq[n][c] = 0.0f;
     for (int64_t j = 0; j <= it; j++) {
-        if (j < it) {
-            fa_load<HD>(sK + ((j + 1) & 1) * TS, K, ldk, (j + 1) * FA_B, a.S);
-            fa_load<HD>(sV + ((j + 1) & 1) * TS, V, ldk, (j + 1) * FA_B, a.S);
-        }
-        fa_commit();
-        fa_wait<1>();
-        __syncthreads();
+        fa_kv_next<HD>(sK, sV, K, V, ldk, j, it, a.S);
         if (j == 0) {
             fa_afrag<HD>(qf, sQ);
             fa_afrag<HD>(df, sD);
