@@ -36,9 +36,11 @@ struct moe_comm_req {
 };
 
 static int world_rank;
-static int mpi_started; /* this process called MPI_Init */
 static double timeout_s = -1;
 static double waited_s;
+
+#ifdef HAVE_MPI
+static int mpi_started; /* this process called MPI_Init */
 
 static double now(void)
 {
@@ -46,6 +48,7 @@ static double now(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+#endif
 
 double moe_comm_timeout(void)
 {
