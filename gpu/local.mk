@@ -4,7 +4,7 @@
 SUFFIXES += .cu
 gpu_sources = gpu/device.cu gpu/backend.cu gpu/backend_model.cu gpu/router.cu gpu/plan.cu gpu/select.cu gpu/aux_loss.cu \
 	gpu/dispatch.cu gpu/ffn.cu gpu/gemm.cu gpu/attention.cu gpu/rmsnorm.cu gpu/rope.cu gpu/embedding.cu \
-	gpu/crossentropy.cu gpu/adamw.cu gpu/moa.cu gpu/flash.cu
+	gpu/crossentropy.cu gpu/adamw.cu gpu/moa.cu gpu/flash.cu gpu/gemm_cublas.cu
 gpu_headers = gpu/cuda.h gpu/gemm.h gpu/act.cuh gpu/rng.cuh gpu/mma.cuh
 if HAVE_CUDA
 libcmoe_la_SOURCES += $(gpu_sources)
@@ -27,4 +27,4 @@ gpu_deps = $(top_srcdir)/src/cmoe.h $(top_srcdir)/src/backend/backend.h $(top_sr
 	$(top_srcdir)/gpu/cuda.h $(top_srcdir)/gpu/gemm.h $(top_srcdir)/gpu/act.cuh $(top_srcdir)/gpu/rng.cuh $(top_srcdir)/gpu/mma.cuh
 gpu/device.lo gpu/backend.lo gpu/backend_model.lo gpu/router.lo gpu/plan.lo gpu/select.lo gpu/aux_loss.lo gpu/dispatch.lo \
 	gpu/ffn.lo gpu/gemm.lo gpu/attention.lo gpu/rmsnorm.lo gpu/rope.lo gpu/embedding.lo gpu/crossentropy.lo \
-	gpu/adamw.lo gpu/moa.lo gpu/flash.lo: $(gpu_deps)
+	gpu/adamw.lo gpu/moa.lo gpu/flash.lo gpu/gemm_cublas.lo: $(gpu_deps)
