@@ -59,7 +59,7 @@ static void grad_sumsq(moe_backend *b, moe_tensor acc, moe_tensor g, int64_t n)
     if (!part)
         return;
     const dptr G = DP(g);
-    const bool vec = ((uintptr_t)G.p & 15) == 0;
+    const bool vec = moe_cu_aligned16(G.p);
     cudaStream_t st = moe_cu_stream(b);
     if (G.t == DT_BF16)
         k_sumsq_part<__nv_bfloat16><<<NORM_BLOCKS, 256, 0, st>>>(part, (const __nv_bfloat16 *)G.p, n, vec);

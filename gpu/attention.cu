@@ -102,13 +102,6 @@ static void batched(moe_backend *b, const char *op, att_scratch *s, int ta, int 
  * (__shfl_xor) combines the lanes in the same order on every run. */
 #define SM_ROWS 8
 
-__device__ __forceinline__ double warp_sum(double v)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /* P[bh, i, j] = causal softmax of Sc's row (0 past the diagonal), in one pass for the maximum
  * and the sum (each lane rescales its sum as its maximum grows) and one for P. (Lanes reading 4 neighbours at once with 16-byte
  * loads measured slower, 5.2 against 4.4 ms a step of gpu-100m: their 2-byte stores of P

@@ -319,7 +319,7 @@ static void cu_add(moe_backend *b, moe_tensor y, moe_tensor x, int64_t n)
         return;
     const dptr Y = DP(y), X = DP(x);
     cudaStream_t s = moe_cu_stream(b);
-    if (Y.t == X.t && Y.t != DT_I32 && (((uintptr_t)Y.p | (uintptr_t)X.p) & 15) == 0) {
+    if (Y.t == X.t && Y.t != DT_I32 && moe_cu_aligned16(Y.p) && moe_cu_aligned16(X.p)) {
         if (Y.t == DT_BF16)
             k_add_v<__nv_bfloat16><<<moe_cu_blocks(n / 8 + 1, 256), 256, 0, s>>>((__nv_bfloat16 *)Y.p,
                                                                                 (const __nv_bfloat16 *)X.p, n);

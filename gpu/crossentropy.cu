@@ -101,11 +101,6 @@ __global__ void __launch_bounds__(CE_T) k_ce_rows(double *rowloss, T *probs, con
         rowloss[t] = tg >= 0 ? -(zt - mx - log(S)) : 0.0;
 }
 
-static bool rows_vec(const void *p, int64_t V, size_t es)
-{
-    return ((uintptr_t)p & 15) == 0 && (V * (int64_t)es) % 16 == 0;
-}
-
 template <typename T>
 static void ce_rows(cudaStream_t st, bool cache, int64_t N, double *rl, T *pr, const T *lg, const int32_t *tg, int64_t V,
                     bool vec)
@@ -144,7 +139,7 @@ static void crossentropy_forward(moe_backend *b, moe_tensor loss, moe_tensor pro
         moe_backend_fail(b, "crossentropy_forward", MOE_ERR_ARG, "probabilities and logits of two types");
         return;
     }
-    const bool vec = rows_vec(pr.p, V, moe_cu_size(probs.buf->type)) && rows_vec(lg.p, V, moe_cu_size(probs.buf->type));
+    const bool vec = moe_cu_rows16(pr.p, V, moe_cu_size(probs.buf->type)) && moe_cu_rows16(lg.p, V, moe_cu_size(probs.buf->type));
     cudaStream_t st = moe_cu_stream(b);
     const bool cache = vec && V * (int64_t)moe_cu_size(probs.buf->type) <= (int64_t)16 * CE_NV * CE_T;
     if (lg.t == DT_BF16)
@@ -218,7 +213,7 @@ static void crossentropy_backward(moe_backend *b, moe_tensor dlogits, moe_tensor
         return;
     }
     const size_t es = moe_cu_size(dlogits.buf->type);
-    const bool vec = rows_vec(d.p, V, es) && rows_vec(p.p, V, es);
+    const bool vec = moe_cu_rows16(d.p, V, es) && moe_cu_rows16(p.p, V, es);
     cudaStream_t st = moe_cu_stream(b);
     if (d.t == DT_BF16)
         k_ce_bwd<__nv_bfloat16><<<(unsigned)N, 512, 0, st>>>((__nv_bfloat16 *)d.p, (const __nv_bfloat16 *)p.p,

@@ -228,6 +228,15 @@ template <typename T> struct vrow {
     }
 };
 
+/* Sum of v over the warp's 32 lanes by a butterfly of shuffles: the same order, so the same
+ * bits, on every run; every lane gets the result. */
+template <typename T> __device__ __forceinline__ T warp_sum(T v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 /* A grid-stride loop over [0, n). */
 #define CU_LOOP(i, n)                                                                                               \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)blockDim.x * gridDim.x)
@@ -250,8 +259,7 @@ template <typename T> __device__ T block_sum(T v, T *sh)
         __syncthreads();
         return r;
     }
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     if (blockDim.x == 32)
         return v;
     if ((threadIdx.x & 31) == 0)
@@ -264,6 +272,23 @@ template <typename T> __device__ T block_sum(T v, T *sh)
     return r;
 }
 #endif
+
+/* p is NULL or 16 (4) -byte aligned */
+static inline bool moe_cu_aligned16(const void *p)
+{
+    return !p || ((uintptr_t)p & 15) == 0;
+}
+
+static inline bool moe_cu_aligned4(const void *p)
+{
+    return !p || ((uintptr_t)p & 3) == 0;
+}
+
+/* Rows of n elements of es bytes from p, each starting 16-byte aligned: the 16-byte row kernels */
+static inline bool moe_cu_rows16(const void *p, int64_t n, size_t es)
+{
+    return moe_cu_aligned16(p) && n * (int64_t)es % 16 == 0;
+}
 
 /* Blocks of a grid-stride launch over n elements (at most 4 per SM-ish, at least 1). */
 static inline unsigned moe_cu_blocks(int64_t n, int threads)

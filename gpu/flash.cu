@@ -252,8 +252,7 @@ template <int HD> __global__ void k_flash_dsum(fa_args a, int64_t B)
     float acc = 0.0f;
     for (int i = lane; i < HD; i += 32)
         acc += __bfloat162float(o[i]) * __bfloat162float(d[i]);
-    for (int x = 16; x > 0; x >>= 1)
-        acc += __shfl_xor_sync(0xffffffffu, acc, x);
+    acc = warp_sum(acc);
     if (lane == 0)
         a.dsum[(bb * a.H + h) * a.S + s] = acc;
 }
@@ -396,13 +395,13 @@ template <int HD> __global__ void __launch_bounds__(FA_T) k_flash_dq(fa_args a)
 
 static bool fa_aligned(dptr p)
 {
-    return p.t == DT_BF16 && ((uintptr_t)p.p & 15) == 0;
+    return p.t == DT_BF16 && p.p && moe_cu_aligned16(p.p);
 }
 
 int moe_cu_flash_ok(int64_t hd, int64_t B, int64_t H, dptr q, dptr k, dptr v, dptr out, dptr saved)
 {
     return (hd == 32 || hd == 64 || hd == 128) && B * H <= 65535 && fa_aligned(q) && fa_aligned(k) &&
-           fa_aligned(v) && fa_aligned(out) && saved.p && ((uintptr_t)saved.p & 3) == 0;
+           fa_aligned(v) && fa_aligned(out) && saved.p && moe_cu_aligned4(saved.p);
 }
 
 int moe_cu_flash_ok_bwd(dptr dq, dptr dk, dptr dv, dptr dout)

@@ -62,15 +62,4 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *g, 
  * (or CMOE_CUDA_GEMM=cublas), else 0 and does nothing (gemm_cublas.cu) */
 int moe_cu_grouped_cublas(moe_backend *b, const char *op, const moe_cu_group *g, const moe_cu_gemm_args *a);
 
-/* p is NULL or 16 (4) -byte aligned */
-static inline bool moe_cu_aligned16(const void *p)
-{
-    return !p || ((uintptr_t)p & 15) == 0;
-}
-
-static inline bool moe_cu_aligned4(const void *p)
-{
-    return !p || ((uintptr_t)p & 3) == 0;
-}
-
 #endif

@@ -9,13 +9,6 @@
 
 #define RMS_ROWS 8
 
-__device__ __forceinline__ double warp_dsum(double v)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /* f(c, x[W], W) over the lane's share of row o of a (W = 16 bytes of T when vec, else 1) */
 template <typename T, typename F> __device__ __forceinline__ void rms_each(dptr a, int64_t o, int64_t C, bool vec, F f)
 {
@@ -45,7 +38,7 @@ template <typename T> __global__ void k_rms_fwd(dptr out, dptr rstd, dptr x, dpt
         for (int j = 0; j < n; j++)
             ss += (double)v[j] * v[j];
     });
-    ss = warp_dsum(ss);
+    ss = warp_sum(ss);
     const float r = (float)(1.0 / sqrt(ss / (double)C + eps));
     if ((threadIdx.x & 31) == 0)
         stf(rstd, t, r);
@@ -62,8 +55,7 @@ template <typename T> __global__ void k_rms_fwd(dptr out, dptr rstd, dptr x, dpt
 
 static bool rows16(dptr a, int64_t C, int t)
 {
-    const int64_t es = t == DT_BF16 ? 2 : 4;
-    return a.t == t && ((uintptr_t)a.p & 15) == 0 && C * es % 16 == 0;
+    return a.t == t && moe_cu_rows16(a.p, C, t == DT_BF16 ? 2 : 4);
 }
 
 static void rmsnorm_forward(moe_backend *b, moe_tensor out, moe_tensor rstd, moe_tensor x, moe_tensor w, double eps,
@@ -101,7 +93,7 @@ template <typename T> __global__ void k_rms_dx(dptr dx, dptr dout, dptr x, dptr 
         for (int j = 0; j < n; j++)
             dot += (double)(ldf(w, c + j) * g[j]) * xv[j];
     });
-    dot = warp_dsum(dot);
+    dot = warp_sum(dot);
     const float k = (float)(r * r * r * dot / (double)C), rf = (float)r;
     rms_each<T>(dout, o, C, vec, [&](int64_t c, const float *g, int n) {
         float xv[W], d[W];

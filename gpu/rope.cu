@@ -83,7 +83,7 @@ static void rope(moe_backend *b, const char *op, moe_tensor out, moe_tensor x, i
     const int64_t W = O.t == DT_BF16 ? 8 : 4;
     cudaStream_t st = moe_cu_stream(b);
     const size_t tb = (size_t)(S * (hd / 2)) * sizeof(float2);
-    if (O.t == X.t && O.t != DT_I32 && (hd / 2) % W == 0 && (((uintptr_t)O.p | (uintptr_t)X.p) & 15) == 0 &&
+    if (O.t == X.t && O.t != DT_I32 && (hd / 2) % W == 0 && moe_cu_aligned16(O.p) && moe_cu_aligned16(X.p) &&
         moe_cu(b)->cur == MOE_STREAM_COMPUTE && moe_cu(b)->side_cur < 0 && tb <= moe_cu(b)->scratch_bytes) {
         float2 *cs = (float2 *)moe_cu_scratch(b, tb, op);
         k_rope_table<<<moe_cu_blocks(S * (hd / 2), 256), 256, 0, st>>>(cs, pos0, theta, S, hd);
