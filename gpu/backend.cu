@@ -639,10 +639,15 @@ extern "C" moe_status moe_backend_cuda_create(const moe_backend_options *o, moe_
     b->impl = st;
     st->device = dev;
     cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, dev);
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    st->sm90 = major == 9 && minor == 0;
     st->sync_ops = env_is("CMOE_CUDA_SYNC", "1");
     st->gemm = env_is("CMOE_CUDA_GEMM", "simt")     ? MOE_CU_GEMM_SIMT
                : env_is("CMOE_CUDA_GEMM", "mma")    ? MOE_CU_GEMM_MMA
                : env_is("CMOE_CUDA_GEMM", "cublas") ? MOE_CU_GEMM_CUBLAS
+               : env_is("CMOE_CUDA_GEMM", "wgmma")  ? MOE_CU_GEMM_WGMMA
                                                     : MOE_CU_GEMM_AUTO;
     st->blas_ws_bytes = (size_t)32 << 20;
     moe_status s = MOE_OK;

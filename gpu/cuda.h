@@ -46,7 +46,7 @@ struct moe_event {
  */
 /* The most experts a token-choice selection takes per token (one thread picks them). */
 #define MOE_CU_MAX_K 32
-enum { MOE_CU_GEMM_AUTO = 0, MOE_CU_GEMM_CUBLAS = 1, MOE_CU_GEMM_MMA = 2, MOE_CU_GEMM_SIMT = 3 };
+enum { MOE_CU_GEMM_AUTO = 0, MOE_CU_GEMM_CUBLAS = 1, MOE_CU_GEMM_MMA = 2, MOE_CU_GEMM_SIMT = 3, MOE_CU_GEMM_WGMMA = 4 };
 
 struct moe_bplan {
     int64_t E, max_T, max_k, cap_n, sortn; /* as allocated */
@@ -93,6 +93,7 @@ const int32_t *moe_cu_plan_segments(moe_backend *b, const char *op, const moe_bp
 
 typedef struct {
     int device, sm_count;
+    int sm90; /* compute capability 9.0: the Hopper grouped GEMM (gemm_sm90.cu) may run */
     cudaStream_t stream[MOE_NSTREAMS];
     int cur;
     /* the side streams, each with its own cuBLAS workspace, forked from the current stream and

@@ -9,25 +9,8 @@
  * expert (and part of its rows, kseg_split); an expert without rows returns at once (its
  * gradient is left as it is). Large bf16 experts go to cuBLAS instead (gemm_cublas.cu).
  */
-#include "gpu/act.cuh"
-#include "gpu/gemm.h"
+#include "gpu/gemm_epi.cuh"
 #include "gpu/mma.cuh"
-
-typedef __nv_bfloat16 bf16;
-
-struct GA {
-    const void *A0, *A1, *B0, *B1;
-    long long lda, ldb, b_es;
-    void *C0, *C1, *C2;
-    const void *H1, *H3;
-    long long ldc, c_es;
-    long long M, N, K;
-    const int32_t *begin, *count;
-    int E, act;
-    int pairs; /* tensor cores: outputs stored two neighbours at a time (4-byte aligned) */
-    int split; /* KSEG on tensor cores: each expert's rows in this many parts (kseg_split) */
-    float *part; /* split > 1: the parts' fp32 sums [NB][split][E][M][N], added in order after */
-};
 
 /* Expert and row tile of block blockIdx.x in ROWS mode; e = -1 past the last tile. */
 __device__ __forceinline__ void rows_tile(const GA &g, int BM, int *s_info)
@@ -46,84 +29,6 @@ __device__ __forceinline__ void rows_tile(const GA &g, int BM, int *s_info)
         }
     }
     __syncthreads();
-}
-
-/* One output element: C index ci, the block's accumulators v[NB]. */
-template <typename T, int EPI, int NB>
-__device__ __forceinline__ void epilogue(const GA &g, long long ci, const float *v)
-{
-    T *C0 = (T *)g.C0, *C1 = (T *)g.C1, *C2 = (T *)g.C2;
-    if (EPI == EPI_STORE) {
-        C0[ci] = fromf<T>(v[0]);
-        if (NB == 2)
-            C1[ci] = fromf<T>(v[1]);
-    } else if (EPI == EPI_ACC) {
-        C0[ci] = fromf<T>(tof<T>(C0[ci]) + v[0]);
-        if (NB == 2)
-            C1[ci] = fromf<T>(tof<T>(C1[ci]) + v[1]);
-    } else if (EPI == EPI_FWD) {
-        /* a from the stored (rounded) h1, h3: what the backward will read */
-        const T h1 = fromf<T>(v[0]);
-        C0[ci] = h1;
-        float a = act_fwd(g.act, tof<T>(h1));
-        if (NB == 2) {
-            const T h3 = fromf<T>(v[1]);
-            C1[ci] = h3;
-            a *= tof<T>(h3);
-        }
-        C2[ci] = fromf<T>(a);
-    } else { /* EPI_BWD: v[0] = da */
-        const float x = tof<T>(((const T *)g.H1)[ci]);
-        const float h3 = g.H3 ? tof<T>(((const T *)g.H3)[ci]) : 0.0f;
-        float g1 = 0.0f, g3 = 0.0f;
-        act_bwd(g.act, v[0], x, h3, &g1, &g3);
-        C0[ci] = fromf<T>(g1);
-        if (C1)
-            C1[ci] = fromf<T>(g3);
-    }
-}
-
-/* The same for two neighbouring bf16 outputs (ci, ci + 1; v0, v1 their accumulators) with
- * 4-byte loads and stores of the pairs: the same bits, half the memory instructions. */
-template <int EPI, int NB>
-__device__ __forceinline__ void epilogue2(const GA &g, long long ci, const float *v0, const float *v1)
-{
-    typedef __nv_bfloat162 b2;
-    b2 *C0 = (b2 *)((bf16 *)g.C0 + ci), *C1 = g.C1 ? (b2 *)((bf16 *)g.C1 + ci) : nullptr;
-    if (EPI == EPI_STORE) {
-        *C0 = __floats2bfloat162_rn(v0[0], v1[0]);
-        if (NB == 2)
-            *C1 = __floats2bfloat162_rn(v0[1], v1[1]);
-    } else if (EPI == EPI_ACC) {
-        const float2 o = __bfloat1622float2(*C0);
-        *C0 = __floats2bfloat162_rn(o.x + v0[0], o.y + v1[0]);
-        if (NB == 2) {
-            const float2 o1 = __bfloat1622float2(*C1);
-            *C1 = __floats2bfloat162_rn(o1.x + v0[1], o1.y + v1[1]);
-        }
-    } else if (EPI == EPI_FWD) {
-        const b2 h1 = __floats2bfloat162_rn(v0[0], v1[0]);
-        *C0 = h1;
-        const float2 x = __bfloat1622float2(h1);
-        float a0 = act_fwd(g.act, x.x), a1 = act_fwd(g.act, x.y);
-        if (NB == 2) {
-            const b2 h3 = __floats2bfloat162_rn(v0[1], v1[1]);
-            *C1 = h3;
-            const float2 y = __bfloat1622float2(h3);
-            a0 *= y.x;
-            a1 *= y.y;
-        }
-        *(b2 *)((bf16 *)g.C2 + ci) = __floats2bfloat162_rn(a0, a1);
-    } else { /* EPI_BWD */
-        const float2 x = __bfloat1622float2(*(const b2 *)((const bf16 *)g.H1 + ci));
-        const float2 h3 = g.H3 ? __bfloat1622float2(*(const b2 *)((const bf16 *)g.H3 + ci)) : make_float2(0.0f, 0.0f);
-        float a1 = 0.0f, a3 = 0.0f, b1 = 0.0f, b3 = 0.0f;
-        act_bwd(g.act, v0[0], x.x, h3.x, &a1, &a3);
-        act_bwd(g.act, v1[0], x.y, h3.y, &b1, &b3);
-        *C0 = __floats2bfloat162_rn(a1, b1);
-        if (C1)
-            *C1 = __floats2bfloat162_rn(a3, b3);
-    }
 }
 
 /* ---- the tiled fp32 kernel (any type, any shape) ------------------------------------------ */
@@ -565,8 +470,10 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp
         return;
     if (a->mode == GM_ROWS && a->K <= 0)
         return; /* not reached by the FFN (d, f >= 1) */
-    if (t == MOE_BF16 && moe_cu_grouped_cublas(b, op, grp, a))
+    if (t == MOE_BF16 && (moe_cu_grouped_sm90(b, op, grp, a) || moe_cu_grouped_cublas(b, op, grp, a))) {
+        moe_cu_check(b, op);
         return;
+    }
     GA g;
     g.A0 = a->A0, g.A1 = a->A1, g.B0 = a->B0, g.B1 = a->B1;
     g.lda = a->lda, g.ldb = a->ldb, g.b_es = a->b_es;

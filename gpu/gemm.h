@@ -61,5 +61,9 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *g, 
 /* bf16 operands: runs them through cuBLAS and returns 1 when the experts are large enough
  * (or CMOE_CUDA_GEMM=cublas), else 0 and does nothing (gemm_cublas.cu) */
 int moe_cu_grouped_cublas(moe_backend *b, const char *op, const moe_cu_group *g, const moe_cu_gemm_args *a);
+/* bf16 operands on a Hopper GPU (sm_90a build): runs them through wgmma and TMA and returns
+ * 1, else 0 and does nothing (gemm_sm90.cu). Its copies read whole tiles of rows up to the
+ * group's rows_bound, which the row buffers hold. */
+int moe_cu_grouped_sm90(moe_backend *b, const char *op, const moe_cu_group *g, const moe_cu_gemm_args *a);
 
 #endif

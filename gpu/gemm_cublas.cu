@@ -194,7 +194,7 @@ static void cublas_grouped(moe_backend *b, const char *op, const moe_cu_group *g
 int moe_cu_grouped_cublas(moe_backend *b, const char *op, const moe_cu_group *grp, const moe_cu_gemm_args *a)
 {
     const int mode = moe_cu(b)->gemm;
-    if (!grp->plan || mode == MOE_CU_GEMM_MMA || mode == MOE_CU_GEMM_SIMT)
+    if (!grp->plan || mode == MOE_CU_GEMM_MMA || mode == MOE_CU_GEMM_SIMT || mode == MOE_CU_GEMM_WGMMA)
         return 0;
     const double rows = (double)grp->rows_bound / (double)grp->E;
     const double macs = a->mode == GM_ROWS ? rows * (double)a->N * (double)a->K : rows * (double)a->M * (double)a->N;
