@@ -7,7 +7,8 @@
  * (Σ_e ceil(m_e/BM) never exceeds that) and each block finds its expert by scanning the
  * counts on the device; blocks past the last tile return. KSEG launches one z-slice per
  * expert (and part of its rows, kseg_split); an expert without rows returns at once (its
- * gradient is left as it is). Large bf16 experts go to cuBLAS instead (gemm_cublas.cu).
+ * gradient is left as it is). Large bf16 experts go to cuBLAS instead (gemm_cublas.cu), the
+ * rest on a Hopper GPU to its own kernel (gemm_sm90.cu).
  */
 #include "gpu/gemm_epi.cuh"
 #include "gpu/mma.cuh"
@@ -470,7 +471,7 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp
         return;
     if (a->mode == GM_ROWS && a->K <= 0)
         return; /* not reached by the FFN (d, f >= 1) */
-    if (t == MOE_BF16 && (moe_cu_grouped_sm90(b, op, grp, a) || moe_cu_grouped_cublas(b, op, grp, a))) {
+    if (t == MOE_BF16 && (moe_cu_grouped_cublas(b, op, grp, a) || moe_cu_grouped_sm90(b, op, grp, a))) {
         moe_cu_check(b, op);
         return;
     }

@@ -15,9 +15,10 @@
  *
  * Every output element is computed by one thread block in one fixed order over K: no
  * split-K, no atomics, the same bits on every run. bf16 operands whose dimensions and
- * pointers are multiples of 8 elements take tensor cores (mma.sync m16n8k16, fp32
- * accumulation, a cp.async pipeline); everything else, fp32 included, a tiled fp32 kernel
- * (TF32 off: the fp32 cross-checks see plain fp32 arithmetic).
+ * pointers are multiples of 8 elements take tensor cores: large experts cuBLAS (one GEMM
+ * each, gemm_cublas.cu), the rest wgmma fed by TMA on Hopper (gemm_sm90.cu) or mma.sync
+ * m16n8k16 with a cp.async pipeline (gemm.cu), fp32 accumulation; everything else, fp32
+ * included, a tiled fp32 kernel (TF32 off: the fp32 cross-checks see plain fp32 arithmetic).
  */
 #ifndef CMOE_GPU_GEMM_H
 #define CMOE_GPU_GEMM_H

@@ -61,28 +61,47 @@ __device__ __forceinline__ void epilogue(const GA &g, long long ci, const float 
 }
 
 /* The same for two neighbouring bf16 outputs (ci, ci + 1; v0, v1 their accumulators) with
- * 4-byte loads and stores of the pairs: the same bits, half the memory instructions. */
+ * 4-byte loads and stores of the pairs: the same bits, half the memory instructions. In two
+ * parts, so that a kernel can issue all its loads before the first store: what the epilogue
+ * reads (C0, C1 to accumulate into; H1, H3 for the activation's gradient), then the rest. */
 template <int EPI, int NB>
-__device__ __forceinline__ void epilogue2(const GA &g, long long ci, const float *v0, const float *v1)
+__device__ __forceinline__ void epilogue2_load(const GA &g, long long ci, __nv_bfloat162 *in)
 {
     typedef __nv_bfloat162 b2;
+    if (EPI == EPI_ACC) {
+        in[0] = *(const b2 *)((const bf16 *)g.C0 + ci);
+        if (NB == 2)
+            in[1] = *(const b2 *)((const bf16 *)g.C1 + ci);
+    } else if (EPI == EPI_BWD) {
+        in[0] = *(const b2 *)((const bf16 *)g.H1 + ci);
+        in[1] = g.H3 ? *(const b2 *)((const bf16 *)g.H3 + ci) : __floats2bfloat162_rn(0.0f, 0.0f);
+    }
+}
+
+/* ACT >= 0: the activation known when compiled (the kernel holds that one's code only) */
+template <int EPI, int NB, int ACT = -1>
+__device__ __forceinline__ void epilogue2_store(const GA &g, long long ci, const float *v0, const float *v1,
+                                                const __nv_bfloat162 *in)
+{
+    typedef __nv_bfloat162 b2;
+    const int act = ACT >= 0 ? ACT : g.act;
     b2 *C0 = (b2 *)((bf16 *)g.C0 + ci), *C1 = g.C1 ? (b2 *)((bf16 *)g.C1 + ci) : nullptr;
     if (EPI == EPI_STORE) {
         *C0 = __floats2bfloat162_rn(v0[0], v1[0]);
         if (NB == 2)
             *C1 = __floats2bfloat162_rn(v0[1], v1[1]);
     } else if (EPI == EPI_ACC) {
-        const float2 o = __bfloat1622float2(*C0);
+        const float2 o = __bfloat1622float2(in[0]);
         *C0 = __floats2bfloat162_rn(o.x + v0[0], o.y + v1[0]);
         if (NB == 2) {
-            const float2 o1 = __bfloat1622float2(*C1);
+            const float2 o1 = __bfloat1622float2(in[1]);
             *C1 = __floats2bfloat162_rn(o1.x + v0[1], o1.y + v1[1]);
         }
     } else if (EPI == EPI_FWD) {
         const b2 h1 = __floats2bfloat162_rn(v0[0], v1[0]);
         *C0 = h1;
         const float2 x = __bfloat1622float2(h1);
-        float a0 = act_fwd(g.act, x.x), a1 = act_fwd(g.act, x.y);
+        float a0 = act_fwd(act, x.x), a1 = act_fwd(act, x.y);
         if (NB == 2) {
             const b2 h3 = __floats2bfloat162_rn(v0[1], v1[1]);
             *C1 = h3;
@@ -92,15 +111,22 @@ __device__ __forceinline__ void epilogue2(const GA &g, long long ci, const float
         }
         *(b2 *)((bf16 *)g.C2 + ci) = __floats2bfloat162_rn(a0, a1);
     } else { /* EPI_BWD */
-        const float2 x = __bfloat1622float2(*(const b2 *)((const bf16 *)g.H1 + ci));
-        const float2 h3 = g.H3 ? __bfloat1622float2(*(const b2 *)((const bf16 *)g.H3 + ci)) : make_float2(0.0f, 0.0f);
+        const float2 x = __bfloat1622float2(in[0]), h3 = __bfloat1622float2(in[1]);
         float a1 = 0.0f, a3 = 0.0f, b1 = 0.0f, b3 = 0.0f;
-        act_bwd(g.act, v0[0], x.x, h3.x, &a1, &a3);
-        act_bwd(g.act, v1[0], x.y, h3.y, &b1, &b3);
+        act_bwd(act, v0[0], x.x, h3.x, &a1, &a3);
+        act_bwd(act, v1[0], x.y, h3.y, &b1, &b3);
         *C0 = __floats2bfloat162_rn(a1, b1);
         if (C1)
             *C1 = __floats2bfloat162_rn(a3, b3);
     }
+}
+
+template <int EPI, int NB>
+__device__ __forceinline__ void epilogue2(const GA &g, long long ci, const float *v0, const float *v1)
+{
+    __nv_bfloat162 in[2];
+    epilogue2_load<EPI, NB>(g, ci, in);
+    epilogue2_store<EPI, NB>(g, ci, v0, v1, in);
 }
 
 #endif

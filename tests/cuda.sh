@@ -1,7 +1,8 @@
 #!/bin/sh
 # The cuda backend end to end through the command line, when this build has it and a device
 # answers (else exit 77, SKIP):
-#  - cmoe check --backend cuda (fp32, and bf16 through cuBLAS and through cmoe's own kernel);
+#  - cmoe check --backend cuda (fp32, and bf16 through cuBLAS, through cmoe's own mma.sync
+#    kernel and, on a Hopper GPU, through its wgmma kernel);
 #  - cmoe train: 10 steps on cuda fp32 give cpu's and ref's losses (<= 1e-4 relative), also
 #    with the mixture of attention heads;
 #    two identical cuda runs give the same bits (every loss, the weights file);
@@ -39,9 +40,9 @@ run() { # run NAME ARGS...: cmoe ARGS with its output in $tmp/NAME.log
 col() { sed -n "s/.*\"$2\":\([-0-9.eE+]*\).*/\1/p" "$1"; }
 
 run check32 check --backend cuda --quick --failures
-# bf16 through both paths of the experts' grouped GEMMs (the table's shapes are small: auto
-# would take cmoe's own kernel for all of them)
-for g in cublas mma; do
+# bf16 through every path of the experts' grouped GEMMs (the table's shapes are small: auto
+# would take one of cmoe's own kernels for all of them; wgmma falls back to mma off Hopper)
+for g in wgmma cublas mma; do
     export CMOE_CUDA_GEMM=$g
     run "check16-$g" check --backend cuda --dtype bf16 --quick --failures
 done
