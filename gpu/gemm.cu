@@ -475,22 +475,13 @@ void moe_cu_grouped_gemm(moe_backend *b, const char *op, const moe_cu_group *grp
         moe_cu_check(b, op);
         return;
     }
-    GA g;
-    g.A0 = a->A0, g.A1 = a->A1, g.B0 = a->B0, g.B1 = a->B1;
-    g.lda = a->lda, g.ldb = a->ldb, g.b_es = a->b_es;
-    g.C0 = a->C0, g.C1 = a->C1, g.C2 = a->C2, g.H1 = a->H1, g.H3 = a->H3;
-    g.ldc = a->ldc, g.c_es = a->c_es;
-    g.M = a->M, g.N = a->N, g.K = a->K;
-    g.begin = grp->begin, g.count = grp->count;
-    g.E = (int)grp->E, g.act = a->act;
+    GA g = ga_of(grp, a);
     /* tensor cores: bf16, and every 16-byte chunk a tile loads either wholly inside its
      * operand or wholly outside (dimensions, strides and pointers in multiples of 8) */
     const int64_t inner = a->mode == GM_ROWS ? a->K : a->M;
     bool tc = t == MOE_BF16 && moe_cu(b)->gemm != MOE_CU_GEMM_SIMT && inner % 8 == 0 && a->N % 8 == 0 && a->lda % 8 == 0 &&
               a->ldb % 8 == 0 && a->b_es % 8 == 0 && moe_cu_aligned16(a->A0) && moe_cu_aligned16(a->A1) && moe_cu_aligned16(a->B0) &&
               moe_cu_aligned16(a->B1);
-    g.split = 1;
-    g.part = nullptr;
     if (tc && a->mode == GM_KSEG)
         g.split = kseg_split(b, op, grp, a, &g.part);
     g.pairs = a->ldc % 2 == 0 && (a->mode == GM_ROWS || a->c_es % 2 == 0) && moe_cu_aligned4(a->C0) && moe_cu_aligned4(a->C1) &&

@@ -25,6 +25,21 @@ struct GA {
     float *part; /* split > 1: the parts' fp32 sums [NB][split][E][M][N], added in order after */
 };
 
+/* The kernels' arguments from the host's (pairs, split and part left for the caller) */
+static inline GA ga_of(const moe_cu_group *grp, const moe_cu_gemm_args *a)
+{
+    GA g = {};
+    g.A0 = a->A0, g.A1 = a->A1, g.B0 = a->B0, g.B1 = a->B1;
+    g.lda = a->lda, g.ldb = a->ldb, g.b_es = a->b_es;
+    g.C0 = a->C0, g.C1 = a->C1, g.C2 = a->C2, g.H1 = a->H1, g.H3 = a->H3;
+    g.ldc = a->ldc, g.c_es = a->c_es;
+    g.M = a->M, g.N = a->N, g.K = a->K;
+    g.begin = grp->begin, g.count = grp->count;
+    g.E = (int)grp->E, g.act = a->act;
+    g.split = 1;
+    return g;
+}
+
 /* One output element: C index ci, the block's accumulators v[NB]. */
 template <typename T, int EPI, int NB>
 __device__ __forceinline__ void epilogue(const GA &g, long long ci, const float *v)

@@ -494,16 +494,8 @@ int moe_cu_grouped_sm90(moe_backend *b, const char *op, const moe_cu_group *grp,
         return 0;
     SP p;
     memset(&p, 0, sizeof p);
-    GA &g = p.g;
-    g.A0 = a->A0, g.A1 = a->A1, g.B0 = a->B0, g.B1 = a->B1;
-    g.lda = a->lda, g.ldb = a->ldb, g.b_es = a->b_es;
-    g.C0 = a->C0, g.C1 = a->C1, g.C2 = a->C2, g.H1 = a->H1, g.H3 = a->H3;
-    g.ldc = a->ldc, g.c_es = a->c_es;
-    g.M = a->M, g.N = a->N, g.K = a->K;
-    g.begin = grp->begin, g.count = grp->count;
-    g.E = (int)grp->E, g.act = a->act;
-    g.pairs = 1;
-    g.split = 1;
+    p.g = ga_of(grp, a);
+    p.g.pairs = 1;
     p.bn = a->nb == 1 && (a->N % 256 == 0 || a->N >= 2048) ? 256 : 128;
     p.nt = (int)((a->N + p.bn - 1) / p.bn);
     const cuuint64_t R = (cuuint64_t)grp->rows_bound, E = (cuuint64_t)grp->E;
